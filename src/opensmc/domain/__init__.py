@@ -1,0 +1,1 @@
+"""The pure domain: enums, the job transition table, domain errors. No I/O."""
