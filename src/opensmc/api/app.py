@@ -1,0 +1,150 @@
+"""The SMC OpenAPI endpoint: `GET`/`POST /`, signed RPC calls (WIRE.md §6).
+
+Per request: read parameters from the query and a form body, find Action and
+Version (query, form or `x-acs-*` headers), verify the signature and the
+nonce, dispatch through the action registry on a worker thread (the store is
+synchronous), and render JSON or XML. Every failure becomes an SMC error
+body; an unexpected one is logged with its RequestId and answered with 500
+InternalError, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from opensmc import API_VERSION
+from opensmc.api.actions import ACTIONS
+from opensmc.params import Params
+from opensmc.api.render import error_body, render
+from opensmc.api.signing import SignedRequest, verify
+from opensmc.clock import new_request_id
+from opensmc.domain.errors import AuthError, InternalError, MissingParameter, SmcError
+from opensmc.service import accounts
+from opensmc.service.context import Caller, Services
+
+log = logging.getLogger("opensmc.api")
+
+MAX_BODY = 1 << 20
+#: parameters that belong to the protocol, not to any action
+COMMON = frozenset(
+    {
+        "Action",
+        "Version",
+        "Format",
+        "Timestamp",
+        "SignatureMethod",
+        "SignatureVersion",
+        "SignatureNonce",
+        "SignatureType",
+        "AccessKeyId",
+        "Signature",
+        "SecurityToken",
+        "OwnerId",
+        "ResourceOwnerAccount",
+        "ResourceOwnerId",
+        "OwnerAccount",
+    }
+)
+
+
+async def handle_rpc(request: Request) -> Response:
+    services: Services = request.app.state.services
+    request_id = new_request_id()
+    fmt = "JSON"
+    action_name = "Error"
+    try:
+        raw_query = request.url.query
+        query = parse_qsl(raw_query, keep_blank_values=True)
+        body = await _read_body(request)
+        form: list[tuple[str, str]] = []
+        if body and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+        values: dict[str, str] = {}
+        for key, value in (*query, *form):
+            values[key] = value
+        fmt = values.get("Format", "JSON") or "JSON"
+        action_name = values.get("Action") or request.headers.get("x-acs-action", "")
+        version = values.get("Version") or request.headers.get("x-acs-version", "")
+        if not action_name:
+            raise MissingParameter("Action")
+        action = ACTIONS.get(action_name)
+        if action is None:
+            raise AuthError(
+                "InvalidAction.NotFound",
+                "Specified api is not found, please check your url and method.",
+                404,
+            )
+        if not version:
+            raise MissingParameter("Version")
+        if version != API_VERSION:
+            raise AuthError("InvalidVersion", "Specified parameter Version is not valid.")
+        signed = SignedRequest(
+            method=request.method,
+            path=request.url.path,
+            query=query,
+            form=form,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+        )
+        caller = await run_in_threadpool(_authenticate, services, signed)
+        params = Params({k: v for k, v in values.items() if k not in COMMON})
+        result = await run_in_threadpool(action.handler, services, caller, params)
+        payload: dict[str, Any] = {"RequestId": request_id, **result}
+        data, ctype = render(payload, f"{action_name}Response", fmt)
+        return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)
+    except SmcError as err:
+        return _error(err, request_id, fmt)
+    except Exception:
+        log.exception("internal error in %s (RequestId %s)", action_name, request_id)
+        return _error(InternalError(), request_id, fmt)
+
+
+def _authenticate(services: Services, signed: SignedRequest) -> Caller:
+    found: dict[str, str] = {}
+
+    def lookup(key_id: str) -> str | None:
+        hit = accounts.lookup_secret(services, key_id)
+        if hit is None:
+            return None
+        found["account_id"] = hit[0]
+        return hit[1]
+
+    cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
+    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id)
+    accounts.check_nonce(services, caller, cred.nonce)
+    return caller
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+        raise SmcError("The request body is too large.", code="InvalidParameter", http_status=400)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise SmcError("The request body is too large.", code="InvalidParameter", http_status=400)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(err: SmcError, request_id: str, fmt: str) -> Response:
+    data, ctype = render(error_body(err, request_id), "Error", fmt)
+    # Tea parses XML errors only under exactly this content type (WIRE.md §5.1).
+    return Response(data, err.http_status, headers={"x-acs-request-id": request_id}, media_type=ctype)
+
+
+def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    app = Starlette(routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes])
+    app.state.services = services
+    return app

@@ -1,0 +1,40 @@
+"""Time and identifiers, in one place so tests can control them."""
+
+from __future__ import annotations
+
+import secrets
+import string
+import uuid
+from datetime import UTC, datetime
+
+_ALNUM = string.ascii_lowercase + string.digits
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def new_id(prefix: str) -> str:
+    """An SMC-style ID: a prefix and 20 lower-case alphanumerics (`j-bp19vlwm0tyigbmj1234`)."""
+    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(20))
+
+
+def new_request_id() -> str:
+    """An upper-case UUID, as the real service's RequestId."""
+    return str(uuid.uuid4()).upper()
+
+
+def iso(dt: datetime | None) -> str:
+    """ISO 8601 UTC `yyyy-MM-ddTHH:mm:ssZ`, or "" for None."""
+    if dt is None:
+        return ""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def as_utc(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they are UTC."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

@@ -1,0 +1,55 @@
+"""What every use case receives: the store, the settings, the clock, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from opensmc.clock import utcnow
+from opensmc.store.db import Database
+from opensmc.store.secretbox import SecretBox
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server configuration (from the command line and the environment)."""
+
+    data_dir: Path
+    regions: tuple[str, ...] = ("local",)
+    #: the address agents and CLI users reach the API on, e.g. http://127.0.0.1:8080
+    public_endpoint: str = ""
+    #: the address agents send disk data to (the receiver role)
+    receiver_endpoint: str = ""
+    #: an agent that has not heartbeated for this long is Unavailable
+    heartbeat_grace: timedelta = timedelta(seconds=90)
+    heartbeat_rate: int = 30
+    #: how long a processed request's signature nonce is remembered (the timestamp window)
+    signature_window: timedelta = timedelta(minutes=15)
+    max_jobs_per_account: int = 1000
+    max_workgroups_per_account: int = 50
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+
+@dataclass
+class Services:
+    db: Database
+    settings: Settings
+    secrets: SecretBox
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The account a request acts for, from its AccessKey."""
+
+    account_id: str
+    access_key_id: str

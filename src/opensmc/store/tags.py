@@ -1,0 +1,97 @@
+"""Tags on sources and jobs, shared by the Describe filters and the Tag actions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import Connection, ColumnElement, Select, and_, delete, exists, insert, select, update
+
+from opensmc.store.tables import tags
+
+
+def tags_of(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """Each resource's (key, value) pairs, in key order."""
+    out: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    rows = conn.execute(
+        select(tags.c.resource_id, tags.c.key, tags.c.value)
+        .where(tags.c.resource_type == resource_type, tags.c.resource_id.in_(list(ids)))
+        .order_by(tags.c.resource_id, tags.c.created_at, tags.c.key)
+    )
+    for rid, key, value in rows:
+        out.setdefault(rid, []).append((key, value))
+    return out
+
+
+def put_tags(
+    conn: Connection,
+    account_id: str,
+    resource_type: str,
+    resource_id: str,
+    pairs: Iterable[tuple[str, str]],
+    now: datetime,
+) -> None:
+    """Add tags; an existing key gets its value overwritten."""
+    for key, value in pairs:
+        updated = conn.execute(
+            update(tags)
+            .where(tags.c.resource_type == resource_type, tags.c.resource_id == resource_id, tags.c.key == key)
+            .values(value=value)
+        ).rowcount
+        if not updated:
+            conn.execute(
+                insert(tags).values(
+                    account_id=account_id,
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    key=key,
+                    value=value,
+                    created_at=now,
+                )
+            )
+
+
+def remove_tags(conn: Connection, resource_type: str, resource_id: str, keys: Sequence[str] | None) -> None:
+    """Remove the named keys, or every tag when `keys` is None."""
+    stmt = delete(tags).where(tags.c.resource_type == resource_type, tags.c.resource_id == resource_id)
+    if keys is not None:
+        stmt = stmt.where(tags.c.key.in_(list(keys)))
+    conn.execute(stmt)
+
+
+def count_keys_after(
+    conn: Connection, resource_type: str, resource_id: str, new_keys: Sequence[str]
+) -> int:
+    """How many tags the resource would have after adding `new_keys`."""
+    existing = {
+        k
+        for (k,) in conn.execute(
+            select(tags.c.key).where(tags.c.resource_type == resource_type, tags.c.resource_id == resource_id)
+        )
+    }
+    return len(existing | set(new_keys))
+
+
+def match_all(
+    resource_type: str, id_column: ColumnElement[str], filters: Sequence[tuple[str, str | None]]
+) -> ColumnElement[bool] | None:
+    """A WHERE clause: the resource has every (key, value) pair; a None value matches any value."""
+    clauses: list[ColumnElement[bool]] = []
+    for key, value in filters:
+        cond = and_(tags.c.resource_type == resource_type, tags.c.resource_id == id_column, tags.c.key == key)
+        if value is not None:
+            cond = and_(cond, tags.c.value == value)
+        clauses.append(exists(select(tags.c.key).where(cond)))
+    return and_(*clauses) if clauses else None
+
+
+def delete_all_for(conn: Connection, resource_type: str, resource_id: str) -> None:
+    remove_tags(conn, resource_type, resource_id, None)
+
+
+def tagged_query(resource_type: str) -> Select[tuple[str, str, str, str]]:
+    return select(tags.c.resource_id, tags.c.resource_type, tags.c.key, tags.c.value).where(
+        tags.c.resource_type == resource_type
+    )

@@ -1,0 +1,125 @@
+"""Fixtures shared by every test folder.
+
+Store-backed tests run twice: on SQLite (a fresh file per test) and on
+PostgreSQL (the server named by ``OPENSMC_TEST_PG_URL``, default
+``postgresql://postgres@127.0.0.1:5432/test``; tables are emptied between
+tests). Set ``OPENSMC_TEST_PG_URL=skip`` to run without PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from opensmc.params import Params
+from opensmc.service.accounts import create_account
+from opensmc.service.context import Caller, Services, Settings
+from opensmc.store.db import Database, sqlite_url
+from opensmc.store.migrate import upgrade
+from opensmc.store.secretbox import SecretBox
+from opensmc.store.tables import metadata
+
+PG_URL = os.environ.get("OPENSMC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+SECRET_KEY = b"3q2-7wEAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="  # a fixed Fernet key for tests
+
+
+def _pg_available() -> bool:
+    if PG_URL == "skip":
+        return False
+    try:
+        db = Database(PG_URL)
+        with db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        db.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    db = Database(sqlite_url(path))
+    upgrade(db)
+    db.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[Database]:
+    if not _pg_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set OPENSMC_TEST_PG_URL)")
+    db = Database(PG_URL)
+    with db.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    upgrade(db)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        path = tmp_path / "opensmc.db"
+        shutil.copy(sqlite_template, path)
+        db = Database(sqlite_url(path))
+        yield db
+        db.dispose()
+    else:
+        db = request.getfixturevalue("pg_database")
+        with db.begin() as conn:
+            names = ", ".join(t.name for t in reversed(metadata.sorted_tables))
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+        yield db
+
+
+@pytest.fixture
+def services(database: Database, tmp_path: Path) -> Services:
+    settings = Settings(data_dir=tmp_path / "data", public_endpoint="http://127.0.0.1:0")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Services(db=database, settings=settings, secrets=SecretBox(SECRET_KEY))
+
+
+@pytest.fixture
+def caller(services: Services) -> Caller:
+    pair = create_account(services, "tester")
+    return Caller(account_id=pair.account_id, access_key_id=pair.access_key_id)
+
+
+@pytest.fixture
+def other_caller(services: Services) -> Caller:
+    pair = create_account(services, "someone-else")
+    return Caller(account_id=pair.account_id, access_key_id=pair.access_key_id)
+
+
+class ActionCaller:
+    """Calls registered action handlers directly with wire-style string parameters."""
+
+    def __init__(self, services: Services, caller: Caller) -> None:
+        self.services = services
+        self.caller = caller
+
+    def __call__(self, action: str, **params: Any) -> dict[str, Any]:
+        from opensmc.api.actions import ACTIONS
+
+        flat = {k.replace("__", "."): _wire(v) for k, v in params.items()}
+        return ACTIONS[action].handler(self.services, self.caller, Params(flat))
+
+
+def _wire(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return str(value)
+
+
+@pytest.fixture
+def call(services: Services, caller: Caller) -> ActionCaller:
+    """`call("CreateWorkgroup", Name="wg", Tag__1__Key="k")`: `__` stands for `.`."""
+    return ActionCaller(services, caller)
