@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, make_url, text
 
 from opensmc.params import Params
 from opensmc.service.accounts import create_account
 from opensmc.service.context import Caller, Services, Settings
-from opensmc.store.db import Database, sqlite_url
+from opensmc.store.db import Database, normalize_url, sqlite_url
 from opensmc.store.migrate import upgrade
 from opensmc.store.secretbox import SecretBox
 from opensmc.store.tables import metadata
@@ -53,15 +54,25 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[Database]:
+    """A database of its own for this test session, dropped at the end.
+
+    Its own database (not the shared `test` one) so that parallel test runs on
+    one server never see each other's rows.
+    """
     if not _pg_available():
         pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set OPENSMC_TEST_PG_URL)")
-    db = Database(PG_URL)
-    with db.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
+    admin = create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT")
+    name = f"opensmc_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalize_url(PG_URL)).set(database=name)
+    db = Database(url.render_as_string(hide_password=False))
     upgrade(db)
     yield db
     db.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -232,7 +232,7 @@ def _verify_acs3(
 
     content_sha = req.headers["x-acs-content-sha256"].strip().lower()
     body_sha = hashlib.sha256(req.body).hexdigest()
-    if not hmac.compare_digest(content_sha, body_sha):
+    if not hmac.compare_digest(_bytes(content_sha), body_sha.encode()):
         raise AuthError(
             "SignatureDoesNotMatch",
             f"Specified signature does not match our calculation. x-acs-content-sha256 is not the "
@@ -242,7 +242,7 @@ def _verify_acs3(
     canonical = acs3_canonical_request(req.method, req.path, req.query, req.headers, names, content_sha)
     string_to_sign = acs3_string_to_sign(canonical)
     expected = acs3_signature(secret, string_to_sign)
-    if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode()):
+    if not hmac.compare_digest(expected.encode(), _bytes(signature.strip().lower())):
         raise AuthError("SignatureDoesNotMatch", MISMATCH_PREFIX + string_to_sign)
     return Credential(key_id, timestamp, nonce, ACS3_ALGORITHM, token)
 
@@ -270,12 +270,18 @@ def _verify_v1(
 
     string_to_sign = v1_string_to_sign(req.method, params)
     expected = v1_signature(secret, string_to_sign)
-    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass")):
+    if not hmac.compare_digest(expected.encode(), _bytes(signature)):
         # The legacy SDK splits this message on ':' and compares part [1]
         # with its own string-to-sign (WIRE.md §5.3). A V1 string-to-sign is
         # fully percent-encoded, so it never contains ':' itself.
         raise AuthError("SignatureDoesNotMatch", MISMATCH_PREFIX + string_to_sign)
     return Credential(key_id, timestamp, nonce, V1_METHOD, token)
+
+
+def _bytes(client_value: str) -> bytes:
+    # compare_digest refuses non-ASCII str; a hostile value must become a
+    # mismatch, not a TypeError (a 500).
+    return client_value.encode("utf-8", "surrogatepass")
 
 
 def _single(params: list[tuple[str, str]], name: str) -> str | None:

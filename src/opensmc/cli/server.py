@@ -1,0 +1,107 @@
+"""`opensmc server`: the API, the agent API and the orchestrator in one process.
+
+The embedded default needs nothing but a data directory: SQLite at
+`<data-dir>/opensmc.db`. `--database postgresql://…` (or
+`OPENSMC_DATABASE_URL`) runs the same server on PostgreSQL; any number of
+server processes may share one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import uvicorn
+
+from opensmc.api.agent_routes import routes as agent_routes
+from opensmc.api.app import create_app
+from opensmc.cli.credentials import default_data_dir
+from opensmc.orchestrator.loop import Orchestrator
+from opensmc.service import accounts
+from opensmc.service.context import Services, Settings
+from opensmc.store.db import Database, sqlite_url
+from opensmc.store.migrate import upgrade
+from opensmc.store.secretbox import SecretBox
+
+log = logging.getLogger("opensmc.server")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="where the database (SQLite), images and keys live")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the API (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--database",
+        default=None,
+        help="database URL (default: SQLite in the data dir; or OPENSMC_DATABASE_URL), e.g. postgresql://user@host/db",
+    )
+    p.add_argument(
+        "--region", action="append", default=None, help="a region this server serves (repeatable; default: local)"
+    )
+    p.add_argument("--public-endpoint", default=None, help="URL agents and clients use to reach this server")
+    p.add_argument("--heartbeat-grace", type=float, default=90.0, help="seconds without heartbeat before a source is Unavailable")
+    p.add_argument("--heartbeat-rate", type=int, default=30, help="seconds between agent heartbeats")
+    p.add_argument("--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes")
+    p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"opensmc server: --listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def build_services(args: argparse.Namespace) -> Services:
+    data_dir: Path = (args.data_dir or default_data_dir()).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = args.database or os.environ.get("OPENSMC_DATABASE_URL") or sqlite_url(data_dir / "opensmc.db")
+    host, port = parse_listen(args.listen)
+    endpoint = args.public_endpoint or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    settings = Settings(
+        data_dir=data_dir,
+        regions=tuple(args.region or ["local"]),
+        public_endpoint=endpoint,
+        receiver_endpoint=endpoint,
+        heartbeat_grace=timedelta(seconds=args.heartbeat_grace),
+        heartbeat_rate=args.heartbeat_rate,
+    )
+    db = Database(url)
+    upgrade(db)
+    return Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        svc = build_services(args)
+    except Exception as exc:
+        print(f"opensmc server: cannot open the database: {exc}", file=sys.stderr)
+        return 2
+    host, port = parse_listen(args.listen)
+    written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
+    if written:
+        print(f"Created the first account. Its AccessKey pair is in {written} (mode 0600).", flush=True)
+    db_kind = "SQLite" if svc.db.is_sqlite else "PostgreSQL"
+    print(
+        f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, regions: {', '.join(svc.settings.regions)}, "
+        f"data dir: {svc.settings.data_dir})",
+        flush=True,
+    )
+    orchestrator = None
+    if not args.no_orchestrator:
+        orchestrator = Orchestrator(svc, args.orchestrator_interval)
+        orchestrator.start()
+    app = create_app(svc, agent_routes)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="auto", http="auto")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        if orchestrator:
+            orchestrator.stop()
+        svc.db.dispose()
+    return 0

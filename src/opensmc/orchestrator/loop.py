@@ -1,0 +1,53 @@
+"""The orchestrator: drives time-based changes of jobs and sources.
+
+Every `interval` seconds it starts due scheduled and incremental runs,
+expires and deletes jobs past their ValidTime, fails running jobs whose
+agent is lost, marks silent agents Unavailable and forgets old signature
+nonces. Each step is its own short transaction that locks the rows it
+changes (`FOR UPDATE SKIP LOCKED` on PostgreSQL), so any number of server
+processes can run this loop against one database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from opensmc.service import accounts, orchestration, sources
+from opensmc.service.context import Services
+
+log = logging.getLogger("opensmc.orchestrator")
+
+
+def tick(svc: Services) -> int:
+    """One pass; returns how many jobs and sources changed."""
+    now = svc.clock()
+    changed = sources.mark_lost_agents(svc, now)
+    changed += orchestration.run_due(svc, now)
+    accounts.purge_nonces(svc)
+    return changed
+
+
+class Orchestrator:
+    def __init__(self, svc: Services, interval: float = 2.0) -> None:
+        self.svc = svc
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="opensmc-orchestrator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                changed = tick(self.svc)
+                if changed:
+                    log.info("orchestrator: %d change(s)", changed)
+            except Exception:  # a bad pass must not kill the loop; the next pass retries
+                log.exception("orchestrator pass failed")
+            self._stop.wait(self.interval)
