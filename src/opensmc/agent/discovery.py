@@ -23,7 +23,8 @@ SMC ``DescribeSourceServers`` shapes::
       "system_disk_size": 20,              # -> SystemDiskSize: GiB, rounded up
       "disks": [                           # index 0 = system disk, then data disks 1..16
         {"index": 0, "path": "/dev/vda", "size_bytes": 21474836480, "size_gib": 20,
-         "sector_size": 512, "label": "gpt",
+         "sector_size": 512, "label": "gpt",   # label: "gpt", "dos" or null
+         "warnings": [],                        # table problems worked around or reported
          "parts": [
            {"device": "0_0", "number": 1, "path": "/boot/efi", "node": "/dev/vda1",
             "mount_point": "/boot/efi", "offset": 1048576, "size_bytes": 104857600,
@@ -68,7 +69,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ __all__ = [
     "discover_disks",
     "discover_system",
     "kernel_level",
+    "system_info",
     "to_report",
 ]
 
@@ -358,7 +360,9 @@ def discover_disks(explicit: Sequence[str] | None = None, *, root: Path = Path("
     """The disks to migrate: ``explicit`` paths in order (first = system disk), else the machine's disks.
 
     Explicit paths may be image files or block devices; more than one system
-    disk plus :data:`MAX_DATA_DISKS` is a ``ValueError``. Without them, disks
+    disk plus :data:`MAX_DATA_DISKS` is a ``ValueError`` and a path that does not
+    exist a ``FileNotFoundError``. An existing disk that cannot be read (no
+    permission) is still listed, with ``can_block=False`` and a warning. Without them, disks
     come from ``/sys/block`` (virtual devices skipped) and the one holding ``/``
     becomes disk 0.
     """
@@ -366,15 +370,18 @@ def discover_disks(explicit: Sequence[str] | None = None, *, root: Path = Path("
     if explicit:
         if len(explicit) > 1 + MAX_DATA_DISKS:
             raise ValueError(f"at most {1 + MAX_DATA_DISKS} disks (1 system + {MAX_DATA_DISKS} data)")
+        for p in explicit:
+            os.stat(p)  # a mistyped --disk must fail loudly, not become an empty disk
         sys_names = [_sys_block_name(root, p) for p in explicit]
         paths = list(explicit)
     else:
         found = _sys_block_disks(root)
-        sys_names = [name for name, _ in found]
+        names = [name for name, _ in found]
         paths = [dev for _, dev in found]
-        root_disk = _disk_of_mount(root, sys_names, mounts, "/")
+        root_disk = _disk_of_mount(root, names, mounts, "/")
+        sys_names = list(names)
         if root_disk is not None:
-            i = sys_names.index(root_disk)
+            i = names.index(root_disk)
             sys_names.insert(0, sys_names.pop(i))
             paths.insert(0, paths.pop(i))
         del sys_names[1 + MAX_DATA_DISKS:], paths[1 + MAX_DATA_DISKS:]
@@ -514,22 +521,22 @@ def _disk_facts(root: Path, index: int, path: str, sys_name: str | None, mounts:
     for n, p in enumerate(raw_parts):
         if sys_name:
             kname = sys_name if p.index == 0 else _node_name(sys_name, p.index)
-            node = str(Path(path).parent / kname) if path.startswith("/dev/") else f"/dev/{kname}"
+            node = str(root / "dev" / kname)
             points = _mount_points(root, kname, mounts)
         else:
             node = path if p.index == 0 else f"{path}#p{p.index}"
             points = []
         mount = _preferred_mount(points)
-        kind = _part_type(p, points)
+        kind = _part_type(p, points, index == 0)
         parts.append(PartFacts(
             device=f"{index}_{n}", number=p.index, path=mount or node, node=node, mount_point=mount,
             offset=p.start, size_bytes=p.size, fs_type=p.fs_type, part_type=p.type, name=p.name,
             can_block=readable and p.size > 0, need=False, type=kind,
         ))
-    if not any(p.type == "System" for p in parts) and not any(p.mount_point for p in parts):
-        parts = _guess_system(parts)
     if index == 0:
-        parts = [_replace_need(p, p.type in ("System", "Boot")) for p in parts]
+        if not any(p.type == "System" for p in parts) and not any(p.mount_point for p in parts):
+            parts = _guess_system(parts)
+        parts = [replace(p, need=p.type in ("System", "Boot")) for p in parts]
     return DiskFacts(index, path, table.disk_size, table.sector_size, table.label, parts, warnings)
 
 
@@ -575,13 +582,15 @@ def _preferred_mount(points: list[str]) -> str | None:
     return min(points, key=lambda p: (len(p), p)) if points else None
 
 
-def _part_type(p: Partition, points: list[str]) -> str:
+def _part_type(p: Partition, points: list[str], system_disk: bool) -> str:
     if "/" in points:
         return "System"
-    if "/boot" in points or "/boot/efi" in points or p.type in _ESP_TYPES or p.type == _BIOS_BOOT_TYPE:
+    if "/boot" in points or "/boot/efi" in points:
         return "Boot"
-    if p.bootable and p.type not in ("",) and len(p.type) <= 2:
-        return "Boot"  # MBR active flag
+    # Firmware boots from the system disk only; elsewhere these marks are leftovers.
+    mbr_active = p.bootable and 0 < len(p.type) <= 2  # GPT types are GUIDs
+    if system_disk and (p.type in _ESP_TYPES or p.type == _BIOS_BOOT_TYPE or mbr_active):
+        return "Boot"
     return "Normal"
 
 
@@ -591,17 +600,7 @@ def _guess_system(parts: list[PartFacts]) -> list[PartFacts]:
     if not candidates:
         return parts
     best = max(candidates, key=lambda p: p.size_bytes)
-    return [_replace_type(p, "System") if p is best else p for p in parts]
-
-
-def _replace_type(p: PartFacts, kind: str) -> PartFacts:
-    return PartFacts(p.device, p.number, p.path, p.node, p.mount_point, p.offset, p.size_bytes, p.fs_type,
-                     p.part_type, p.name, p.can_block, p.need, kind)
-
-
-def _replace_need(p: PartFacts, need: bool) -> PartFacts:
-    return PartFacts(p.device, p.number, p.path, p.node, p.mount_point, p.offset, p.size_bytes, p.fs_type,
-                     p.part_type, p.name, p.can_block, need, p.type)
+    return [replace(p, type="System") if p is best else p for p in parts]
 
 
 # -- report ------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Literal
 
 __all__ = [
@@ -126,10 +126,14 @@ class _Disk:
 def _open(source: Source) -> Iterator[_Disk]:
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb", buffering=0) as raw:
-            fh: BinaryIO = raw  # type: ignore[assignment]  # FileIO is a binary stream
+            fh: BinaryIO = raw
             yield _Disk(fh, _size_of(fh))
     else:
-        yield _Disk(source, _size_of(source))
+        here = source.tell()
+        try:
+            yield _Disk(source, _size_of(source))
+        finally:
+            source.seek(here)  # the caller's stream, left where the caller had it
 
 
 def _size_of(fh: BinaryIO) -> int:
@@ -157,14 +161,10 @@ def read_partition_table(source: Source, *, sector_size: int | None = None) -> P
     with _open(source) as disk:
         table = _read_table(disk, sector_size)
         parts = [
-            p if p.container else _with_fs(p, _detect_at(disk, p.start, p.size))
+            p if p.container else replace(p, fs_type=_detect_at(disk, p.start, p.size))
             for p in table.partitions
         ]
         return PartitionTable(table.label, table.sector_size, disk.size, parts, table.warnings)
-
-
-def _with_fs(p: Partition, fs: str | None) -> Partition:
-    return Partition(p.index, p.start, p.size, p.type, p.name, p.uuid, p.bootable, p.container, fs)
 
 
 def _read_table(disk: _Disk, sector_size: int | None) -> PartitionTable:
@@ -181,7 +181,7 @@ def _read_table(disk: _Disk, sector_size: int | None) -> PartitionTable:
             if disk.read(ss, 8) == _GPT_SIGNATURE or disk.read(disk.size - ss, 8) == _GPT_SIGNATURE:
                 return _read_gpt(disk, ss, entries if protective else None)
         if protective:
-            raise PartitionTableError("protective MBR (type 0xEE) found but no GPT header at LBA 1 or the last LBA")
+            raise PartitionTableError("protective MBR (type 0xEE) but no GPT header at LBA 1 or the last LBA")
     if entries is None:
         return PartitionTable(None, sizes[0], disk.size)
     return _read_mbr(disk, entries, sector_size or 512)
@@ -254,7 +254,7 @@ def _read_logicals(disk: _Disk, ext_lba: int, ss: int) -> list[Partition]:
             logicals.append(Partition(number, (ebr + lba) * ss, count * ss, f"{ptype:x}",
                                       bootable=status == 0x80))
             number += 1
-        _, ntype, nlba, ncount = _unpack_mbr_entry(sector, 462)
+        _, ntype, nlba, _count = _unpack_mbr_entry(sector, 462)
         if ntype not in _EXTENDED_TYPES or nlba == 0:
             break
         ebr = ext_lba + nlba
