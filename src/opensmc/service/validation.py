@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 
-from opensmc.params import Params
 from opensmc.domain.errors import InvalidParameter
+from opensmc.params import Params
 
 # Names start with a letter (or a CJK character); then letters, digits, `:`, `_`, `-`
 # (and `.` for workgroups).
-_NAME = re.compile(r"^[A-Za-z\u4e00-\u9fff][\w:\-\u4e00-\u9fff]*$", re.ASCII | re.UNICODE)
-_NAME_DOT = re.compile(r"^[A-Za-z\u4e00-\u9fff][\w:.\-\u4e00-\u9fff]*$", re.UNICODE)
+_NAME = re.compile(r"^[A-Za-z\u4e00-\u9fff][\w:\-\u4e00-\u9fff]*$", re.ASCII)
+_NAME_DOT = re.compile(r"^[A-Za-z\u4e00-\u9fff][\w:.\-\u4e00-\u9fff]*$", re.ASCII)
 _ASCII_WORD = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff:_\-.]*$")
 MAX_TAGS = 20
 
@@ -73,10 +73,20 @@ def parse_tags(
             if allow_missing_key and value is None:
                 continue
             if value is not None:
-                raise InvalidParameter(g.wire("Key"), "A tag value was given without its key.", code="InvalidParameter.TagValue")
-            raise InvalidParameter(g.wire("Key"), "The tag key may not be empty.", code="InvalidParameter.TagKey")
+                raise InvalidParameter(
+                    g.wire("Key"), "A tag value was given without its key.", code="InvalidParameter.TagValue"
+                )
+            raise InvalidParameter(
+                g.wire("Key"), "The tag key may not be empty.", code="InvalidParameter.TagKey"
+            )
         low = key.lower()
-        if len(key) > key_max or low.startswith("aliyun") or low.startswith("acs:") or "http://" in low or "https://" in low:
+        if (
+            len(key) > key_max
+            or low.startswith("aliyun")
+            or low.startswith("acs:")
+            or "http://" in low
+            or "https://" in low
+        ):
             raise InvalidParameter(
                 g.wire("Key"),
                 f"A tag key is 1 to {key_max} characters, may not start with 'aliyun' or 'acs:' "
@@ -92,9 +102,13 @@ def parse_tags(
                     code="InvalidParameter.TagValue",
                 )
             if require_value and value == "":
-                raise InvalidParameter(g.wire("Value"), "The tag value may not be empty.", code="InvalidParameter.TagValue")
+                raise InvalidParameter(
+                    g.wire("Value"), "The tag value may not be empty.", code="InvalidParameter.TagValue"
+                )
         if key in seen:
-            raise InvalidParameter(g.wire("Key"), f"The tag key {key!r} is given twice.", code="InvalidParameter.TagKey")
+            raise InvalidParameter(
+                g.wire("Key"), f"The tag key {key!r} is given twice.", code="InvalidParameter.TagKey"
+            )
         seen.add(key)
         out.append((key, value))
     return out

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import Connection, ColumnElement, Select, and_, delete, exists, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Select, and_, delete, exists, insert, or_, select, update
 
-from opensmc.store.tables import tags
+from opensmc.store.tables import jobs, sources, tags
 
 
 def tags_of(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
@@ -37,7 +37,9 @@ def put_tags(
     for key, value in pairs:
         updated = conn.execute(
             update(tags)
-            .where(tags.c.resource_type == resource_type, tags.c.resource_id == resource_id, tags.c.key == key)
+            .where(
+                tags.c.resource_type == resource_type, tags.c.resource_id == resource_id, tags.c.key == key
+            )
             .values(value=value)
         ).rowcount
         if not updated:
@@ -61,9 +63,7 @@ def remove_tags(conn: Connection, resource_type: str, resource_id: str, keys: Se
     conn.execute(stmt)
 
 
-def count_keys_after(
-    conn: Connection, resource_type: str, resource_id: str, new_keys: Sequence[str]
-) -> int:
+def count_keys_after(conn: Connection, resource_type: str, resource_id: str, new_keys: Sequence[str]) -> int:
     """How many tags the resource would have after adding `new_keys`."""
     existing = {
         k
@@ -95,3 +95,60 @@ def tagged_query(resource_type: str) -> Select[tuple[str, str, str, str]]:
     return select(tags.c.resource_id, tags.c.resource_type, tags.c.key, tags.c.value).where(
         tags.c.resource_type == resource_type
     )
+
+
+# The Tag actions (TagResources, UntagResources, ListTagResources) -------------
+
+
+def existing_resources(conn: Connection, account_id: str, resource_type: str, ids: Sequence[str]) -> set[str]:
+    """Which of `ids` name a resource of that type in the account (jobs being deleted do not count)."""
+    if not ids:
+        return set()
+    if resource_type == "sourceserver":
+        stmt = select(sources.c.id).where(sources.c.account_id == account_id, sources.c.id.in_(list(ids)))
+    else:
+        stmt = select(jobs.c.id).where(
+            jobs.c.account_id == account_id, jobs.c.id.in_(list(ids)), jobs.c.status != "Deleting"
+        )
+    return {str(r.id) for r in conn.execute(stmt)}
+
+
+def list_page(
+    conn: Connection,
+    account_id: str,
+    resource_type: str,
+    *,
+    ids: Sequence[str],
+    filters: Sequence[tuple[str, str | None]],
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[tuple[str, str, str]]:
+    """(resource_id, key, value) of every tag of the matching resources, by (resource_id, key).
+
+    A resource matches when it has every filter pair; `after` is the last
+    (resource_id, key) already returned (keyset pagination). Returns up to `limit` rows.
+    """
+    t = tags.alias("t")  # the tag filters' EXISTS subqueries use the plain table
+    if resource_type == "sourceserver":
+        alive = exists(
+            select(sources.c.id).where(sources.c.id == t.c.resource_id, sources.c.account_id == account_id)
+        )
+    else:
+        alive = exists(
+            select(jobs.c.id).where(
+                jobs.c.id == t.c.resource_id, jobs.c.account_id == account_id, jobs.c.status != "Deleting"
+            )
+        )
+    stmt = select(t.c.resource_id, t.c.key, t.c.value).where(
+        t.c.account_id == account_id, t.c.resource_type == resource_type, alive
+    )
+    if ids:
+        stmt = stmt.where(t.c.resource_id.in_(list(ids)))
+    clause = match_all(resource_type, t.c.resource_id, filters)
+    if clause is not None:
+        stmt = stmt.where(clause)
+    if after is not None:
+        rid, key = after
+        stmt = stmt.where(or_(t.c.resource_id > rid, and_(t.c.resource_id == rid, t.c.key > key)))
+    rows = conn.execute(stmt.order_by(t.c.resource_id, t.c.key).limit(limit))
+    return [(str(r.resource_id), str(r.key), str(r.value)) for r in rows]
