@@ -1,0 +1,218 @@
+"""`opensmc agent run`: register this machine as a migration source, then heartbeat until stopped.
+
+The loop: reuse the saved credential (agent/state.py) or register with the
+activation code or AccessKey; send a heartbeat with a fresh discovery report
+every ``heartbeat_rate`` seconds (the server says how often). When the
+server no longer knows the credential (401: the source was deleted, or the
+machine registered again elsewhere), register again. Network failures and
+5xx answers are retried with exponential backoff (1 s doubling to 60 s);
+a refused registration (wrong, disabled, expired or used-up code) is fatal:
+:class:`AgentError`. SIGTERM/SIGINT (or ``stop_event``) end the loop between
+two calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from opensmc import __version__
+from opensmc.agent import state as agent_state
+from opensmc.agent.client import AgentClient, ApiRefused, ServerUnavailable
+from opensmc.agent.state import AgentState
+
+log = logging.getLogger("opensmc.agent")
+
+BACKOFF_START = 1.0
+BACKOFF_MAX = 60.0
+#: in --once mode, give up after this many failed attempts in a row
+ONCE_ATTEMPTS = 5
+
+ReportFn = Callable[[], dict[str, Any]]
+
+
+class AgentError(Exception):
+    """The agent cannot go on (bad credential, unusable disk); the message says what to fix."""
+
+
+def run_agent(
+    server_url: str,
+    token_id: str | None = None,
+    token_code: str | None = None,
+    access_key_id: str | None = None,
+    access_key_secret: str | None = None,
+    disks: Sequence[str] | None = None,
+    state_dir: Path = Path("opensmc-agent"),
+    once: bool = False,
+    stop_event: threading.Event | None = None,
+    *,
+    http: httpx.Client | None = None,
+    report_fn: ReportFn | None = None,
+) -> AgentState | None:
+    """Run until stopped (or, with `once`, until one heartbeat got through). Returns the last state.
+
+    `http` and `report_fn` replace the HTTP client and the discovery report (tests).
+    """
+    credentials = _credentials(token_id, token_code, access_key_id, access_key_secret)
+    make_report = report_fn or _discovery_report(disks, state_dir, "once" if once else "daemon")
+    stop = stop_event or threading.Event()
+    with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http) as client:
+        runner = _Runner(client, server_url, credentials, state_dir, make_report)
+        return runner.loop(stop, once)
+
+
+class _Runner:
+    def __init__(
+        self,
+        client: AgentClient,
+        server_url: str,
+        credentials: dict[str, str],
+        state_dir: Path,
+        make_report: ReportFn,
+    ) -> None:
+        self.client = client
+        self.server_url = server_url.rstrip("/")
+        self.credentials = credentials
+        self.state_dir = state_dir
+        self.make_report = make_report
+        self.state = agent_state.load(state_dir)
+
+    def loop(self, stop: threading.Event, once: bool) -> AgentState | None:
+        delay = BACKOFF_START
+        failures = 0
+        while not stop.is_set():
+            try:
+                rate = self.beat()
+            except (httpx.TransportError, ServerUnavailable) as exc:
+                failures += 1
+                if once and failures >= ONCE_ATTEMPTS:
+                    raise AgentError(f"cannot reach the server at {self.server_url}: {exc}") from exc
+                log.warning("server %s not reachable (%s); retrying in %.0f s", self.server_url, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            failures = 0
+            delay = BACKOFF_START
+            if once:
+                break
+            stop.wait(rate)
+        log.info("agent stopped")
+        return self.state
+
+    def beat(self) -> int:
+        """Register if needed, send one heartbeat; the number of seconds until the next one."""
+        report = self.make_report()
+        st = self.state
+        if st is None or st.server_url != self.server_url or st.machine_id != report.get("machine_id"):
+            st = self.register(report)
+        try:
+            resp = self.client.heartbeat(st.agent_token, {"agent_version": __version__, "report": report})
+        except ApiRefused as exc:
+            if exc.status != 401:
+                raise AgentError(f"heartbeat refused: {exc}") from exc
+            log.warning(
+                "the server no longer accepts this agent's credential (%s); registering again", exc.code
+            )
+            agent_state.clear(self.state_dir)
+            self.state = None
+            st = self.register(report)
+            try:
+                resp = self.client.heartbeat(st.agent_token, {"agent_version": __version__, "report": report})
+            except ApiRefused as again:
+                raise AgentError(f"heartbeat refused right after registering: {again}") from again
+        tasks = resp.get("tasks") or []
+        if tasks:
+            log.warning("the server sent %d task(s); this agent version does not run tasks yet", len(tasks))
+        log.debug("heartbeat ok: source %s is %s", st.source_id, resp.get("state", "?"))
+        rate = resp.get("heartbeat_rate")
+        return rate if isinstance(rate, int) and rate > 0 else 30
+
+    def register(self, report: dict[str, Any]) -> AgentState:
+        if not self.credentials:
+            raise AgentError(
+                "no saved credential for this server and no activation code or AccessKey given: "
+                "pass --token-id and --token-code (CreateAccessToken), "
+                "or --access-key-id and --access-key-secret"
+            )
+        machine_id = str(report.get("machine_id", ""))
+        body: dict[str, Any] = {
+            **self.credentials,
+            "machine_id": machine_id,
+            "agent_version": __version__,
+            "report": report,
+        }
+        try:
+            resp = self.client.register(body)
+        except ApiRefused as exc:
+            if exc.status == 409:  # the source is being deleted: a passing state, try again later
+                raise ServerUnavailable(str(exc)) from exc
+            raise AgentError(f"registration refused: {exc.code}: {exc.message}") from exc
+        st = AgentState(self.server_url, str(resp["source_id"]), str(resp["agent_token"]), machine_id)
+        agent_state.save(self.state_dir, st)
+        self.state = st
+        log.info(
+            "registered as migration source %s (%s)",
+            st.source_id,
+            "new source" if resp.get("created") else "this machine was known already",
+        )
+        return st
+
+
+def _credentials(
+    token_id: str | None, token_code: str | None, key_id: str | None, key_secret: str | None
+) -> dict[str, str]:
+    if token_id or token_code:
+        if not (token_id and token_code):
+            raise AgentError("give both --token-id and --token-code")
+        return {"token_id": token_id, "token_code": token_code}
+    if key_id or key_secret:
+        if not (key_id and key_secret):
+            raise AgentError("give both --access-key-id and --access-key-secret")
+        return {"access_key_id": key_id, "access_key_secret": key_secret}
+    return {}
+
+
+def _discovery_report(disks: Sequence[str] | None, state_dir: Path, mode: str) -> ReportFn:
+    from opensmc.agent import discovery
+
+    for path in disks or ():
+        if not os.path.exists(path):
+            raise AgentError(f"--disk {path}: no such file or device")
+    if disks and len(disks) > 1 + discovery.MAX_DATA_DISKS:
+        raise AgentError(
+            f"at most {1 + discovery.MAX_DATA_DISKS} disks (1 system + {discovery.MAX_DATA_DISKS} data)"
+        )
+
+    def report() -> dict[str, Any]:
+        system = discovery.discover_system(state_dir)
+        found = discovery.discover_disks(list(disks) if disks else None)
+        for d in found:
+            for w in d.warnings:
+                log.warning("disk %s: %s", d.path, w)
+        return discovery.to_report(system, found, agent_mode=mode)
+
+    return report
+
+
+@contextmanager
+def _signals(stop: threading.Event, *, install: bool) -> Iterator[None]:
+    """SIGTERM/SIGINT set `stop` (only when we own it and run in the main thread)."""
+    if not install or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

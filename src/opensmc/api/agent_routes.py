@@ -1,0 +1,105 @@
+"""The agent API (docs/agent-api.md): JSON over HTTP under ``/agent/v1/``.
+
+``routes`` is mounted into the server's Starlette app next to the SMC RPC
+endpoint; handlers read ``request.app.state.services``. Every failure is
+``{"code", "message"}`` with a 4xx/5xx status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from opensmc import __version__
+from opensmc.domain.errors import SmcError
+from opensmc.service import agents
+from opensmc.service.context import Services
+
+log = logging.getLogger("opensmc.agent_api")
+
+PREFIX = "/agent/v1"
+API_VERSION = 1
+MAX_BODY = 1 << 20
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+async def _body(request: Request) -> Mapping[str, Any]:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise SmcError("The request body is larger than 1 MiB.", code="BodyTooLarge", http_status=413)
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise SmcError("The request body is not valid JSON.", code="InvalidJson", http_status=400) from None
+    if not isinstance(body, dict):
+        raise SmcError("The request body must be a JSON object.", code="InvalidJson", http_status=400)
+    return body
+
+
+async def _call(request: Request, work: Callable[[Services, Mapping[str, Any]], dict[str, Any]]) -> Response:
+    services: Services = request.app.state.services
+    try:
+        body = await _body(request)
+        result = await run_in_threadpool(work, services, body)
+        return JSONResponse(result)
+    except SmcError as err:
+        if err.http_status >= 500:
+            log.error("agent API %s failed: %s", request.url.path, err.message)
+        return _error(err.http_status, err.code, err.message)
+    except Exception:
+        log.exception("agent API %s: internal error", request.url.path)
+        return _error(500, "InternalError", "The server failed to handle the request; see its log.")
+
+
+async def register(request: Request) -> Response:
+    def work(svc: Services, body: Mapping[str, Any]) -> dict[str, Any]:
+        reg = agents.register(svc, body)
+        log.info(
+            "agent registered: source %s (%s) in account %s",
+            reg.source_id,
+            "new" if reg.created else "known machine",
+            reg.account_id,
+        )
+        return {
+            "source_id": reg.source_id,
+            "agent_token": reg.agent_token,
+            "created": reg.created,
+            "heartbeat_rate": svc.settings.heartbeat_rate,
+        }
+
+    return await _call(request, work)
+
+
+async def heartbeat(request: Request) -> Response:
+    authorization = request.headers.get("authorization")
+
+    def work(svc: Services, body: Mapping[str, Any]) -> dict[str, Any]:
+        return agents.heartbeat(svc, authorization, body)
+
+    return await _call(request, work)
+
+
+async def info(request: Request) -> Response:
+    """Unauthenticated: lets an agent check it reached an OpenSMC server speaking its API version."""
+    return JSONResponse({"service": "opensmc", "api_version": API_VERSION, "server_version": __version__})
+
+
+routes: list[Route] = [
+    Route(f"{PREFIX}/info", info, methods=["GET"]),
+    Route(f"{PREFIX}/register", register, methods=["POST"]),
+    Route(f"{PREFIX}/heartbeat", heartbeat, methods=["POST"]),
+]

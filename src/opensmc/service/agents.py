@@ -1,0 +1,321 @@
+"""The agent side of the control plane: registration, agent credentials, heartbeats.
+
+An agent registers with an activation code (CreateAccessToken) or an
+AccessKey pair and its discovery report (``opensmc.agent.discovery.to_report``).
+It gets back its source's ID and an agent token, ``<source_id>.<secret>``,
+that it sends as ``Authorization: Bearer`` on later calls. Only a salted
+hash of the secret is kept, and a re-registration replaces it. The same
+``machine_id`` in the same account always maps to the same source, and
+only a new source uses up one of the code's ``Count`` registrations.
+
+Errors are :class:`AgentApiError` (``{"code","message"}`` with a 4xx
+status); the wire format is in docs/agent-api.md.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from opensmc.clock import iso, new_id
+from opensmc.domain.enums import SourceState
+from opensmc.domain.errors import SmcError
+from opensmc.service import accounts
+from opensmc.service.context import Services
+from opensmc.service.sources import Report, parse_report
+from opensmc.service.tokens import Token, hash_secret, verify_secret
+from opensmc.store import sources as q
+from opensmc.store import tokens as token_store
+
+_MACHINE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9:_\-]+")
+NAME_MAX = 128
+
+
+class AgentApiError(SmcError):
+    """An agent API refusal: a stable ``code``, a message saying what to do, a 4xx status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, code=code, http_status=status)
+
+
+@dataclass(frozen=True)
+class Registration:
+    source_id: str
+    agent_token: str
+    account_id: str
+    created: bool  #: False when the machine was registered before (same source came back)
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    account_id: str
+    source_id: str
+
+
+# -- registration ------------------------------------------------------------------------------------------
+
+
+def register(svc: Services, body: Mapping[str, Any]) -> Registration:
+    """`POST /agent/v1/register`: check the credential, then create or refresh the source."""
+    raw_report = body.get("report", body)
+    machine_id = body.get("machine_id") or (
+        raw_report.get("machine_id") if isinstance(raw_report, Mapping) else None
+    )
+    if not isinstance(machine_id, str) or not _MACHINE_ID.match(machine_id):
+        raise AgentApiError(
+            400,
+            "InvalidMachineId",
+            '"machine_id" must be 1 to 128 characters of letters, digits, ".", ":", "_", "-".',
+        )
+    report = parse_report(raw_report)
+    version = _agent_version(body)
+    token_id, token_code = body.get("token_id"), body.get("token_code")
+    key_id, key_secret = body.get("access_key_id"), body.get("access_key_secret")
+    if token_id or token_code:
+        if not isinstance(token_id, str) or not isinstance(token_code, str) or not token_id or not token_code:
+            raise AgentApiError(400, "MissingCredential", 'Give both "token_id" and "token_code".')
+        return _with_retry(
+            lambda: _register_with_token(svc, token_id, token_code, machine_id, report, version)
+        )
+    if key_id or key_secret:
+        if not isinstance(key_id, str) or not isinstance(key_secret, str) or not key_id or not key_secret:
+            raise AgentApiError(
+                400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".'
+            )
+        found = accounts.lookup_secret(svc, key_id)
+        if found is None or not secrets.compare_digest(found[1].encode(), key_secret.encode()):
+            raise AgentApiError(
+                403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled."
+            )
+        account_id = found[0]
+        return _with_retry(
+            lambda: _register_in_account(svc, account_id, key_id, None, machine_id, report, version)
+        )
+    raise AgentApiError(
+        400,
+        "MissingCredential",
+        'Give an activation code ("token_id" and "token_code", from CreateAccessToken) '
+        'or an AccessKey ("access_key_id" and "access_key_secret").',
+    )
+
+
+def register_source(
+    svc: Services,
+    account_id: str,
+    report: Mapping[str, Any],
+    *,
+    machine_id: str,
+    registered_with: str = "admin",
+    agent_version: str = "",
+) -> Registration:
+    """Add (or refresh) a source without an agent call: for tests and admin tooling."""
+    parsed = parse_report(report)
+    return _with_retry(
+        lambda: _register_in_account(
+            svc, account_id, registered_with, None, machine_id, parsed, agent_version
+        )
+    )
+
+
+def _with_retry(attempt: Callable[[], Registration]) -> Registration:
+    # Two registrations of one machine at once: the loser hits the (account, machine)
+    # unique key; on the second try it finds the winner's source and refreshes it.
+    try:
+        return attempt()
+    except IntegrityError:
+        return attempt()
+
+
+def _register_with_token(
+    svc: Services, token_id: str, code: str, machine_id: str, report: Report, version: str
+) -> Registration:
+    now = svc.clock()
+    with svc.db.begin() as conn:
+        row = token_store.get_token(conn, token_id)
+        if row is None or not verify_secret(code, row.code_hash):
+            raise AgentApiError(403, "InvalidAccessToken", "The activation code ID or code is wrong.")
+        token = Token.from_row(row)
+        if token.disabled:
+            raise AgentApiError(
+                403, "AccessToken.Disabled", f"The activation code {token_id} is disabled; create a new one."
+            )
+        if token.is_expired(now):
+            raise AgentApiError(
+                403,
+                "AccessToken.Expired",
+                f"The activation code {token_id} expired at {iso(token.expires_at)}; create a new one.",
+            )
+        return _register(conn, svc, token.account_id, token_id, token, machine_id, report, version, now)
+
+
+def _register_in_account(
+    svc: Services,
+    account_id: str,
+    registered_with: str,
+    token: Token | None,
+    machine_id: str,
+    report: Report,
+    version: str,
+) -> Registration:
+    now = svc.clock()
+    with svc.db.begin() as conn:
+        return _register(conn, svc, account_id, registered_with, token, machine_id, report, version, now)
+
+
+def _register(
+    conn: Connection,
+    svc: Services,
+    account_id: str,
+    registered_with: str,
+    token: Token | None,
+    machine_id: str,
+    report: Report,
+    version: str,
+    now: datetime,
+) -> Registration:
+    secret = secrets.token_urlsafe(32)
+    existing = q.get_by_machine(conn, account_id, machine_id)
+    if existing is not None:
+        if existing.state == SourceState.DELETING.value:
+            raise AgentApiError(
+                409,
+                "SourceServerState.Invalid",
+                f"The source {existing.id} is being deleted; try again later.",
+            )
+        q.update_fields(
+            conn,
+            existing.id,
+            {
+                **report_columns(report),
+                "agent_version": version,
+                "agent_secret_hash": hash_secret(secret),
+                "last_heartbeat_at": now,
+                "heartbeat_rate": svc.settings.heartbeat_rate,
+            },
+        )
+        q.revive(conn, existing.id)
+        return Registration(existing.id, f"{existing.id}.{secret}", account_id, created=False)
+    if token is not None and not token_store.claim_registration(conn, token.id):
+        raise AgentApiError(
+            403,
+            "AccessToken.CountExceeded",
+            f"The activation code {token.id} has already registered its {token.count} source(s); "
+            "create a new code or delete unused sources' code.",
+        )
+    source_id = new_id("s-")
+    q.insert_source(
+        conn,
+        {
+            **report_columns(report),
+            "id": source_id,
+            "account_id": account_id,
+            "name": unique_name(conn, account_id, report.hostname),
+            "description": "",
+            "state": SourceState.AVAILABLE.value,
+            "error_code": "",
+            "status_info": "",
+            "job_id": "",
+            "workgroup_id": "",
+            "resource_group_id": "",
+            "agent_version": version,
+            "heartbeat_rate": svc.settings.heartbeat_rate,
+            "replication_driver": "SMT",
+            "machine_id": machine_id,
+            "agent_secret_hash": hash_secret(secret),
+            "registered_with": registered_with,
+            "last_heartbeat_at": now,
+            "created_at": now,
+        },
+    )
+    return Registration(source_id, f"{source_id}.{secret}", account_id, created=True)
+
+
+def report_columns(report: Report) -> dict[str, Any]:
+    return {
+        "platform": report.platform,
+        "architecture": report.architecture,
+        "kernel_level": report.kernel_level,
+        "system_info": report.system_info,
+        "system_disk_size": report.system_disk_size,
+        "disks": report.disks_json(),
+    }
+
+
+def unique_name(conn: Connection, account_id: str, hostname: str) -> str:
+    """The hostname made a valid source name (§0 name rules), with `-N` appended if taken."""
+    base = _NAME_CHARS.sub("-", hostname).strip("-")
+    if not base or not base[0].isalpha():
+        base = f"host-{base}" if base else "source"
+    base = base[: NAME_MAX - 6]
+    if len(base) < 2:
+        base = f"{base}-source"
+    taken = q.names_like(conn, account_id, base)
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def _agent_version(body: Mapping[str, Any]) -> str:
+    version = body.get("agent_version", "")
+    if not isinstance(version, str) or len(version) > 32:
+        raise AgentApiError(
+            400, "InvalidAgentVersion", '"agent_version" must be a string of at most 32 characters.'
+        )
+    return version
+
+
+# -- authenticated calls -----------------------------------------------------------------------------------
+
+
+def authenticate(svc: Services, authorization: str | None) -> AgentIdentity:
+    """The source an `Authorization: Bearer <source_id>.<secret>` header speaks for; 401 otherwise."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise AgentApiError(
+            401, "MissingAgentToken", "Send the agent token as Authorization: Bearer <token>."
+        )
+    source_id, _, secret = authorization[7:].strip().partition(".")
+    with svc.db.connect() as conn:
+        row = q.get_any(conn, source_id) if source_id and secret else None
+    if row is None or not verify_secret(secret, row.agent_secret_hash):
+        raise AgentApiError(
+            401,
+            "InvalidAgentToken",
+            "The agent token is unknown or was replaced (the source was deleted or registered again); "
+            "register again with an activation code.",
+        )
+    return AgentIdentity(row.account_id, row.id)
+
+
+def heartbeat(svc: Services, authorization: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
+    """`POST /agent/v1/heartbeat`: the agent is alive; refresh its report; hand it its tasks."""
+    who = authenticate(svc, authorization)
+    raw_report = body.get("report")
+    report = parse_report(raw_report) if raw_report is not None else None
+    values: dict[str, Any] = {"last_heartbeat_at": svc.clock(), "heartbeat_rate": svc.settings.heartbeat_rate}
+    if "agent_version" in body:
+        values["agent_version"] = _agent_version(body)
+    if report is not None:
+        values.update(report_columns(report))
+    with svc.db.begin() as conn:
+        q.update_fields(conn, who.source_id, values)
+        q.revive(conn, who.source_id)
+        row = q.get_any(conn, who.source_id)
+    state = row.state if row is not None else ""
+    return {
+        "source_id": who.source_id,
+        "state": state,
+        "heartbeat_rate": svc.settings.heartbeat_rate,
+        # The seam where the data plane hands work to the agent; nothing yet.
+        "tasks": [],
+    }

@@ -1,0 +1,278 @@
+"""Migration sources (``sources``) and the few job rows their deletion touches.
+
+A source row is made by an agent's registration (service/agents.py); its
+``disks`` and ``system_info`` columns hold the agent's last report as JSON
+text. State changes are guarded UPDATEs; zero rows means the state was not
+one the change allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+
+from opensmc.domain.enums import ResourceType, SourceState
+from opensmc.store import tags as tag_store
+from opensmc.store.tables import job_events, job_runs, jobs, sources, tags
+
+SOURCE_TAG = ResourceType.SOURCE_SERVER.value
+JOB_TAG = ResourceType.REPLICATION_JOB.value
+
+
+def insert_source(conn: Connection, values: Mapping[str, Any]) -> None:
+    conn.execute(insert(sources).values(**values))
+
+
+def get(conn: Connection, account_id: str, source_id: str) -> Row[Any] | None:
+    return conn.execute(
+        select(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)
+    ).first()
+
+
+def get_any(conn: Connection, source_id: str) -> Row[Any] | None:
+    """By ID alone: an agent's credential names its source, and the source names its account."""
+    return conn.execute(select(sources).where(sources.c.id == source_id)).first()
+
+
+def get_by_machine(conn: Connection, account_id: str, machine_id: str) -> Row[Any] | None:
+    return conn.execute(
+        select(sources).where(sources.c.account_id == account_id, sources.c.machine_id == machine_id)
+    ).first()
+
+
+def names_like(conn: Connection, account_id: str, base: str) -> set[str]:
+    """Names in use that equal `base` or start with it (for picking a free `base-N`)."""
+    rows = conn.execute(
+        select(sources.c.name).where(
+            sources.c.account_id == account_id,
+            func.substr(sources.c.name, 1, len(base)) == base,
+        )
+    )
+    return {name for (name,) in rows}
+
+
+def name_taken(conn: Connection, account_id: str, name: str, exclude_id: str) -> bool:
+    return (
+        conn.execute(
+            select(sources.c.id).where(
+                sources.c.account_id == account_id, sources.c.name == name, sources.c.id != exclude_id
+            )
+        ).first()
+        is not None
+    )
+
+
+def update_fields(conn: Connection, source_id: str, values: Mapping[str, Any]) -> int:
+    return conn.execute(update(sources).where(sources.c.id == source_id).values(**values)).rowcount
+
+
+def set_attributes(conn: Connection, account_id: str, source_id: str, values: Mapping[str, Any]) -> int:
+    """Name/Description, guarded: not while Deleting."""
+    return conn.execute(
+        update(sources)
+        .where(
+            sources.c.account_id == account_id,
+            sources.c.id == source_id,
+            sources.c.state != SourceState.DELETING.value,
+        )
+        .values(**values)
+    ).rowcount
+
+
+def revive(conn: Connection, source_id: str) -> int:
+    """Unavailable -> Available with its error cleared (an agent is heard from again)."""
+    return conn.execute(
+        update(sources)
+        .where(sources.c.id == source_id, sources.c.state == SourceState.UNAVAILABLE.value)
+        .values(state=SourceState.AVAILABLE.value, error_code="", status_info="")
+    ).rowcount
+
+
+# -- liveness ----------------------------------------------------------------------------------------------
+
+
+def silent_since(conn: Connection, cutoff: datetime) -> list[tuple[str, datetime | None, datetime]]:
+    """(id, last heartbeat, created) of Available sources not heard from since `cutoff`."""
+    last = func.coalesce(sources.c.last_heartbeat_at, sources.c.created_at)
+    rows = conn.execute(
+        select(sources.c.id, sources.c.last_heartbeat_at, sources.c.created_at).where(
+            sources.c.state == SourceState.AVAILABLE.value, last < cutoff
+        )
+    )
+    return [(r.id, r.last_heartbeat_at, r.created_at) for r in rows]
+
+
+def mark_unavailable(conn: Connection, source_id: str, cutoff: datetime, code: str, info: str) -> int:
+    """Guarded: still Available and still silent (a heartbeat may have arrived meanwhile)."""
+    last = func.coalesce(sources.c.last_heartbeat_at, sources.c.created_at)
+    return conn.execute(
+        update(sources)
+        .where(sources.c.id == source_id, sources.c.state == SourceState.AVAILABLE.value, last < cutoff)
+        .values(state=SourceState.UNAVAILABLE.value, error_code=code, status_info=info)
+    ).rowcount
+
+
+# -- DescribeSourceServers ---------------------------------------------------------------------------------
+
+
+def describe(
+    conn: Connection,
+    account_id: str,
+    *,
+    ids: Sequence[str],
+    name: str | None,
+    state: str | None,
+    job_id: str | None,
+    workgroup_id: str | None,
+    related_job_types: Sequence[int],
+    resource_group_id: str | None,
+    tag_filters: Sequence[tuple[str, str | None]],
+    offset: int,
+    limit: int,
+) -> tuple[int, list[Row[Any]]]:
+    """(total matches, the page's rows), newest first."""
+    conds: list[ColumnElement[bool]] = [sources.c.account_id == account_id]
+    if ids:
+        conds.append(sources.c.id.in_(list(ids)))
+    if name is not None:
+        conds.append(sources.c.name == name)
+    if state is not None:
+        conds.append(sources.c.state == state)
+    if workgroup_id is not None:
+        conds.append(sources.c.workgroup_id == workgroup_id)
+    if resource_group_id is not None:
+        conds.append(sources.c.resource_group_id == resource_group_id)
+    if job_id is not None:
+        conds.append(
+            or_(
+                sources.c.job_id == job_id,
+                exists(select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.source_id == sources.c.id)),
+            )
+        )
+    if related_job_types:
+        conds.append(
+            exists(
+                select(jobs.c.id).where(
+                    jobs.c.source_id == sources.c.id, jobs.c.job_type.in_(list(related_job_types))
+                )
+            )
+        )
+    tag_cond = tag_store.match_all(SOURCE_TAG, sources.c.id, tag_filters)
+    if tag_cond is not None:
+        conds.append(tag_cond)
+    where = and_(*conds)
+    total = int(conn.execute(select(func.count()).select_from(sources).where(where)).scalar_one())
+    rows = list(
+        conn.execute(
+            select(sources)
+            .where(where)
+            .order_by(sources.c.created_at.desc(), sources.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+    return total, rows
+
+
+def latest_jobs(conn: Connection, source_ids: Sequence[str]) -> dict[str, str]:
+    """Each source's newest job ID (for sources whose `job_id` column is not set)."""
+    if not source_ids:
+        return {}
+    rows = conn.execute(
+        select(jobs.c.source_id, jobs.c.id)
+        .where(jobs.c.source_id.in_(list(source_ids)))
+        .order_by(jobs.c.created_at, jobs.c.id)
+    )
+    return {sid: jid for sid, jid in rows}
+
+
+# -- DeleteSourceServer ------------------------------------------------------------------------------------
+
+
+def start_deleting(conn: Connection, account_id: str, source_id: str) -> int:
+    """Guarded: any state but Deleting -> Deleting."""
+    return conn.execute(
+        update(sources)
+        .where(
+            sources.c.account_id == account_id,
+            sources.c.id == source_id,
+            sources.c.state != SourceState.DELETING.value,
+        )
+        .values(state=SourceState.DELETING.value)
+    ).rowcount
+
+
+def jobs_of(conn: Connection, account_id: str, source_id: str) -> list[Row[Any]]:
+    return list(
+        conn.execute(
+            select(jobs.c.id, jobs.c.status, jobs.c.business_status)
+            .where(jobs.c.account_id == account_id, jobs.c.source_id == source_id)
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .with_for_update()
+        )
+    )
+
+
+def set_job_status(
+    conn: Connection, job_id: str, allowed: Sequence[tuple[str, str]], target: tuple[str, str]
+) -> int:
+    """A guarded job transition: only from one of the `allowed` (Status, BusinessStatus) pairs."""
+    guard = or_(*(and_(jobs.c.status == s, jobs.c.business_status == b) for s, b in allowed))
+    return conn.execute(
+        update(jobs).where(jobs.c.id == job_id, guard).values(status=target[0], business_status=target[1])
+    ).rowcount
+
+
+def add_job_event(
+    conn: Connection,
+    job_id: str,
+    at: datetime,
+    event: str,
+    before: tuple[str, str],
+    after: tuple[str, str],
+    detail: str,
+) -> None:
+    conn.execute(
+        insert(job_events).values(
+            job_id=job_id,
+            at=at,
+            event=event,
+            from_status=before[0],
+            from_business=before[1],
+            to_status=after[0],
+            to_business=after[1],
+            detail=detail,
+        )
+    )
+
+
+def delete_jobs(conn: Connection, job_ids: Sequence[str]) -> None:
+    """Job rows with their runs and tags (job_events stay as the audit trail)."""
+    if not job_ids:
+        return
+    ids = list(job_ids)
+    conn.execute(delete(job_runs).where(job_runs.c.job_id.in_(ids)))
+    conn.execute(delete(tags).where(tags.c.resource_type == JOB_TAG, tags.c.resource_id.in_(ids)))
+    conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
+
+
+def delete_source(conn: Connection, account_id: str, source_id: str) -> int:
+    conn.execute(delete(tags).where(tags.c.resource_type == SOURCE_TAG, tags.c.resource_id == source_id))
+    return conn.execute(
+        delete(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)
+    ).rowcount
