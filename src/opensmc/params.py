@@ -8,6 +8,7 @@ that name the full wire key, so no malformed input gets further than here.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -23,34 +24,34 @@ INT64 = (-(2**63), 2**63 - 1)
 class Params:
     """A view on flat parameters; `prefix` is how its keys are named on the wire."""
 
-    def __init__(self, values: Mapping[str, str], prefix: str = "") -> None:
+    def __init__(self, values: Mapping[builtins.str, builtins.str], prefix: builtins.str = "") -> None:
         self._values = dict(values)
         self.prefix = prefix
 
-    def wire(self, name: str) -> str:
+    def wire(self, name: builtins.str) -> builtins.str:
         return f"{self.prefix}{name}"
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> builtins.bool:
         return name in self._values
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         return self._values.get(name)
 
-    def keys(self) -> list[str]:
+    def keys(self) -> list[builtins.str]:
         return list(self._values)
 
     # scalars -------------------------------------------------------------
 
     def str(
         self,
-        name: str,
+        name: builtins.str,
         *,
-        required: bool = False,
-        max_len: int | None = None,
-        min_len: int | None = None,
-        choices: tuple[str, ...] | None = None,
-        missing_code: str | None = None,
-    ) -> str | None:
+        required: builtins.bool = False,
+        max_len: builtins.int | None = None,
+        min_len: builtins.int | None = None,
+        choices: tuple[builtins.str, ...] | None = None,
+        missing_code: builtins.str | None = None,
+    ) -> builtins.str | None:
         value = self._values.get(name)
         if value is None or (required and value == ""):
             if required:
@@ -64,20 +65,20 @@ class Params:
             raise InvalidParameter(self.wire(name), f"Allowed values: {', '.join(choices)}.")
         return value
 
-    def req_str(self, name: str, **kw: object) -> str:
+    def req_str(self, name: builtins.str, **kw: object) -> builtins.str:
         value = self.str(name, required=True, **kw)  # type: ignore[arg-type]
         assert value is not None
         return value
 
     def int(
         self,
-        name: str,
+        name: builtins.str,
         *,
-        required: bool = False,
-        lo: int | None = None,
-        hi: int | None = None,
-        wide: bool = False,
-    ) -> int | None:
+        required: builtins.bool = False,
+        lo: builtins.int | None = None,
+        hi: builtins.int | None = None,
+        wide: builtins.bool = False,
+    ) -> builtins.int | None:
         raw = self._values.get(name)
         if raw is None or raw == "":
             if required:
@@ -94,7 +95,7 @@ class Params:
             raise InvalidParameter(self.wire(name), f"It must be between {lo} and {hi}.")
         return value
 
-    def bool(self, name: str, *, default: bool | None = None) -> bool | None:
+    def bool(self, name: builtins.str, *, default: builtins.bool | None = None) -> builtins.bool | None:
         raw = self._values.get(name)
         if raw is None or raw == "":
             return default
@@ -105,7 +106,7 @@ class Params:
             return False
         raise InvalidParameter(self.wire(name), "It must be true or false.")
 
-    def time(self, name: str) -> datetime | None:
+    def time(self, name: builtins.str) -> datetime | None:
         """An ISO 8601 UTC time, `yyyy-MM-ddTHH:mm[:ss]Z`."""
         raw = self._values.get(name)
         if raw is None or raw == "":
@@ -121,9 +122,9 @@ class Params:
 
     # repeat lists --------------------------------------------------------
 
-    def groups(self, name: str, *, max_n: int | None = None) -> list[tuple[int, Params]]:
+    def groups(self, name: builtins.str, *, max_n: builtins.int | None = None) -> list[tuple[builtins.int, Params]]:
         """`Name.N.Field…` as (N, sub-params) pairs in N order; gaps and any order are fine."""
-        found: dict[int, dict[str, str]] = {}
+        found: dict[builtins.int, dict[builtins.str, builtins.str]] = {}
         head = name + "."
         for key, value in self._values.items():
             if not key.startswith(head):
@@ -139,9 +140,9 @@ class Params:
             raise InvalidParameter(self.wire(name), f"At most {max_n} items are allowed.")
         return [(n, Params(found[n], f"{self.prefix}{name}.{n}.")) for n in sorted(found)]
 
-    def list(self, name: str, *, max_n: int | None = None, code: str | None = None) -> list[str]:
+    def list(self, name: builtins.str, *, max_n: builtins.int | None = None, code: builtins.str | None = None) -> list[builtins.str]:
         """`Name.N` values in N order (empty values dropped)."""
-        found: dict[int, str] = {}
+        found: dict[builtins.int, builtins.str] = {}
         head = name + "."
         for key, value in self._values.items():
             if not key.startswith(head):
@@ -154,7 +155,7 @@ class Params:
             raise InvalidParameter(self.wire(name), f"At most {max_n} items are allowed.", code=code)
         return [found[n] for n in sorted(found) if found[n] != ""]
 
-    def sub(self, name: str) -> Params:
+    def sub(self, name: builtins.str) -> Params:
         """`Name.Field…` (a struct, not a list) as sub-params."""
         head = name + "."
         return Params(
@@ -162,5 +163,5 @@ class Params:
             f"{self.prefix}{name}.",
         )
 
-    def is_empty(self) -> bool:
+    def is_empty(self) -> builtins.bool:
         return not self._values

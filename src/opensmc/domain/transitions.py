@@ -9,7 +9,7 @@ table is the single authority: a test walks every (state, event) pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from opensmc.domain.enums import BusinessStatus as B
 from opensmc.domain.enums import JobStatus as S
@@ -18,8 +18,9 @@ from opensmc.domain.errors import InvalidJobStatus
 State = tuple[S, B]
 
 
-class JobEvent(str, Enum):
+class JobEvent(StrEnum):
     START = "start"  #: StartReplicationJob
+    SCHEDULE = "schedule"  #: ModifyReplicationJobAttribute set a ScheduledStartTime on a Ready job
     SCHEDULED_START = "scheduled_start"  #: ScheduledStartTime reached, or next incremental run due
     PREPARED = "prepared"  #: staging allocated, task handed to the agent
     SYNCED = "synced"  #: the agent reported every disk synced
@@ -63,7 +64,10 @@ def _t(event: JobEvent, sources: set[State] | frozenset[State], target: State) -
 TRANSITIONS: dict[JobEvent, Transition] = {
     t.event: t
     for t in (
-        _t(JobEvent.START, {(S.READY, IDLE), (S.STOPPED, IDLE), (S.IN_ERROR, IDLE)}, (S.RUNNING, B.PREPARING)),
+        _t(
+            JobEvent.START, {(S.READY, IDLE), (S.STOPPED, IDLE), (S.IN_ERROR, IDLE)}, (S.RUNNING, B.PREPARING)
+        ),
+        _t(JobEvent.SCHEDULE, {(S.READY, IDLE)}, (S.WAITING, IDLE)),
         _t(JobEvent.SCHEDULED_START, {(S.WAITING, IDLE)}, (S.RUNNING, B.PREPARING)),
         _t(JobEvent.PREPARED, {(S.RUNNING, B.PREPARING)}, (S.RUNNING, B.SYNCING)),
         _t(JobEvent.SYNCED, {(S.RUNNING, B.SYNCING)}, (S.RUNNING, B.PROCESSING)),
