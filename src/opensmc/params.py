@@ -91,7 +91,7 @@ class Params:
         lo_bound, hi_bound = INT64 if wide else INT32
         if not lo_bound <= value <= hi_bound:
             raise InvalidParameter(self.wire(name), "It is out of the integer range.")
-        if lo is not None and value < lo or hi is not None and value > hi:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise InvalidParameter(self.wire(name), f"It must be between {lo} and {hi}.")
         return value
 
@@ -122,7 +122,9 @@ class Params:
 
     # repeat lists --------------------------------------------------------
 
-    def groups(self, name: builtins.str, *, max_n: builtins.int | None = None) -> list[tuple[builtins.int, Params]]:
+    def groups(
+        self, name: builtins.str, *, max_n: builtins.int | None = None
+    ) -> list[tuple[builtins.int, Params]]:
         """`Name.N.Field…` as (N, sub-params) pairs in N order; gaps and any order are fine."""
         found: dict[builtins.int, dict[builtins.str, builtins.str]] = {}
         head = name + "."
@@ -140,7 +142,9 @@ class Params:
             raise InvalidParameter(self.wire(name), f"At most {max_n} items are allowed.")
         return [(n, Params(found[n], f"{self.prefix}{name}.{n}.")) for n in sorted(found)]
 
-    def list(self, name: builtins.str, *, max_n: builtins.int | None = None, code: builtins.str | None = None) -> list[builtins.str]:
+    def list(
+        self, name: builtins.str, *, max_n: builtins.int | None = None, code: builtins.str | None = None
+    ) -> list[builtins.str]:
         """`Name.N` values in N order (empty values dropped)."""
         found: dict[builtins.int, builtins.str] = {}
         head = name + "."

@@ -57,6 +57,12 @@ class AgentClient:
     def heartbeat(self, agent_token: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._send("POST", "/heartbeat", body, agent_token)
 
+    def task_progress(self, agent_token: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._send("POST", "/tasks/progress", body, agent_token)
+
+    def task_result(self, agent_token: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._send("POST", "/tasks/result", body, agent_token)
+
     def _send(self, method: str, path: str, body: dict[str, Any] | None, token: str | None) -> dict[str, Any]:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         resp = self._http.request(method, f"{self.server_url}{PREFIX}{path}", json=body, headers=headers)

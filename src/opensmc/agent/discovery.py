@@ -384,7 +384,7 @@ def discover_disks(explicit: Sequence[str] | None = None, *, root: Path = Path("
             i = names.index(root_disk)
             sys_names.insert(0, sys_names.pop(i))
             paths.insert(0, paths.pop(i))
-        del sys_names[1 + MAX_DATA_DISKS:], paths[1 + MAX_DATA_DISKS:]
+        del sys_names[1 + MAX_DATA_DISKS :], paths[1 + MAX_DATA_DISKS :]
     return [_disk_facts(root, i, p, n, mounts) for i, (p, n) in enumerate(zip(paths, sys_names, strict=True))]
 
 
@@ -528,11 +528,23 @@ def _disk_facts(root: Path, index: int, path: str, sys_name: str | None, mounts:
             points = []
         mount = _preferred_mount(points)
         kind = _part_type(p, points, index == 0)
-        parts.append(PartFacts(
-            device=f"{index}_{n}", number=p.index, path=mount or node, node=node, mount_point=mount,
-            offset=p.start, size_bytes=p.size, fs_type=p.fs_type, part_type=p.type, name=p.name,
-            can_block=readable and p.size > 0, need=False, type=kind,
-        ))
+        parts.append(
+            PartFacts(
+                device=f"{index}_{n}",
+                number=p.index,
+                path=mount or node,
+                node=node,
+                mount_point=mount,
+                offset=p.start,
+                size_bytes=p.size,
+                fs_type=p.fs_type,
+                part_type=p.type,
+                name=p.name,
+                can_block=readable and p.size > 0,
+                need=False,
+                type=kind,
+            )
+        )
     if index == 0:
         if not any(p.type == "System" for p in parts) and not any(p.mount_point for p in parts):
             parts = _guess_system(parts)
@@ -630,8 +642,9 @@ def to_report(
         "memory_bytes": system.memory_bytes,
         "ipv4": list(system.ipv4),
         "ipv6": list(system.ipv6),
-        "system_info": system_info(system, agent_mode=agent_mode, agent_type=agent_type,
-                                   client_type=client_type),
+        "system_info": system_info(
+            system, agent_mode=agent_mode, agent_type=agent_type, client_type=client_type
+        ),
         "system_disk_size": _gib_up(disks[0].size_bytes) if disks else 0,
         "disks": [_disk_report(d) for d in disks],
     }
@@ -642,10 +655,16 @@ def system_info(system: SystemFacts, *, agent_mode: str, agent_type: str, client
     v4, v6 = list(system.ipv4), list(system.ipv6)
     while True:
         info = {
-            "agent_mode": agent_mode, "agent_type": agent_type, "client_type": client_type,
-            "cores": str(system.cores), "cpu_usage": system.cpu_usage, "hostname": system.hostname,
-            "ipv4": ",".join(v4), "ipv6": ",".join(v6),
-            "memory": system.memory, "memory_usage": system.memory_usage,
+            "agent_mode": agent_mode,
+            "agent_type": agent_type,
+            "client_type": client_type,
+            "cores": str(system.cores),
+            "cpu_usage": system.cpu_usage,
+            "hostname": system.hostname,
+            "ipv4": ",".join(v4),
+            "ipv6": ",".join(v6),
+            "memory": system.memory,
+            "memory_usage": system.memory_usage,
         }
         text = json.dumps(info, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
         if len(text.encode()) <= SYSTEM_INFO_MAX_BYTES or not (v4 or v6):
@@ -668,10 +687,19 @@ def _disk_report(d: DiskFacts) -> dict[str, Any]:
         "warnings": list(d.warnings),
         "parts": [
             {
-                "device": p.device, "number": p.number, "path": p.path, "node": p.node,
-                "mount_point": p.mount_point, "offset": p.offset, "size_bytes": p.size_bytes,
-                "fs_type": p.fs_type, "part_type": p.part_type, "name": p.name,
-                "can_block": p.can_block, "need": p.need, "type": p.type,
+                "device": p.device,
+                "number": p.number,
+                "path": p.path,
+                "node": p.node,
+                "mount_point": p.mount_point,
+                "offset": p.offset,
+                "size_bytes": p.size_bytes,
+                "fs_type": p.fs_type,
+                "part_type": p.part_type,
+                "name": p.name,
+                "can_block": p.can_block,
+                "need": p.need,
+                "type": p.type,
             }
             for p in d.partitions
         ],

@@ -221,8 +221,9 @@ def _read_mbr(disk: _Disk, entries: list[_MbrEntry], ss: int) -> PartitionTable:
         if ptype == 0 or count == 0:
             continue
         is_ext = ptype in _EXTENDED_TYPES
-        parts.append(Partition(slot, lba * ss, count * ss, f"{ptype:x}", bootable=status == 0x80,
-                               container=is_ext))
+        parts.append(
+            Partition(slot, lba * ss, count * ss, f"{ptype:x}", bootable=status == 0x80, container=is_ext)
+        )
         if is_ext:
             if extended is not None:
                 warnings.append(f"second extended partition {slot} ignored")
@@ -251,8 +252,9 @@ def _read_logicals(disk: _Disk, ext_lba: int, ss: int) -> list[Partition]:
             break  # end of chain (an empty extended partition has no valid EBR)
         status, ptype, lba, count = _unpack_mbr_entry(sector, 446)
         if ptype != 0 and count != 0:
-            logicals.append(Partition(number, (ebr + lba) * ss, count * ss, f"{ptype:x}",
-                                      bootable=status == 0x80))
+            logicals.append(
+                Partition(number, (ebr + lba) * ss, count * ss, f"{ptype:x}", bootable=status == 0x80)
+            )
             number += 1
         _, ntype, nlba, _count = _unpack_mbr_entry(sector, 462)
         if ntype not in _EXTENDED_TYPES or nlba == 0:
@@ -278,8 +280,9 @@ class _GptHeader:
 def _parse_gpt_header(disk: _Disk, lba: int, ss: int) -> tuple[_GptHeader | None, str]:
     """The header at ``lba`` if valid, else (None, reason)."""
     raw = disk.read(lba * ss, ss)
-    (sig, _rev, hsize, hcrc, my_lba, _alt, _first, _last, _guid,
-     entries_lba, num, esize, ecrc) = _GPT_HEADER.unpack_from(raw, 0)
+    (sig, _rev, hsize, hcrc, my_lba, _alt, _first, _last, _guid, entries_lba, num, esize, ecrc) = (
+        _GPT_HEADER.unpack_from(raw, 0)
+    )
     if sig != _GPT_SIGNATURE:
         return None, f"no GPT signature at LBA {lba}"
     if not 92 <= hsize <= ss:
@@ -323,23 +326,25 @@ def _gpt_entries(array: bytes, header: _GptHeader, ss: int) -> list[Partition]:
     parts: list[Partition] = []
     for slot in range(header.num_entries):
         off = slot * header.entry_size
-        type_raw = array[off:off + 16]
+        type_raw = array[off : off + 16]
         if type_raw == bytes(16):
             continue  # unused slot
-        uniq = array[off + 16:off + 32]
+        uniq = array[off + 16 : off + 32]
         first, last, attrs = struct.unpack_from("<QQQ", array, off + 32)
         if last < first:
             continue  # not a partition any tool would create; skip rather than report a negative size
-        name = array[off + 56:off + 128].decode("utf-16-le", errors="replace").split("\x00", 1)[0]
-        parts.append(Partition(
-            index=slot + 1,
-            start=first * ss,
-            size=(last - first + 1) * ss,
-            type=str(uuid.UUID(bytes_le=type_raw)).upper(),
-            name=name,
-            uuid=str(uuid.UUID(bytes_le=uniq)).upper(),
-            bootable=bool(attrs & _GPT_ATTR_LEGACY_BOOTABLE),
-        ))
+        name = array[off + 56 : off + 128].decode("utf-16-le", errors="replace").split("\x00", 1)[0]
+        parts.append(
+            Partition(
+                index=slot + 1,
+                start=first * ss,
+                size=(last - first + 1) * ss,
+                type=str(uuid.UUID(bytes_le=type_raw)).upper(),
+                name=name,
+                uuid=str(uuid.UUID(bytes_le=uniq)).upper(),
+                bootable=bool(attrs & _GPT_ATTR_LEGACY_BOOTABLE),
+            )
+        )
     return parts
 
 

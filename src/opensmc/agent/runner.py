@@ -28,6 +28,7 @@ from opensmc import __version__
 from opensmc.agent import state as agent_state
 from opensmc.agent.client import AgentClient, ApiRefused, ServerUnavailable
 from opensmc.agent.state import AgentState
+from opensmc.agent.tasks import TaskRunner
 
 log = logging.getLogger("opensmc.agent")
 
@@ -84,6 +85,12 @@ class _Runner:
         self.state_dir = state_dir
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
+        self.tasks = TaskRunner(client, self._agent_token)
+
+    def _agent_token(self) -> str:
+        if self.state is None:
+            raise AgentError("the agent is not registered")
+        return self.state.agent_token
 
     def loop(self, stop: threading.Event, once: bool) -> AgentState | None:
         delay = BACKOFF_START
@@ -129,8 +136,8 @@ class _Runner:
             except ApiRefused as again:
                 raise AgentError(f"heartbeat refused right after registering: {again}") from again
         tasks = resp.get("tasks") or []
-        if tasks:
-            log.warning("the server sent %d task(s); this agent version does not run tasks yet", len(tasks))
+        if isinstance(tasks, list):
+            self.tasks.handle([t for t in tasks if isinstance(t, dict)])
         log.debug("heartbeat ok: source %s is %s", st.source_id, resp.get("state", "?"))
         rate = resp.get("heartbeat_rate")
         return rate if isinstance(rate, int) and rate > 0 else 30

@@ -47,6 +47,9 @@ async def _body(request: Request) -> Mapping[str, Any]:
         raise SmcError("The request body is not valid JSON.", code="InvalidJson", http_status=400) from None
     if not isinstance(body, dict):
         raise SmcError("The request body must be a JSON object.", code="InvalidJson", http_status=400)
+    if "\\u0000" in json.dumps(body):
+        # PostgreSQL text cannot hold NUL; no field of the agent API has a use for it.
+        raise SmcError("The request body contains a NUL character.", code="InvalidJson", http_status=400)
     return body
 
 
@@ -93,6 +96,24 @@ async def heartbeat(request: Request) -> Response:
     return await _call(request, work)
 
 
+async def task_progress(request: Request) -> Response:
+    authorization = request.headers.get("authorization")
+
+    def work(svc: Services, body: Mapping[str, Any]) -> dict[str, Any]:
+        return agents.task_progress(svc, authorization, body)
+
+    return await _call(request, work)
+
+
+async def task_result(request: Request) -> Response:
+    authorization = request.headers.get("authorization")
+
+    def work(svc: Services, body: Mapping[str, Any]) -> dict[str, Any]:
+        return agents.task_result(svc, authorization, body)
+
+    return await _call(request, work)
+
+
 async def info(request: Request) -> Response:
     """Unauthenticated: lets an agent check it reached an OpenSMC server speaking its API version."""
     return JSONResponse({"service": "opensmc", "api_version": API_VERSION, "server_version": __version__})
@@ -102,4 +123,6 @@ routes: list[Route] = [
     Route(f"{PREFIX}/info", info, methods=["GET"]),
     Route(f"{PREFIX}/register", register, methods=["POST"]),
     Route(f"{PREFIX}/heartbeat", heartbeat, methods=["POST"]),
+    Route(f"{PREFIX}/tasks/progress", task_progress, methods=["POST"]),
+    Route(f"{PREFIX}/tasks/result", task_result, methods=["POST"]),
 ]

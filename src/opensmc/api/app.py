@@ -23,11 +23,11 @@ from starlette.routing import BaseRoute, Route
 
 from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
-from opensmc.params import Params
 from opensmc.api.render import error_body, render
 from opensmc.api.signing import SignedRequest, verify
 from opensmc.clock import new_request_id
-from opensmc.domain.errors import AuthError, InternalError, MissingParameter, SmcError
+from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
+from opensmc.params import Params
 from opensmc.service import accounts
 from opensmc.service.context import Caller, Services
 
@@ -96,6 +96,10 @@ async def handle_rpc(request: Request) -> Response:
             body=body,
         )
         caller = await run_in_threadpool(_authenticate, services, signed)
+        for key, value in values.items():
+            # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
+            if "\x00" in key or "\x00" in value:
+                raise InvalidParameter(key.replace("\x00", ""), "It contains a NUL character.")
         params = Params({k: v for k, v in values.items() if k not in COMMON})
         result = await run_in_threadpool(action.handler, services, caller, params)
         payload: dict[str, Any] = {"RequestId": request_id, **result}

@@ -21,9 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--disk",
         action="append",
         default=None,
-        help="a disk image file or block device to migrate instead of discovered disks (repeatable; first = system disk)",
+        help=(
+            "a disk image file or block device to migrate instead of discovered disks "
+            "(repeatable; first = system disk)"
+        ),
     )
-    p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
+    p.add_argument(
+        "--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity"
+    )
     p.add_argument("--once", action="store_true", help="register and send one heartbeat, then exit")
 
 

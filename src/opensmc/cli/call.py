@@ -44,7 +44,9 @@ def parse_pairs(args: list[str]) -> dict[str, str]:
     return params
 
 
-def invoke(creds: ClientCredentials, action: str, params: dict[str, str], timeout: float = 60.0) -> tuple[int, Any]:
+def invoke(
+    creds: ClientCredentials, action: str, params: dict[str, str], timeout: float = 60.0
+) -> tuple[int, Any]:
     """(HTTP status, decoded JSON body) of one signed call."""
     url = urlsplit(creds.endpoint)
     host = url.netloc

@@ -10,7 +10,9 @@ from opensmc import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opensmc", description="OpenSMC: a self-hosted Server Migration Center")
+    parser = argparse.ArgumentParser(
+        prog="opensmc", description="OpenSMC: a self-hosted Server Migration Center"
+    )
     parser.add_argument("--version", action="version", version=f"opensmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call any SMC action. Parameters as on the wire: --JobId j-… --DataDisk.1.Size 40",
     )
     p_call.add_argument("action")
-    p_call.add_argument("--credentials", default=None, help="credentials file (default: <data-dir>/admin-credentials.json)")
+    p_call.add_argument(
+        "--credentials", default=None, help="credentials file (default: <data-dir>/admin-credentials.json)"
+    )
     p_call.add_argument("--endpoint", default=None, help="API endpoint, e.g. http://127.0.0.1:8080")
 
     p_agent = sub.add_parser("agent", help="the agent that runs on a source server")

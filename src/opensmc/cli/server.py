@@ -21,7 +21,8 @@ from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
 from opensmc.cli.credentials import default_data_dir
 from opensmc.orchestrator.loop import Orchestrator
-from opensmc.service import accounts
+from opensmc.receiver.serve import ReceiverThread
+from opensmc.service import accounts, dataplane
 from opensmc.service.context import Services, Settings
 from opensmc.store.db import Database, sqlite_url
 from opensmc.store.migrate import upgrade
@@ -31,21 +32,48 @@ log = logging.getLogger("opensmc.server")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=None, help="where the database (SQLite), images and keys live")
-    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the API (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="where the database (SQLite), images and keys live"
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:8080", help="HOST:PORT for the API (default 127.0.0.1:8080)"
+    )
     p.add_argument(
         "--database",
         default=None,
         help="database URL (default: SQLite in the data dir; or OPENSMC_DATABASE_URL), e.g. postgresql://user@host/db",
     )
     p.add_argument(
-        "--region", action="append", default=None, help="a region this server serves (repeatable; default: local)"
+        "--region",
+        action="append",
+        default=None,
+        help="a region this server serves (repeatable; default: local)",
     )
     p.add_argument("--public-endpoint", default=None, help="URL agents and clients use to reach this server")
-    p.add_argument("--heartbeat-grace", type=float, default=90.0, help="seconds without heartbeat before a source is Unavailable")
+    p.add_argument(
+        "--heartbeat-grace",
+        type=float,
+        default=90.0,
+        help="seconds without heartbeat before a source is Unavailable",
+    )
     p.add_argument("--heartbeat-rate", type=int, default=30, help="seconds between agent heartbeats")
-    p.add_argument("--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes")
-    p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
+    p.add_argument(
+        "--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes"
+    )
+    p.add_argument(
+        "--receiver-listen",
+        default=None,
+        help="HOST:PORT for the data receiver (default: the API host, port + 1)",
+    )
+    p.add_argument(
+        "--receiver-endpoint",
+        default=None,
+        help="URL agents send disk data to (default from --receiver-listen)",
+    )
+    p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
+    p.add_argument(
+        "--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)"
+    )
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -55,17 +83,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _reachable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def receiver_address(args: argparse.Namespace) -> tuple[str, int]:
+    if args.receiver_listen:
+        return parse_listen(args.receiver_listen)
+    host, port = parse_listen(args.listen)
+    return host, port + 1
+
+
 def build_services(args: argparse.Namespace) -> Services:
     data_dir: Path = (args.data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = args.database or os.environ.get("OPENSMC_DATABASE_URL") or sqlite_url(data_dir / "opensmc.db")
     host, port = parse_listen(args.listen)
-    endpoint = args.public_endpoint or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    endpoint = args.public_endpoint or f"http://{_reachable(host)}:{port}"
+    r_host, r_port = receiver_address(args)
+    receiver_endpoint = args.receiver_endpoint or f"http://{_reachable(r_host)}:{r_port}"
     settings = Settings(
         data_dir=data_dir,
         regions=tuple(args.region or ["local"]),
         public_endpoint=endpoint,
-        receiver_endpoint=endpoint,
+        receiver_endpoint=receiver_endpoint,
         heartbeat_grace=timedelta(seconds=args.heartbeat_grace),
         heartbeat_rate=args.heartbeat_rate,
     )
@@ -87,21 +128,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"Created the first account. Its AccessKey pair is in {written} (mode 0600).", flush=True)
     db_kind = "SQLite" if svc.db.is_sqlite else "PostgreSQL"
     print(
-        f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, regions: {', '.join(svc.settings.regions)}, "
+        f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, "
+        f"regions: {', '.join(svc.settings.regions)}, "
         f"data dir: {svc.settings.data_dir})",
         flush=True,
     )
+    receiver = None
+    if not args.no_receiver:
+        r_host, r_port = receiver_address(args)
+        receiver = ReceiverThread(
+            svc.settings.staging_dir, lambda token, vid: dataplane.authorize(svc, token, vid), r_host, r_port
+        )
+        try:
+            receiver.start()
+        except RuntimeError as exc:
+            print(f"opensmc server: {exc}", file=sys.stderr)
+            return 2
+        print(f"Data receiver on {svc.settings.receiver_endpoint}", flush=True)
     orchestrator = None
     if not args.no_orchestrator:
         orchestrator = Orchestrator(svc, args.orchestrator_interval)
         orchestrator.start()
     app = create_app(svc, agent_routes)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="auto", http="auto")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, loop="auto", http="auto"
+    )
     server = uvicorn.Server(config)
     try:
         server.run()
     finally:
         if orchestrator:
             orchestrator.stop()
+        if receiver:
+            receiver.stop()
         svc.db.dispose()
     return 0

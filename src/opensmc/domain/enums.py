@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     READY = "Ready"  #: created, not started
     RUNNING = "Running"  #: running; see BusinessStatus
     STOPPED = "Stopped"  #: paused by StopReplicationJob
@@ -18,11 +18,18 @@ class JobStatus(str, Enum):
 
 #: Statuses that block a second job on the same source (spec/API.md §1.1).
 UNFINISHED = frozenset(
-    {JobStatus.READY, JobStatus.RUNNING, JobStatus.STOPPED, JobStatus.WAITING, JobStatus.IN_ERROR, JobStatus.EXPIRED}
+    {
+        JobStatus.READY,
+        JobStatus.RUNNING,
+        JobStatus.STOPPED,
+        JobStatus.WAITING,
+        JobStatus.IN_ERROR,
+        JobStatus.EXPIRED,
+    }
 )
 
 
-class BusinessStatus(str, Enum):
+class BusinessStatus(StrEnum):
     NONE = ""  #: not running
     PREPARING = "Preparing"  #: staging being allocated, task handed to the agent
     SYNCING = "Syncing"  #: data moving
@@ -30,42 +37,46 @@ class BusinessStatus(str, Enum):
     CLEANING = "Cleaning"  #: staging being released
 
 
-class SourceState(str, Enum):
+class SourceState(StrEnum):
     AVAILABLE = "Available"
     UNAVAILABLE = "Unavailable"
     IN_USE = "InUse"
     DELETING = "Deleting"
 
 
-class TokenStatus(str, Enum):
+class TokenStatus(StrEnum):
     ACTIVATED = "activated"
     UNACTIVATED = "unactivated"
     EXPIRED = "expired"
 
 
-class WorkgroupStatus(str, Enum):
+class WorkgroupStatus(StrEnum):
     NOT_STARTED = "NotStarted"
     IN_PROGRESS = "InProgress"
     CUTOVER = "Cutover"
     COMPLETED = "Completed"
 
 
-class RunType(str, Enum):
+class RunType(StrEnum):
     MANUAL = "Manual"
     SCHEDULE = "Schedule"
 
 
-class TargetType(str, Enum):
+class TargetType(StrEnum):
     IMAGE = "Image"
     CONTAINER_IMAGE = "ContainerImage"
     TARGET_INSTANCE = "TargetInstance"
 
 
-class ResourceType(str, Enum):
+class ResourceType(StrEnum):
     SOURCE_SERVER = "sourceserver"
     REPLICATION_JOB = "replicationjob"
 
     @property
     def wire_name(self) -> str:
         """The ResourceType as ListTagResources returns it."""
-        return "ALIYUN::SMC::SOURCESERVER" if self is ResourceType.SOURCE_SERVER else "ALIYUN::SMC::REPLICATIONJOB"
+        return (
+            "ALIYUN::SMC::SOURCESERVER"
+            if self is ResourceType.SOURCE_SERVER
+            else "ALIYUN::SMC::REPLICATIONJOB"
+        )

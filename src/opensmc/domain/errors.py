@@ -36,7 +36,8 @@ class SmcError(Exception):
             self.http_status = http_status
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(code={self.code!r}, http_status={self.http_status}, message={self.message!r})"
+        name = type(self).__name__
+        return f"{name}(code={self.code!r}, http_status={self.http_status}, message={self.message!r})"
 
 
 class MissingParameter(SmcError):

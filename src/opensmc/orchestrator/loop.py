@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from opensmc.service import accounts, orchestration, sources
+from opensmc.service import accounts, dataplane, orchestration, sources
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.orchestrator")
@@ -24,6 +24,7 @@ def tick(svc: Services) -> int:
     now = svc.clock()
     changed = sources.mark_lost_agents(svc, now)
     changed += orchestration.run_due(svc, now)
+    changed += dataplane.tick(svc)
     accounts.purge_nonces(svc)
     return changed
 

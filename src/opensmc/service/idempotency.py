@@ -7,8 +7,8 @@ import json
 
 from sqlalchemy import Connection
 
-from opensmc.params import Params
 from opensmc.domain.errors import Conflict, InvalidParameter
+from opensmc.params import Params
 from opensmc.store import idempotency as q
 
 

@@ -22,7 +22,13 @@ def lookup(conn: Connection, account_id: str, action: str, token: str) -> tuple[
 
 
 def record(
-    conn: Connection, account_id: str, action: str, token: str, params_hash: str, result_id: str, now: datetime
+    conn: Connection,
+    account_id: str,
+    action: str,
+    token: str,
+    params_hash: str,
+    result_id: str,
+    now: datetime,
 ) -> None:
     conn.execute(
         insert(idempotency).values(

@@ -1,0 +1,332 @@
+"""The agent's replication pipeline: read, detect changes, encode, send.
+
+Three stages on threads, joined by bounded queues so memory stays at a few
+tens of MiB whatever the disk size::
+
+    reader ──(read buffers, recycled)──> encoders ──(frames)──> sender ──> Sender.send_batch
+
+- The reader fills ``read_size`` buffers taken from a fixed pool.
+- An encoder computes the zero map of the buffer, hashes every non-zero
+  chunk (xxh3-128) and compares it with ``previous`` (what the receiver holds).
+  Adjacent changed chunks are coalesced into one data frame of at most
+  ``max_frame`` bytes; chunks that are zero now but held as data by the
+  receiver become zero frames; everything else is skipped. The buffer goes
+  back to the pool once its frames are encoded (frames own their bytes).
+- The sender groups frames into batches of about ``batch_bytes`` and hands
+  them to the :class:`Sender`: the transport seam (HTTP in
+  ``opensmc.agent.uploader``, anything in tests). Wrappers such as
+  :class:`RateLimitedSender` stack on it.
+
+Frames are independent (each carries its offset), so encoders may finish out
+of order. A run killed midway leaves the receiver with every batch that
+``send_batch`` acknowledged; the next run re-sends only the rest.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from opensmc.agent.reader import BlockSource, nonzero_chunks
+from opensmc.wire.frames import digest, encode_frame, encode_zero_frame
+
+__all__ = ["Progress", "RateLimitedSender", "ReplicationResult", "Sender", "replicate"]
+
+MiB = 1024 * 1024
+_T = TypeVar("_T")
+
+
+class Sender(Protocol):
+    """Delivers frames to a receiver.
+
+    ``send_batch`` returns only once the receiver has accepted every frame of
+    the batch (written, not necessarily fsync'ed); it raises otherwise. It may
+    be retried with the same frames: receivers treat replays as no-ops.
+    """
+
+    def send_batch(self, frames: Sequence[bytes]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot passed to the progress callback (called from pipeline threads)."""
+
+    scanned: int  #: bytes of the source read and classified so far
+    total: int  #: bytes of the source range
+    to_move: int  #: plain bytes of changed chunks found so far
+    sent: int  #: bytes on the wire acknowledged by the sender
+
+
+@dataclass(slots=True)
+class ReplicationResult:
+    """What a run did. ``hashes`` is the source's chunk map: every non-zero chunk's xxh3-128."""
+
+    total: int
+    chunk_size: int
+    chunks_sent: int = 0
+    chunks_zeroed: int = 0
+    frames: int = 0
+    bytes_plain: int = 0
+    bytes_wire: int = 0
+    seconds: float = 0.0
+    hashes: dict[int, bytes] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    """Another stage failed; this one unwinds quietly."""
+
+
+class _Run:
+    """The shared state of one run: queues, counters, the first error."""
+
+    def __init__(self, total: int, chunk_size: int, progress: Callable[[Progress], None] | None) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.result = ReplicationResult(total=total, chunk_size=chunk_size)
+        self.scanned = 0
+        self.to_move = 0
+        self.progress = progress
+
+    def fail(self, e: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = e
+        self.stop.set()
+
+    def put(self, q: queue.Queue[_T], item: _T) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, q: queue.Queue[_T]) -> _T:
+        while True:
+            if self.stop.is_set():
+                raise _Stop
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def report(self) -> None:
+        if self.progress is not None:
+            r = self.result
+            self.progress(Progress(self.scanned, r.total, self.to_move, r.bytes_wire))
+
+
+def replicate(
+    path: str,
+    sender: Sender,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    previous: Mapping[int, bytes] | None = None,
+    chunk_size: int = 64 * 1024,
+    level: int = 0,
+    max_frame: int = 4 * MiB,
+    read_size: int = 4 * MiB,
+    batch_bytes: int = 8 * MiB,
+    encoders: int = 1,
+    progress: Callable[[Progress], None] | None = None,
+) -> ReplicationResult:
+    """Send the chunks of ``path[offset:offset+length]`` that differ from ``previous``.
+
+    ``previous`` maps chunk index to xxh3-128 for the non-zero chunks the
+    receiver holds (absent = zeros). ``level`` is a zstd level (see
+    ``opensmc.wire.frames.zstd_level``), 0 for none. Raises the first error of
+    any stage after stopping the others.
+    """
+    if chunk_size & (chunk_size - 1) or chunk_size < 4096:
+        raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
+    if read_size % chunk_size or max_frame % chunk_size or max_frame > read_size:
+        raise ValueError("read_size and max_frame must be chunk multiples, max_frame <= read_size")
+    prev: Mapping[int, bytes] = previous if previous is not None else {}
+    started = time.monotonic()
+    with BlockSource(path, offset, length) as src:
+        run = _Run(src.length, chunk_size, progress)
+        pool: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(encoders + 2):  # one being read, one per encoder, one queued
+            pool.put(bytearray(read_size))
+        work: queue.Queue[tuple[int, int, bytearray] | None] = queue.Queue(maxsize=1)
+        # Each item is the frames of one read buffer (at most read_size bytes plus headers), so
+        # the queue's bound is in bytes, and thousands of small incremental frames cost few hops.
+        out: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=max(2, batch_bytes // read_size))
+
+        def read_stage() -> None:
+            pos = 0
+            while pos < src.length:
+                buf = run.get(pool)
+                n = src.read_into(buf, pos)
+                run.put(work, (pos, n, buf))
+                pos += n
+            for _ in range(encoders):
+                run.put(work, None)
+
+        def encode_stage() -> None:
+            while (item := run.get(work)) is not None:
+                pos, n, buf = item
+                _encode_buffer(run, memoryview(buf)[:n], pos, prev, level, max_frame, out)
+                pool.put(buf)
+            run.put(out, None)
+
+        def send_stage() -> None:
+            open_encoders = encoders
+            batch: list[bytes] = []
+            size = 0
+            while open_encoders:
+                frames = run.get(out)
+                if frames is None:
+                    open_encoders -= 1
+                else:
+                    batch.extend(frames)
+                    size += sum(len(f) for f in frames)
+                # Send when the batch is full, or when nothing more is ready, to keep the link busy.
+                if batch and (size >= batch_bytes or out.empty() or not open_encoders):
+                    sender.send_batch(batch)
+                    with run.lock:
+                        run.result.bytes_wire += size
+                    run.report()
+                    batch, size = [], 0
+
+        stages = [read_stage] + [encode_stage] * encoders + [send_stage]
+        threads = [threading.Thread(target=_guard, args=(run, s), daemon=True) for s in stages]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if run.error is not None:
+        raise run.error
+    run.result.seconds = time.monotonic() - started
+    return run.result
+
+
+def _guard(run: _Run, stage: Callable[[], None]) -> None:
+    try:
+        stage()
+    except _Stop:
+        pass
+    except BaseException as e:
+        run.fail(e)
+
+
+def _encode_buffer(
+    run: _Run,
+    view: memoryview,
+    pos: int,
+    prev: Mapping[int, bytes],
+    level: int,
+    max_frame: int,
+    out: queue.Queue[list[bytes] | None],
+) -> None:
+    cs = run.result.chunk_size
+    base = pos // cs
+    nonzero = nonzero_chunks(view, cs)
+    hashes = run.result.hashes
+    # Classify every chunk: "d" send data, "z" send a zero frame, "" leave alone.
+    kinds: list[str] = []
+    one_hash: dict[int, bytes] = {}
+    for i, nz in enumerate(nonzero.tolist()):
+        idx = base + i
+        if nz:
+            h = digest(view[i * cs : (i + 1) * cs])
+            hashes[idx] = h
+            if prev.get(idx) != h:
+                kinds.append("d")
+                one_hash[i] = h
+                continue
+        elif idx in prev:
+            kinds.append("z")
+            continue
+        kinds.append("")
+    encoded: list[bytes] = []
+    sent = zeroed = moved = 0
+    per_frame = max_frame // cs
+    i = 0
+    while i < len(kinds):
+        kind = kinds[i]
+        j = i + 1
+        while j < len(kinds) and kinds[j] == kind and (kind != "d" or j - i < per_frame):
+            j += 1
+        if kind:
+            start, end = i * cs, min(j * cs, len(view))
+            if kind == "d":
+                known = one_hash[i] if j == i + 1 else None  # a one-chunk frame is already hashed
+                encoded.append(encode_frame(pos + start, view[start:end], level, hash_=known))
+                sent += j - i
+                moved += end - start
+            else:
+                encoded.append(encode_zero_frame(pos + start, end - start))
+                zeroed += j - i
+        i = j
+    if encoded:
+        run.put(out, encoded)
+    with run.lock:
+        r = run.result
+        r.frames += len(encoded)
+        r.chunks_sent += sent
+        r.chunks_zeroed += zeroed
+        r.bytes_plain += moved
+        run.scanned += len(view)
+        run.to_move += moved
+    run.report()
+
+
+class RateLimitedSender:
+    """A :class:`Sender` wrapper that holds the wire rate to ``mbit_per_s`` (0 = no limit).
+
+    A token bucket in debt form: a batch may go when the bucket is not in
+    debt, and its size is then charged, so the long-run rate is exact and a
+    batch larger than the burst still goes. :meth:`set_limit` may be called
+    from any thread while a run is going; a waiting batch sees it within 0.1 s.
+    """
+
+    def __init__(self, inner: Sender, mbit_per_s: float = 0.0, *, burst_seconds: float = 0.1) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._rate = 0.0  # bytes per second
+        self._burst_seconds = burst_seconds
+        self._tokens = 0.0
+        self._last = time.monotonic()
+        self.set_limit(mbit_per_s)
+
+    @property
+    def limit(self) -> float:
+        """The current limit in Mbit/s (0 = none)."""
+        return self._rate * 8 / 1e6
+
+    def set_limit(self, mbit_per_s: float) -> None:
+        if mbit_per_s < 0:
+            raise ValueError(f"bandwidth limit must be >= 0 Mbit/s, got {mbit_per_s}")
+        with self._lock:
+            self._refill()
+            self._rate = mbit_per_s * 1e6 / 8
+            self._tokens = min(self._tokens, self._rate * self._burst_seconds)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self._rate:
+            cap = self._rate * self._burst_seconds
+            self._tokens = min(cap, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+
+    def send_batch(self, frames: Sequence[bytes]) -> None:
+        n = sum(len(f) for f in frames)
+        while True:
+            with self._lock:
+                self._refill()
+                if not self._rate or self._tokens >= 0:
+                    if self._rate:
+                        self._tokens -= n
+                    break
+                wait = -self._tokens / self._rate
+            time.sleep(min(wait, 0.1))
+        self.inner.send_batch(frames)

@@ -1,0 +1,235 @@
+"""The receiver's HTTP listener: the agent↔receiver protocol, version 1 (docs/protocol.md).
+
+aiohttp on the stock asyncio loop, because it moves bulk bodies 2-3x faster
+than uvicorn on loopback (PERF_FLOORS.md). Every request must carry
+``X-OpenSMC-Protocol: 1`` and ``Authorization: Bearer <token>``; the token is
+checked by the ``authorize(token, volume_id)`` callback the caller supplies
+(the control plane backs it with a per-job expiring credential).
+
+Frames are read from the body one at a time, verified, then written; the
+verify+write of one frame runs on a worker thread while the next is read
+off the socket. The first bad frame stops the request with 400 and nothing
+from it onward is written; the frames before it stay written (each was whole
+and verified), and replaying them later is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from opensmc.receiver.volume import StagingVolume, VolumeError
+from opensmc.wire.frames import (
+    HEADER_SIZE,
+    FrameError,
+    FrameHeader,
+    TruncatedFrame,
+    decode_payload,
+    encode_hash_map,
+    parse_header,
+)
+
+__all__ = ["HASHMAP_CONTENT_TYPE", "PROTOCOL_HEADER", "PROTOCOL_VERSION", "make_app"]
+
+PROTOCOL_HEADER = "X-OpenSMC-Protocol"
+PROTOCOL_VERSION = "1"
+HASHMAP_CONTENT_TYPE = "application/vnd.opensmc.hashmap.v1"
+FRAMES_CONTENT_TYPE = "application/vnd.opensmc.frames.v1"
+_VID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Authorize = Callable[[str, str], bool]
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_VOLUMES = web.AppKey("volumes", dict[str, StagingVolume])
+_ROOT = web.AppKey("root", Path)
+_AUTHORIZE: web.AppKey[Authorize] = web.AppKey("authorize")
+_OPEN_LOCK = web.AppKey("open_lock", asyncio.Lock)
+
+
+def _error(status: int, code: str, message: str, **extra: object) -> web.Response:
+    body = json.dumps({"code": code, "message": message, **extra})
+    return web.Response(
+        status=status, text=body, content_type="application/json", headers={PROTOCOL_HEADER: PROTOCOL_VERSION}
+    )
+
+
+@web.middleware
+async def _protocol_and_auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    version = request.headers.get(PROTOCOL_HEADER)
+    if version is None:
+        return _error(
+            400, "Protocol.Missing", f"the {PROTOCOL_HEADER} header is required (this side speaks 1)"
+        )
+    if version != PROTOCOL_VERSION:
+        return _error(
+            400, "Protocol.Unsupported", f"protocol version {version!r} is not supported (this side speaks 1)"
+        )
+    vid = request.match_info.get("vid", "")
+    if not _VID.match(vid):
+        return _error(404, "Volume.NotFound", f"no volume {vid!r}")
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _error(401, "Auth.Missing", "send Authorization: Bearer <token>")
+    if not request.app[_AUTHORIZE](token.strip(), vid):
+        return _error(403, "Auth.Denied", f"the token is not valid for volume {vid!r}, or has expired")
+    resp = await handler(request)
+    resp.headers[PROTOCOL_HEADER] = PROTOCOL_VERSION
+    return resp
+
+
+async def _volume(request: web.Request) -> StagingVolume | None:
+    vid = request.match_info["vid"]
+    volumes = request.app[_VOLUMES]
+    vol = volumes.get(vid)
+    if vol is not None:
+        return vol
+    async with request.app[_OPEN_LOCK]:
+        vol = volumes.get(vid)
+        if vol is None:
+            directory = request.app[_ROOT] / vid
+            if not (directory / "volume.json").is_file():
+                return None
+            # Opening may rebuild the map after a crash: a long read, so off the event loop.
+            vol = await asyncio.get_running_loop().run_in_executor(None, StagingVolume.open, directory)
+            volumes[vid] = vol
+    return vol
+
+
+def _not_found(request: web.Request) -> web.Response:
+    return _error(404, "Volume.NotFound", f"no volume {request.match_info['vid']!r} on this receiver")
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    vol = await _volume(request)
+    if vol is None:
+        return _not_found(request)
+    info = {"volume_id": request.match_info["vid"], "size": vol.size, "chunk_size": vol.chunk_size}
+    return web.json_response(info)
+
+
+async def get_hashes(request: web.Request) -> web.Response:
+    vol = await _volume(request)
+    if vol is None:
+        return _not_found(request)
+    hashes = vol.hashes()
+    if "application/json" in request.headers.get("Accept", ""):
+        body = {"chunk_size": vol.chunk_size, "hashes": {str(i): h.hex() for i, h in sorted(hashes.items())}}
+        return web.json_response(body)
+    return web.Response(body=encode_hash_map(vol.chunk_size, hashes), content_type=HASHMAP_CONTENT_TYPE)
+
+
+#: Small frames are verified and written in groups of about this many bytes, so that an
+#: incremental run's thousands of 64 KiB frames do not each pay a hop to a worker thread.
+GROUP_BYTES = 2 * 1024 * 1024
+
+
+def _verify_and_write(
+    vol: StagingVolume, group: list[tuple[FrameHeader, bytes]]
+) -> tuple[int, int, FrameError | VolumeError | None]:
+    """Write the group's frames in order until the first bad one: (frames, plain bytes, error)."""
+    frames = plain = 0
+    for header, payload in group:
+        try:
+            vol.check(header.offset, header.plain_length)  # cheap, and before decoding
+            frame = decode_payload(header, payload)
+            vol.apply(frame)
+        except (FrameError, VolumeError) as e:
+            return frames, plain, e
+        frames += 1
+        plain += frame.length
+    return frames, plain, None
+
+
+async def post_frames(request: web.Request) -> web.Response:
+    vol = await _volume(request)
+    if vol is None:
+        return _not_found(request)
+    loop = asyncio.get_running_loop()
+    content = request.content
+    frames = plain = 0
+    error: FrameError | VolumeError | None = None
+    pending: asyncio.Future[tuple[int, int, FrameError | VolumeError | None]] | None = None
+    group: list[tuple[FrameHeader, bytes]] = []
+    group_bytes = 0
+    while error is None:
+        end = False
+        try:
+            head = await content.readexactly(HEADER_SIZE)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                error = TruncatedFrame(f"frame header truncated: {len(e.partial)} of {HEADER_SIZE} bytes")
+            end = True
+        else:
+            try:
+                header = parse_header(head)
+                payload = await content.readexactly(header.payload_length)
+            except FrameError as e:
+                error = e
+            except asyncio.IncompleteReadError as e:
+                error = TruncatedFrame(
+                    f"frame payload truncated: {len(e.partial)} of {header.payload_length} bytes"
+                )
+            else:
+                group.append((header, payload))
+                group_bytes += HEADER_SIZE + header.payload_length
+        if group and (end or error is not None or group_bytes >= GROUP_BYTES):
+            # One group on a worker thread while the next is read off the socket.
+            if pending is not None:
+                n, p, err = await pending
+                frames, plain, pending = frames + n, plain + p, None
+                if err is not None:
+                    error = err
+                    break
+            pending = loop.run_in_executor(None, _verify_and_write, vol, group)
+            group, group_bytes = [], 0
+        if end:
+            break
+    if pending is not None:
+        n, p, err = await pending
+        frames, plain = frames + n, plain + p
+        error = err or error  # a bad frame in the group came before a later parse error
+    if error is not None:
+        return _error(400, error.code, f"frame #{frames} of the body rejected: {error}", accepted=frames)
+    return web.json_response({"frames": frames, "bytes": plain})
+
+
+async def post_flush(request: web.Request) -> web.Response:
+    vol = await _volume(request)
+    if vol is None:
+        return _not_found(request)
+    await asyncio.get_running_loop().run_in_executor(None, vol.flush)
+    return web.json_response({"chunks": len(vol.hashes())})
+
+
+async def _close_volumes(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+    for vol in app[_VOLUMES].values():
+        await loop.run_in_executor(None, vol.flush)
+        vol.close()
+    app[_VOLUMES].clear()
+
+
+def make_app(volumes_root: str | Path, authorize: Authorize) -> web.Application:
+    """The receiver app for the volumes under ``volumes_root`` (one directory per volume id).
+
+    Volumes are created by the control plane (``StagingVolume.create``); this
+    app only opens existing ones. ``authorize(token, volume_id)`` must be
+    cheap and thread-safe: it runs on every request.
+    """
+    app = web.Application(middlewares=[_protocol_and_auth])
+    app[_ROOT] = Path(volumes_root)
+    app[_AUTHORIZE] = authorize
+    app[_VOLUMES] = {}
+    app[_OPEN_LOCK] = asyncio.Lock()
+    app.router.add_get("/v1/volumes/{vid}", get_volume)
+    app.router.add_get("/v1/volumes/{vid}/hashes", get_hashes)
+    app.router.add_post("/v1/volumes/{vid}/frames", post_frames)
+    app.router.add_post("/v1/volumes/{vid}/flush", post_flush)
+    app.on_cleanup.append(_close_volumes)
+    return app

@@ -1,0 +1,67 @@
+"""Running the receiver's aiohttp app next to the API, on a thread with its own event loop.
+
+The receiver listens on a port of its own (``--receiver-listen``) because
+bulk frame bodies go faster through aiohttp on the stock asyncio loop than
+through the API's uvicorn stack (PERF_FLOORS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from aiohttp import web
+
+from opensmc.receiver.http import Authorize, make_app
+
+
+class ReceiverThread:
+    def __init__(self, volumes_root: Path, authorize: Authorize, host: str, port: int) -> None:
+        self.volumes_root = volumes_root
+        self.authorize = authorize
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="opensmc-receiver", daemon=True)
+
+    def start(self, timeout: float = 15.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the receiver did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"the receiver could not listen on {self.host}:{self.port}: {self._error}")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._cleanup())
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self.volumes_root.mkdir(parents=True, exist_ok=True)
+        # client_max_size bounds one request body: agents send batches of frames of ~8 MiB.
+        app = make_app(self.volumes_root, self.authorize)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)

@@ -1,0 +1,158 @@
+"""The agent pipeline against an in-memory sender: what it sends, and only that."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from opensmc.agent.pipeline import Progress, RateLimitedSender, replicate
+from opensmc.agent.reader import nonzero_chunks
+from opensmc.wire.frames import decode_frame
+
+CS = 64 * 1024
+MiB = 1024 * 1024
+
+
+class MemorySender:
+    """Decodes every frame and applies it to a bytearray, as a receiver would."""
+
+    def __init__(self, size: int) -> None:
+        self.disk = bytearray(b"\0" * size)
+        self.frames: list[tuple[int, int, bool]] = []
+        self.batches = 0
+        self.lock = threading.Lock()
+
+    def send_batch(self, frames: Sequence[bytes]) -> None:
+        with self.lock:
+            self.batches += 1
+            for enc in frames:
+                fr = decode_frame(enc)
+                self.frames.append((fr.offset, fr.length, fr.is_zero))
+                self.disk[fr.offset : fr.end] = b"\0" * fr.length if fr.is_zero else fr.data
+
+
+def make_image(path: Path, size: int, seed: int = 1) -> bytes:
+    """Random 256 KiB..1 MiB regions over zeros, about 40% data."""
+    rnd = random.Random(seed)
+    data = bytearray(b"\0" * size)
+    pos = 0
+    while pos < size:
+        n = rnd.randrange(64 * 1024, MiB)
+        if rnd.random() < 0.4:
+            data[pos : pos + n] = rnd.randbytes(min(n, size - pos))
+        pos += n
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def test_nonzero_chunks() -> None:
+    buf = bytearray(b"\0" * (3 * CS + 100))
+    buf[CS + 5] = 1
+    buf[3 * CS + 99] = 1
+    assert nonzero_chunks(buf, CS).tolist() == [False, True, False, True]
+
+
+def test_full_then_incremental(tmp_path: Path) -> None:
+    size = 16 * MiB + 12345  # a short last chunk too
+    src = tmp_path / "disk.img"
+    data = bytearray(make_image(src, size))
+    sink = MemorySender(size)
+    first = replicate(str(src), sink)
+    assert sink.disk == data
+    nonzero = sum(1 for i in range(0, size, CS) if any(data[i : i + CS]))
+    assert first.chunks_sent == nonzero == len(first.hashes)
+    assert first.bytes_plain == sum(ln for _, ln, _ in sink.frames)
+    assert len(sink.frames) < nonzero  # adjacent chunks were coalesced
+
+    # Change three chunks, zero one that held data, and write into a zero area.
+    data_chunks = sorted(first.hashes)
+    changed = data_chunks[1], data_chunks[10], data_chunks[-1]
+    for idx in changed:
+        data[idx * CS + 17] ^= 0xFF
+    zeroed = data_chunks[5]
+    data[zeroed * CS : (zeroed + 1) * CS] = b"\0" * CS
+    fresh = next(i for i in range(size // CS) if i not in first.hashes)
+    data[fresh * CS] = 7
+    src.write_bytes(data)
+
+    sink.frames.clear()
+    second = replicate(str(src), sink, previous=first.hashes)
+    assert sink.disk == data
+    assert second.chunks_sent == 4 and second.chunks_zeroed == 1
+    assert sorted(o // CS for o, _, z in sink.frames if not z) == sorted([*changed, fresh])
+    assert [(o // CS, ln) for o, ln, z in sink.frames if z] == [(zeroed, CS)]
+    assert zeroed not in second.hashes and fresh in second.hashes
+
+    sink.frames.clear()
+    third = replicate(str(src), sink, previous=second.hashes)
+    assert third.frames == 0 and sink.frames == []
+
+
+def test_offset_length_and_compression(tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    body = (b"compressible text block " * 150_000)[: 3 * MiB]
+    src.write_bytes(os.urandom(MiB) + body + os.urandom(MiB))
+    sink = MemorySender(3 * MiB)
+    res = replicate(str(src), sink, offset=MiB, length=3 * MiB, level=3)
+    assert sink.disk == body
+    assert res.bytes_wire < res.bytes_plain // 10
+
+
+def test_progress_and_frame_limit(tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(10 * MiB))
+    seen: list[Progress] = []
+    sink = MemorySender(10 * MiB)
+    replicate(str(src), sink, max_frame=MiB, read_size=2 * MiB, progress=seen.append)
+    assert all(ln <= MiB for _, ln, _ in sink.frames)
+    assert seen[-1].to_move == 10 * MiB
+    assert max(p.scanned for p in seen) == 10 * MiB
+    assert max(p.sent for p in seen) >= 10 * MiB
+
+
+def test_sender_error_stops_the_run(tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(20 * MiB))
+
+    class Failing:
+        calls = 0
+
+        def send_batch(self, frames: Sequence[bytes]) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise ConnectionError("receiver gone")
+
+    failing = Failing()
+    with pytest.raises(ConnectionError, match="receiver gone"):
+        replicate(str(src), failing, batch_bytes=MiB, encoders=2)
+    assert failing.calls == 2
+
+
+def test_rate_limiter_holds_the_rate_and_can_change() -> None:
+    got: list[tuple[float, int]] = []
+
+    class Clocked:
+        def send_batch(self, frames: Sequence[bytes]) -> None:
+            got.append((time.monotonic(), sum(map(len, frames))))
+
+    limited = RateLimitedSender(Clocked(), 80)  # 10 MB/s
+    frame = b"x" * 250_000
+    start = time.monotonic()
+    for _ in range(60):  # 15 MB: 1.5 s at the limit
+        limited.send_batch([frame])
+    elapsed = time.monotonic() - start
+    rate = 59 * 250_000 / elapsed  # the last batch's charge is not waited for
+    assert 9e6 <= rate <= 11e6
+    limited.set_limit(0)
+    start = time.monotonic()
+    for _ in range(40):
+        limited.send_batch([frame])
+    assert time.monotonic() - start < 0.2
+    with pytest.raises(ValueError):
+        limited.set_limit(-1)
