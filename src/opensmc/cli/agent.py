@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from opensmc.agent.runner import AgentError, run_agent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
     has_token = bool(args.token_id and args.token_code)
     has_key = bool(args.access_key_id and args.access_key_secret)
     state_file_exists = (args.state_dir / "agent.json").exists()
