@@ -384,3 +384,18 @@ def test_concurrent_orchestrators_start_once(call: Call, services: Services, src
     assert not errors, errors
     assert sum(results) == 1
     assert len(one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]) == 1
+
+
+def test_replication_parameters_change_while_syncing(call: Call, services: Services, src: str) -> None:
+    """Issue 3: bandwidth_limit is changeable while Syncing (the other settings are not)."""
+    job_id = call("CreateReplicationJob", RegionId="local", SourceId=src)["JobId"]
+    call("StartReplicationJob", JobId=job_id)
+    J.mark_prepared(services, job_id, "ti-x")
+    call("ModifyReplicationJobAttribute", JobId=job_id, ReplicationParameters='{"bandwidth_limit":5}')
+    assert one_job(call, job_id)["ReplicationParameters"] == '{"bandwidth_limit":5}'
+    raises(
+        "ReplicationJob.InvalidStatus",
+        lambda: call("ModifyReplicationJobAttribute", JobId=job_id, ImageName="later"),
+    )
+    call("StopReplicationJob", JobId=job_id)
+    call("ModifyReplicationJobAttribute", JobId=job_id, ReplicationParameters='{"bandwidth_limit":0}')

@@ -38,6 +38,7 @@ _BEFORE_RUN_STRINGS: dict[str, tuple[str, int]] = {
     "ContainerTag": ("container_tag", 128),
 }
 VALID_TIME_STATUSES = ("Ready", "Running", "Stopped", "InError", "Waiting")
+REPLICATION_PARAMETERS_STATUSES = ("Ready", "Running", "Stopped", "InError", "Waiting")
 
 
 def _before_run(row: Row[Any]) -> bool:
@@ -108,8 +109,12 @@ def modify_job(svc: Services, caller: Caller, p: Params) -> None:
             before_run_changes.append("NetMode")
         params = jp.replication_parameters(p)
         if params:
+            # Unlike the other job settings, the transfer knobs (bandwidth_limit,
+            # compress_level, checksum) may change while the job runs, as in SMC's
+            # console: the agent re-reads them with every progress report.
+            if row.status not in REPLICATION_PARAMETERS_STATUSES:
+                raise InvalidJobStatus(current, REPLICATION_PARAMETERS_STATUSES)
             values["replication_parameters"] = params
-            before_run_changes.append("ReplicationParameters")
         scheduled = jp.scheduled_start(p, now)
         if scheduled is not None:
             values["scheduled_start_time"] = scheduled

@@ -294,7 +294,9 @@ ACTIONS: tuple[Action, ...] = (
         "ModifyReplicationJobAttribute",
         _modify,
         ("JobId", "Name", "Description", "Frequency", "MaxNumberOfImageToKeep", "ValidTime", *_BEFORE_RUN),
-        "SystemDiskSize accepts 20-2048 GiB, as CreateReplicationJob does (older Modify docs say 20-500).",
+        "SystemDiskSize accepts 20-2048 GiB, as CreateReplicationJob does (older Modify docs say 20-500). "
+        "ReplicationParameters may also change while the job runs, is Stopped, InError or Waiting "
+        "(SMC's console allows it while Syncing); a running transfer picks up bandwidth_limit within a second.",
     ),
     Action("StartReplicationJob", _start, ("JobId",)),
     Action("StopReplicationJob", _stop, ("JobId",), "Also accepted for a Waiting job (DESIGN.md §4)."),
