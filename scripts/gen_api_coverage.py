@@ -50,7 +50,7 @@ def render() -> str:
         "|---|---|---|---|",
     ]
     for name, action in ACTIONS.items():
-        read = set(action.params)
+        read = {p.replace(".M.", ".N.") for p in action.params}
         missing = [
             k
             for k in docs.get(name, [])
