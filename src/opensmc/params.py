@@ -85,7 +85,7 @@ class Params:
                 raise MissingParameter(self.wire(name))
             return None
         text = raw.strip()
-        if not re.fullmatch(r"[+-]?\d{1,20}", text):
+        if not re.fullmatch(r"[+-]?[0-9]{1,20}", text):
             raise InvalidParameter(self.wire(name), "It must be an integer.")
         value = int(text)
         lo_bound, hi_bound = INT64 if wide else INT32

@@ -85,10 +85,7 @@ def test_int_absent_or_empty_is_none_or_missing() -> None:
         "--1",
         "1 2",
         "True",
-        pytest.param(
-            "\u0661\u0662",  # Arabic-Indic "12": regex \d and int() both accept Unicode digits
-            marks=pytest.mark.xfail(strict=True, reason="Params.int accepts non-ASCII Unicode digits"),
-        ),
+        "\u0661\u0662",  # Arabic-Indic "12": only ASCII digits are integers on the wire
     ],
 )
 def test_int_rejects_non_integers(raw: str) -> None:
