@@ -73,12 +73,16 @@ def sign_acs3(
     secret: str,
     now: datetime | None = None,
     nonce: str | None = None,
+    *,
+    path: str = "/",
 ) -> tuple[str, dict[str, str]]:
     """Sign with ACS3-HMAC-SHA256; return ``(query_string, headers)``.
 
     ``host`` must be exactly the Host header that will be sent, port
     included when it is not the scheme's default (``127.0.0.1:18080``).
-    The body must be empty.
+    ``path`` is the request path (the canonical URI): ``/`` for RPC calls,
+    e.g. ``/opensmc/v1/images/m-…`` for the image routes; send it exactly
+    as given. The body must be empty.
     """
     headers = {
         "accept": "application/json",
@@ -90,7 +94,7 @@ def sign_acs3(
         "x-acs-version": version,
     }
     signed = sorted(headers)
-    canonical = acs3_canonical_request(method, "/", params, headers, signed, EMPTY_SHA256)
+    canonical = acs3_canonical_request(method, path, params, headers, signed, EMPTY_SHA256)
     signature = acs3_signature(secret, acs3_string_to_sign(canonical))
     headers["Authorization"] = (
         f"{ACS3_ALGORITHM} Credential={access_key_id},SignedHeaders={';'.join(signed)},Signature={signature}"

@@ -11,17 +11,26 @@ already holds, sends only the chunks that differ (the pipeline in
 About once a second it reports progress; the reply says whether to go on
 (a StopReplicationJob makes it stop within a second or so) and the current
 ``bandwidth_limit``, which is applied at once.
+
+Losing contact with the server or the receiver (a restart, a network cut)
+does not fail the job: the attempt ends without a result and the next
+heartbeat that gets through hands the same task out again, which resumes
+from the receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
+that lose contact without moving any data end in a failure report.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opensmc.agent.client import AgentClient
+import httpx
+
+from opensmc.agent.client import AgentClient, ServerUnavailable
 from opensmc.agent.pipeline import Progress, RateLimitedSender, Sender, replicate
 from opensmc.agent.uploader import HttpSender, ReceiverError
 from opensmc.wire.frames import zstd_level
@@ -29,10 +38,22 @@ from opensmc.wire.frames import zstd_level
 log = logging.getLogger("opensmc.agent.tasks")
 
 PROGRESS_EVERY = 1.0  # seconds between progress reports
+MAX_LOST_CONTACT = 10  # attempts in a row that lose contact without sending anything
+
+#: errors that mean "cannot reach the server or the receiver right now", not "the disk is bad"
+_LOST_CONTACT = (httpx.TransportError, ServerUnavailable, ConnectionError, TimeoutError, http.client.HTTPException)
 
 
 class TaskStopped(Exception):
     """The server said the job is no longer syncing (stopped, failed, deleted)."""
+
+
+class LostContact(Exception):
+    """The server or the receiver could not be reached; ``sent`` bytes went through before."""
+
+    def __init__(self, cause: BaseException, sent: int) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.sent = sent
 
 
 class _StoppableSender:
@@ -55,6 +76,7 @@ class TaskRunner:
         self.client = client
         self.token = token
         self._running: dict[str, threading.Thread] = {}
+        self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
         self._lock = threading.Lock()
 
     def handle(self, tasks: Sequence[dict[str, Any]]) -> None:
@@ -82,12 +104,43 @@ class TaskRunner:
     def _run(self, task: dict[str, Any]) -> None:
         job_id, run_id = task["job_id"], task["run_id"]
         log.info("task %s: sending %d disk(s) of job %s", task["task_id"], len(task["disks"]), job_id)
+        tid = str(task["task_id"])
+        report = self._reporter(task)
         try:
-            stats = run_task(task, self._reporter(task))
+            stats = run_task(task, report)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
+        except LostContact as exc:
+            # A server restart or a network cut must not fail the job: end this attempt
+            # quietly, and the task comes back with the next heartbeat that gets through.
+            lost = 1 if exc.sent else self._lost.get(tid, 0) + 1
+            self._lost[tid] = lost
+            if lost < MAX_LOST_CONTACT:
+                log.warning(
+                    "task %s: lost contact with the server or receiver (%s); it resumes when the "
+                    "server hands it out again",
+                    tid,
+                    exc,
+                )
+                return
+            self._post_result(
+                {
+                    "job_id": job_id,
+                    "run_id": run_id,
+                    "ok": False,
+                    "error_code": "Agent.ReceiverUnreachable",
+                    "message": f"{lost} attempts in a row could not reach the receiver at "
+                    f"{task.get('receiver')}: {exc}",
+                }
+            )
+            return
         except Exception as exc:
+            if not self._still_wanted(report):
+                # The job moved on meanwhile (a StopReplicationJob makes the receiver refuse the
+                # run's credential before the next progress reply says stop): not a failure.
+                log.info("task %s: stopped by the server (%s)", task["task_id"], exc)
+                return
             code, message = _describe(exc)
             log.error("task %s failed: %s: %s", task["task_id"], code, message)
             self._post_result(
@@ -110,6 +163,15 @@ class TaskRunner:
                 "stats": stats,
             }
         )
+
+    @staticmethod
+    def _still_wanted(report: Callable[[int, int], tuple[bool, float]]) -> bool:
+        """Does the server still want this task? (True when it cannot tell.)"""
+        try:
+            go_on, _limit = report(-1, -1)  # negative counts record nothing on the server
+        except Exception:
+            return True
+        return go_on
 
     def _reporter(self, task: dict[str, Any]) -> Callable[[int, int], tuple[bool, float]]:
         def report(done: int, total: int) -> tuple[bool, float]:
@@ -169,33 +231,53 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
     def on_progress(p: Progress) -> None:
         tell(int(state["base"]) + p.scanned)
 
-    tell(0, force=True)
-    if stopped.is_set():
-        raise TaskStopped("the server asked this task to stop")
-    for disk in disks:
-        with HttpSender(task["receiver"], disk["volume_id"], task["token"]) as http:
-            chunk_size, previous = http.fetch_hashes()
-            limiter = RateLimitedSender(http, float(state["limit"]))
-            result = replicate(
-                disk["path"],
-                _StoppableSender(limiter, stopped),
-                length=int(disk["size_bytes"]),
-                previous=previous,
-                chunk_size=chunk_size,
-                level=level,
-                progress=on_progress,
-            )
-            http.flush()
-        state["base"] = int(state["base"]) + int(disk["size_bytes"])
-        totals["bytes_plain"] += result.bytes_plain
-        totals["bytes_wire"] += result.bytes_wire
-        totals["chunks_sent"] += result.chunks_sent
-        totals["chunks_zeroed"] += result.chunks_zeroed
-    tell(total, force=True)
+    def on_batch(sent: int) -> None:
+        state["sent"] = sent
+
+    try:
+        tell(0, force=True)
+        if stopped.is_set():
+            raise TaskStopped("the server asked this task to stop")
+        for disk in disks:
+            with HttpSender(task["receiver"], disk["volume_id"], task["token"]) as http:
+                chunk_size, previous = http.fetch_hashes()
+                limiter = RateLimitedSender(_Counting(http, on_batch), float(state["limit"]))
+                result = replicate(
+                    disk["path"],
+                    _StoppableSender(limiter, stopped),
+                    length=int(disk["size_bytes"]),
+                    previous=previous,
+                    chunk_size=chunk_size,
+                    level=level,
+                    progress=on_progress,
+                )
+                http.flush()
+            state["base"] = int(state["base"]) + int(disk["size_bytes"])
+            totals["bytes_plain"] += result.bytes_plain
+            totals["bytes_wire"] += result.bytes_wire
+            totals["chunks_sent"] += result.chunks_sent
+            totals["chunks_zeroed"] += result.chunks_zeroed
+        tell(total, force=True)
+    except _LOST_CONTACT as exc:
+        raise LostContact(exc, int(totals["bytes_wire"]) + int(state.get("sent", 0))) from exc
     if stopped.is_set():
         raise TaskStopped("the server asked this task to stop")
     totals["seconds"] = round(time.monotonic() - started, 3)
     return totals
+
+
+class _Counting:
+    """Counts the wire bytes the receiver acknowledged in this attempt (for :class:`LostContact`)."""
+
+    def __init__(self, inner: Sender, on_batch: Callable[[int], None]) -> None:
+        self.inner = inner
+        self.on_batch = on_batch
+        self.sent = 0
+
+    def send_batch(self, frames: Sequence[bytes]) -> None:
+        self.inner.send_batch(frames)
+        self.sent += sum(len(f) for f in frames)
+        self.on_batch(self.sent)
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:

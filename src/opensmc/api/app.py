@@ -23,13 +23,13 @@ from starlette.routing import BaseRoute, Route
 
 from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
+from opensmc.api.auth import authenticate
 from opensmc.api.render import error_body, render
-from opensmc.api.signing import SignedRequest, verify
+from opensmc.api.signing import SignedRequest
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
-from opensmc.service import accounts
-from opensmc.service.context import Caller, Services
+from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.api")
 
@@ -95,7 +95,7 @@ async def handle_rpc(request: Request) -> Response:
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
         )
-        caller = await run_in_threadpool(_authenticate, services, signed)
+        caller = await run_in_threadpool(authenticate, services, signed)
         for key, value in values.items():
             # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
             if "\x00" in key or "\x00" in value:
@@ -110,22 +110,6 @@ async def handle_rpc(request: Request) -> Response:
     except Exception:
         log.exception("internal error in %s (RequestId %s)", action_name, request_id)
         return _error(InternalError(), request_id, fmt)
-
-
-def _authenticate(services: Services, signed: SignedRequest) -> Caller:
-    found: dict[str, str] = {}
-
-    def lookup(key_id: str) -> str | None:
-        hit = accounts.lookup_secret(services, key_id)
-        if hit is None:
-            return None
-        found["account_id"] = hit[0]
-        return hit[1]
-
-    cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
-    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id)
-    accounts.check_nonce(services, caller, cred.nonce)
-    return caller
 
 
 async def _read_body(request: Request) -> bytes:

@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent_cli.add_arguments(agent_sub.add_parser("run", help="register this machine and keep heartbeating"))
 
+    from opensmc.cli import images as images_cli
+
+    images_cli.add_arguments(sub.add_parser("image", help="list, show, export and verify migrated images"))
+
+    from opensmc.cli import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="a complete migration on this machine, for a first look"))
+
     p_db = sub.add_parser("db", help="database maintenance")
     db_sub = p_db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
     p_up = db_sub.add_parser("upgrade", help="apply schema migrations")
@@ -73,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from opensmc.cli import agent as agent_cli
 
         return agent_cli.run(args)
+    if args.command == "image":
+        from opensmc.cli import images as images_cli
+
+        return images_cli.run(args)
+    if args.command == "demo":
+        from opensmc.cli import demo
+
+        return demo.run(args)
     if args.command == "db" and args.db_command == "upgrade":
         from opensmc.store.db import Database
         from opensmc.store.migrate import current, upgrade

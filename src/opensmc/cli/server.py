@@ -19,6 +19,7 @@ import uvicorn
 
 from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
+from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_orchestrator:
         orchestrator = Orchestrator(svc, args.orchestrator_interval)
         orchestrator.start()
-    app = create_app(svc, agent_routes)
+    app = create_app(svc, [*agent_routes, *image_routes])
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, loop="auto", http="auto"
     )
