@@ -50,6 +50,19 @@ class ServerProcess:
     def call_json(self, action: str, *params: str) -> dict[str, object]:
         return dict(json.loads(self.call(action, *params).stdout))
 
+    def call_json_with(self, credentials: Path, action: str, *params: str) -> dict[str, object]:
+        """`opensmc call` with another credentials file (e.g. another server's account)."""
+        result = subprocess.run(
+            [*OPENSMC, "call", action, *params, "--credentials", str(credentials)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"opensmc call {action} failed: {result.stderr}")
+        return dict(json.loads(result.stdout))
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIBABA_CLOUD_", "OPENSMC_"))}
@@ -68,7 +81,9 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"nothing listening on {url} after {timeout}s")
 
 
-def start_server(data_dir: Path, *extra: str, port: int | None = None) -> ServerProcess:
+def start_server(
+    data_dir: Path, *extra: str, port: int | None = None, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
     port = port or free_port()
     log = data_dir.parent / f"server-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,12 +97,17 @@ def start_server(data_dir: Path, *extra: str, port: int | None = None) -> Server
             f"127.0.0.1:{port}",
             "--orchestrator-interval",
             "0.5",
+            *(
+                ()
+                if any(e.startswith("--receiver-listen") for e in extra)
+                else ("--receiver-listen", f"127.0.0.1:{free_port()}")
+            ),
             *extra,
         ],
         stdout=log.open("a"),
         stderr=subprocess.STDOUT,
         text=True,
-        env=clean_env(),
+        env=clean_env(**(extra_env or {})),
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:

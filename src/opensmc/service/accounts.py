@@ -46,6 +46,7 @@ def bootstrap_admin(svc: Services, endpoint: str) -> Path | None:
     """
     with svc.db.connect() as conn:
         if q.count_accounts(conn):
+            _refresh_endpoint(svc.settings.data_dir / CREDENTIALS_FILE, endpoint)
             return None
     pair = create_account(svc, "admin")
     return write_credentials(svc.settings.data_dir / CREDENTIALS_FILE, pair, endpoint)
@@ -69,6 +70,17 @@ def write_credentials(path: Path, pair: KeyPair, endpoint: str) -> Path:
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return path
+
+
+def _refresh_endpoint(path: Path, endpoint: str) -> None:
+    """Keep the credentials file pointing at where the server listens now (it may have moved)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no file (another process's data dir, or removed by the operator): nothing to fix
+    if isinstance(data, dict) and data.get("endpoint") != endpoint and data.get("access_key_id"):
+        pair = KeyPair("", str(data["access_key_id"]), str(data.get("access_key_secret", "")))
+        write_credentials(path, pair, endpoint)
 
 
 def lookup_secret(svc: Services, key_id: str) -> tuple[str, str] | None:

@@ -1,0 +1,55 @@
+"""Two `opensmc server` processes on one PostgreSQL database, as the scale-out mode promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from opensmc.store.db import normalize_url
+from tests.conftest import PG_URL, _pg_available
+from tests.e2e.conftest import ServerProcess, start_server, stop
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    if not _pg_available():
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    admin = create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT")
+    name = f"opensmc_e2e_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(normalize_url(PG_URL)).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_two_servers_share_one_database(pg_url: str, tmp_path: Path) -> None:
+    key = "m" * 43 + "="  # both processes must share the master key that seals AccessKey secrets
+    first = start_server(tmp_path / "a", "--database", pg_url, extra_env={"OPENSMC_MASTER_KEY": key})
+    second: ServerProcess | None = None
+    try:
+        assert "PostgreSQL" in first.log.read_text()
+        second = start_server(tmp_path / "b", "--database", pg_url, extra_env={"OPENSMC_MASTER_KEY": key})
+        # Only the first start creates the account; the second reuses it.
+        assert not (tmp_path / "b" / "admin-credentials.json").exists()
+        creds = first.credentials
+        token = first.call_json("CreateAccessToken", "--Name", "shared")
+        # The same key pair works against the second process and sees the same data.
+        creds_b = tmp_path / "b-creds.json"
+        creds_b.write_text(json.dumps({**creds, "endpoint": second.endpoint}))
+        listed = second.call_json_with(creds_b, "ListAccessTokens")
+        ids = [t["AccessTokenId"] for t in listed["AccessTokens"]["AccessToken"]]  # type: ignore[index]
+        assert token["AccessTokenId"] in ids
+    finally:
+        stop(first.proc)
+        if second is not None:
+            stop(second.proc)
