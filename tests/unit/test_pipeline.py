@@ -156,3 +156,19 @@ def test_rate_limiter_holds_the_rate_and_can_change() -> None:
     assert time.monotonic() - start < 0.2
     with pytest.raises(ValueError):
         limited.set_limit(-1)
+
+
+def test_target_offset_places_ranges_in_one_volume(tmp_path: Path) -> None:
+    """Two ranges of a disk (selected partitions) land at their own places; the rest stays zero."""
+    src = tmp_path / "disk.img"
+    data = make_image(src, 8 * MiB, seed=7)
+    sink = MemorySender(8 * MiB)
+    first = replicate(str(src), sink, offset=MiB, length=MiB, target_offset=MiB)
+    second = replicate(str(src), sink, offset=5 * MiB, length=2 * MiB, target_offset=5 * MiB)
+    assert sink.disk[MiB : 2 * MiB] == data[MiB : 2 * MiB]
+    assert sink.disk[5 * MiB : 7 * MiB] == data[5 * MiB : 7 * MiB]
+    assert sink.disk[:MiB] == b"\0" * MiB and sink.disk[2 * MiB : 5 * MiB] == b"\0" * (3 * MiB)
+    assert min(first.hashes, default=MiB // CS) >= MiB // CS  # chunk indexes count from the volume start
+    assert all(5 * MiB // CS <= i < 7 * MiB // CS for i in second.hashes)
+    with pytest.raises(ValueError, match="target_offset"):
+        replicate(str(src), sink, offset=0, length=MiB, target_offset=CS // 2)

@@ -137,6 +137,7 @@ def replicate(
     batch_bytes: int = 8 * MiB,
     encoders: int = 1,
     progress: Callable[[Progress], None] | None = None,
+    target_offset: int = 0,
 ) -> ReplicationResult:
     """Send the chunks of ``path[offset:offset+length]`` that differ from ``previous``.
 
@@ -144,9 +145,15 @@ def replicate(
     receiver holds (absent = zeros). ``level`` is a zstd level (see
     ``opensmc.wire.frames.zstd_level``), 0 for none. Raises the first error of
     any stage after stopping the others.
+    ``target_offset`` places the range in the volume: frames (and the
+    chunk indexes of ``previous`` and of the result's map) count from there, so
+    several ranges of one disk (the partitions a job selects) can go to one
+    volume at their own places.
     """
     if chunk_size & (chunk_size - 1) or chunk_size < 4096:
         raise ValueError(f"chunk_size must be a power of two >= 4096, got {chunk_size}")
+    if target_offset % chunk_size:
+        raise ValueError(f"target_offset must be a multiple of chunk_size, got {target_offset}")
     if read_size % chunk_size or max_frame % chunk_size or max_frame > read_size:
         raise ValueError("read_size and max_frame must be chunk multiples, max_frame <= read_size")
     prev: Mapping[int, bytes] = previous if previous is not None else {}
@@ -174,7 +181,7 @@ def replicate(
         def encode_stage() -> None:
             while (item := run.get(work)) is not None:
                 pos, n, buf = item
-                _encode_buffer(run, memoryview(buf)[:n], pos, prev, level, max_frame, out)
+                _encode_buffer(run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out)
                 pool.put(buf)
             run.put(out, None)
 
