@@ -1,0 +1,32 @@
+"""Who signed a request: AccessKey signature and nonce checks shared by every signed route.
+
+The SMC RPC endpoint (:mod:`opensmc.api.app`) and the image download routes
+(:mod:`opensmc.api.image_routes`) authenticate the same way, so both call
+:func:`authenticate`.
+"""
+
+from __future__ import annotations
+
+from opensmc.api.signing import SignedRequest, verify
+from opensmc.service import accounts
+from opensmc.service.context import Caller, Services
+
+
+def authenticate(services: Services, signed: SignedRequest) -> Caller:
+    """Verify the signature and freshness, reject a replayed nonce; return the caller.
+
+    Blocking (database look-ups): call it on a worker thread.
+    """
+    found: dict[str, str] = {}
+
+    def lookup(key_id: str) -> str | None:
+        hit = accounts.lookup_secret(services, key_id)
+        if hit is None:
+            return None
+        found["account_id"] = hit[0]
+        return hit[1]
+
+    cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
+    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id)
+    accounts.check_nonce(services, caller, cred.nonce)
+    return caller

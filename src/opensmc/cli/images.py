@@ -1,0 +1,244 @@
+"""`opensmc image list|show|export|verify`: the images a migration made.
+
+By default the commands talk to the server over HTTP (``/opensmc/v1/images``,
+signed with the AccessKey found like ``opensmc call`` finds it). With
+``--data-dir DIR`` they read the image store on this machine instead: for an
+operator on the server (names and jobs come from ``DIR/opensmc.db`` when the
+server uses SQLite there).
+
+``export`` writes a sparse raw file (all-zero chunks become holes) or a
+qcow2, prints the SHA-256 of what it wrote and checks the disk against the
+manifest's SHA-256; a failed check removes the output and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import httpx
+
+from opensmc.cli.credentials import CredentialsError, load
+from opensmc.cli.image_access import PIECE, ImageCliError, Images, LocalImages, RemoteImages
+
+_ZERO = bytes(PIECE)
+
+
+# command line -------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+
+    def common(q: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        q.add_argument("--credentials", default=None, help="credentials file (as for `opensmc call`)")
+        q.add_argument("--endpoint", default=None, help="API endpoint, e.g. http://127.0.0.1:8080")
+        q.add_argument("--data-dir", type=Path, default=None, help="read the server's image store here instead of HTTP")
+        return q
+
+    q = common(sub.add_parser("list", help="list your images"))
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = common(sub.add_parser("show", help="show an image's manifest"))
+    q.add_argument("image_id")
+    q.add_argument("--chunks", action="store_true", help="include the per-chunk hashes")
+    q = common(sub.add_parser("export", help="write one disk of an image to a file"))
+    q.add_argument("image_id")
+    q.add_argument("--disk", type=int, default=0, help="disk number in the image (0 = system disk)")
+    q.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    q.add_argument("-o", "--output", required=True, type=Path, help="the file to write")
+    q = common(sub.add_parser("verify", help="re-check every chunk and every disk's SHA-256"))
+    q.add_argument("image_id")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.image_command:
+        print("opensmc image: give a subcommand: list, show, export or verify", file=sys.stderr)
+        return 2
+    try:
+        source: Images = (
+            LocalImages(args.data_dir) if args.data_dir else RemoteImages(load(args.credentials, args.endpoint))
+        )
+    except CredentialsError as exc:
+        print(f"opensmc image: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.image_command == "list":
+            return cmd_list(source, args.json)
+        if args.image_command == "show":
+            print(json.dumps(source.show(args.image_id, args.chunks), indent=2))
+            return 0
+        if args.image_command == "export":
+            sha = export(source, args.image_id, args.disk, args.format, args.output)
+            print(f"sha256 {sha}  {args.output}")
+            return 0
+        return cmd_verify(source, args.image_id)
+    except ImageCliError as exc:
+        print(f"opensmc image: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"opensmc image: talking to the server failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_list(source: Images, as_json: bool) -> int:
+    items = source.list_images()
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return 0
+    if not items:
+        print("No images yet: a finished replication job run makes one.")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped: do not cut IDs to 80 columns
+        console = Console(width=200)
+    table = Table("ImageId", "Name", "JobId", "Created", "Disks", "Checksum")
+    for column in table.columns:
+        if column.header in ("ImageId", "JobId", "Created"):
+            column.no_wrap = True
+            column.min_width = len("m-xxxxxxxxxxxxxxxxxxxx")
+    for item in items:
+        disks = ", ".join(f"{d['Index']}: {_size(d['Size'])}" for d in item.get("Disks", []))
+        verified = {True: "verified", False: "FAILED", None: "-"}[item.get("ChecksumVerified")]
+        table.add_row(
+            item["ImageId"], item.get("Name") or "", item.get("JobId") or "", item["CreationTime"], disks,
+            verified,
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def cmd_verify(source: Images, image_id: str) -> int:
+    problems = source.verify(image_id)
+    if problems:
+        for line in problems:
+            print(f"FAILED: {line}")
+        return 1
+    print(f"{image_id}: every chunk and every disk's SHA-256 check out")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+# export -----------------------------------------------------------------------------------------
+
+
+def export(source: Images, image_id: str, disk: int, fmt: str, out: Path, *, quiet: bool = False) -> str:
+    """Write disk ``disk`` to ``out``; return the SHA-256 of the file written.
+
+    The disk's content is checked against the manifest's SHA-256 (for qcow2, by
+    reading it back through ``qemu-img`` when that is installed). On a failure
+    nothing is left at ``out``.
+    """
+    manifest = source.show(image_id)
+    disks = manifest["Disks"]
+    if not 0 <= disk < len(disks):
+        raise ImageCliError(f"image {image_id} has no disk {disk} (it has {len(disks)})")
+    expected = str(disks[disk]["Sha256"])
+    size = int(disks[disk]["Size"])
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        if fmt == "raw":
+            sha = write_sparse(source.raw(image_id, disk), partial, size)
+            if sha != expected:
+                raise ImageCliError(f"the export's SHA-256 {sha} is not the manifest's {expected}")
+        else:
+            source.qcow2(image_id, disk, partial)
+            sha = file_sha256(partial)
+            content = qcow2_content_sha256(partial)
+            if content is None:
+                print(
+                    "note: qemu-img is not installed here, so the qcow2 was not read back; the export "
+                    "checked the disk against the manifest SHA-256 while converting it",
+                    file=sys.stderr,
+                )
+            elif content != expected:
+                raise ImageCliError(f"the qcow2 holds a disk with SHA-256 {content}, not {expected}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    if not quiet:
+        print(
+            f"disk {disk} of {image_id}: {size} bytes, matches the manifest SHA-256 {expected}",
+            file=sys.stderr,
+        )
+    return sha
+
+
+def write_sparse(blocks: Iterable[bytes], out: Path, size: int) -> str:
+    """Write a byte stream to ``out``, seeking over all-zero 64 KiB pieces; return its SHA-256."""
+    sha = hashlib.sha256()
+    offset = 0
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for block in _pieces(blocks):
+            sha.update(block)
+            if block != _ZERO[: len(block)]:
+                os.pwrite(fd, block, offset)
+            offset += len(block)
+        if offset != size:
+            raise ImageCliError(f"got {offset} bytes, the disk has {size}")
+        os.ftruncate(fd, offset)  # the trailing holes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha.hexdigest()
+
+
+def _pieces(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """Re-cut a stream into PIECE-sized pieces (the last may be shorter)."""
+    buf = bytearray()
+    for block in blocks:
+        if not buf and len(block) % PIECE == 0:
+            for i in range(0, len(block), PIECE):
+                yield block[i : i + PIECE]
+            continue
+        buf += block
+        while len(buf) >= PIECE:
+            yield bytes(buf[:PIECE])
+            del buf[:PIECE]
+    if buf:
+        yield bytes(buf)
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def qcow2_content_sha256(path: Path) -> str | None:
+    """SHA-256 of the disk a qcow2 holds (via a temporary sparse raw), or None without qemu-img."""
+    if shutil.which("qemu-img") is None:
+        return None
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".raw", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(path), name],
+            check=True,
+            capture_output=True,
+        )
+        return file_sha256(Path(name))
+    except subprocess.CalledProcessError as exc:
+        raise ImageCliError(f"qemu-img cannot read the qcow2: {exc.stderr.decode(errors='replace')}") from None
+    finally:
+        os.unlink(name)

@@ -1,0 +1,70 @@
+"""Which byte ranges of a source disk a job copies (block replication).
+
+A job copies whole disks, except the partitions it de-selects with
+``Block=false`` (``SystemDiskPart.N``, ``DataDisk.N.Part.M``,
+``Disks.*.Part.N``): file-level copying is not built yet, so those
+partitions are left out of the image (they read as zeros) rather than copied
+file by file. The partition table, the gaps between partitions and every
+partition not de-selected are copied byte for byte.
+
+Ranges are aligned to the transfer chunk size: an excluded partition gives up
+only the chunks that lie wholly inside it, so a neighbour's bytes are never
+dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Device ids (`0_1`) of the disk's partitions the job de-selects with Block=false."""
+    out: set[str] = set()
+    if disk_index == 0:
+        lists: Iterable[Any] = [spec.get("SystemDiskParts") or []]
+        path_lists: Iterable[Any] = [((spec.get("Disks") or {}).get("System") or {}).get("Parts") or []]
+    else:
+        lists = [d.get("Parts") or [] for d in spec.get("DataDisks") or [] if d.get("Index") == disk_index]
+        path_lists = []
+    for parts in lists:
+        for part in parts:
+            if part.get("Block") is False and part.get("Device"):
+                out.add(str(part["Device"]))
+    by_path = {
+        str(p.get(k)): str(p.get("device"))
+        for p in source_parts
+        for k in ("mount_point", "path")
+        if p.get(k) and p.get("device")
+    }
+    for parts in path_lists:
+        for part in parts:
+            if part.get("Block") is False and str(part.get("Path")) in by_path:
+                out.add(by_path[str(part["Path"])])
+    return out
+
+
+def copy_ranges(
+    disk_size: int, source_parts: Sequence[Mapping[str, Any]], excluded: set[str], chunk_size: int
+) -> list[tuple[int, int]]:
+    """(offset, length) ranges to copy, chunk-aligned (the last may end at the disk's end), in order."""
+    holes: list[tuple[int, int]] = []
+    for part in source_parts:
+        if str(part.get("device")) not in excluded:
+            continue
+        start = int(part.get("offset", 0))
+        end = start + int(part.get("size_bytes", 0))
+        first = -(-start // chunk_size) * chunk_size  # round up: keep a neighbour's chunk
+        last = (end // chunk_size) * chunk_size  # round down
+        if last > first:
+            holes.append((first, last))
+    holes.sort()
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    for start, end in holes:
+        if start > pos:
+            ranges.append((pos, start - pos))
+        pos = max(pos, end)
+    if pos < disk_size:
+        ranges.append((pos, disk_size - pos))
+    return ranges

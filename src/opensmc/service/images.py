@@ -1,0 +1,241 @@
+"""Images for their owners: list, describe, and read a disk back verified.
+
+The ``images`` table says which account owns an image and which job run
+made it; the image store (:mod:`opensmc.images.store`) holds its bytes and
+its manifest. Both the HTTP routes and ``opensmc image … --data-dir`` read
+disks through :func:`raw_blocks`, which checks every chunk against its hash
+and the whole disk against its SHA-256 while it goes, so nothing unverified
+is ever handed out without the reader learning of it.
+
+Disks are numbered by their position in the image (0 = the system disk,
+then the data disks in order); ``SourceDiskIndex`` says which source disk
+each one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from opensmc.clock import as_utc, iso
+from opensmc.domain.errors import InvalidParameter, NotFound, SmcError
+from opensmc.images.store import DiskManifest, ImageCorrupt, ImageNotFound, ImageStore, Manifest
+from opensmc.service.context import Caller, Services
+from opensmc.store import images as image_q
+
+#: bytes handed out per block: big enough to keep per-block overhead (a thread hop,
+#: a socket write) small, small enough to stream a disk with little memory
+BLOCK = 1 << 20
+
+Format = Literal["raw", "qcow2"]
+
+
+class ImageGone(SmcError):
+    """The database lists the image but the image store no longer has it."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(
+            f"The image {image_id} is recorded but its data is missing from the image store; see the server log.",
+            code="Image.DataMissing",
+            http_status=410,
+        )
+
+
+def store_of(svc: Services) -> ImageStore:
+    return ImageStore(svc.settings.images_dir)
+
+
+# describing ---------------------------------------------------------------------------------------
+
+
+def disk_doc(position: int, disk: DiskManifest, source_index: int | None, chunks: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "Index": position,
+        "SourceDiskIndex": position if source_index is None else source_index,
+        "Size": disk.size,
+        "Sha256": disk.sha256,
+        "ChunkSize": disk.chunk_size,
+        "ChunkCount": len(disk.chunks),
+        "StoredChunks": sum(1 for h in disk.chunks if h is not None),
+    }
+    if chunks:
+        # xxh3-128 of each chunk, null for an all-zero chunk (stored as a hole)
+        doc["Chunks"] = list(disk.chunks)
+    return doc
+
+
+def image_doc(manifest: Manifest, row: Any | None = None, *, chunks: bool = False) -> dict[str, Any]:
+    """An image as the routes and the CLI show it; ``row`` is its ``images`` record, if known."""
+    recorded: dict[str, Any] = {}
+    if row is not None:
+        try:
+            recorded = json.loads(row.manifest or "{}")
+        except ValueError:
+            recorded = {}
+    sources = [d.get("index") for d in recorded.get("disks") or []]
+    doc: dict[str, Any] = {
+        "ImageId": manifest.image_id,
+        "Name": row.name if row is not None else None,
+        "JobId": row.job_id if row is not None else None,
+        "RunId": row.run_id if row is not None else None,
+        "State": row.state if row is not None else "Available",
+        "CreationTime": iso(as_utc(row.created_at)) if row is not None else _iso_epoch(manifest.created),
+        "ChecksumVerified": recorded.get("checksum_verified"),
+        "Disks": [
+            disk_doc(i, d, sources[i] if i < len(sources) else None, chunks) for i, d in enumerate(manifest.disks)
+        ],
+    }
+    return doc
+
+
+def _iso_epoch(stamp: float) -> str:
+    return iso(datetime.fromtimestamp(stamp, UTC))
+
+
+def _owned_row(svc: Services, caller: Caller, image_id: str) -> Any:
+    with svc.db.connect() as conn:
+        row = image_q.get_image(conn, image_id, caller.account_id)
+    if row is None:  # another account's image is simply not there
+        raise NotFound("ImageId", image_id, code="InvalidImageId.NotFound")
+    return row
+
+
+def _manifest(store: ImageStore, image_id: str) -> Manifest:
+    try:
+        return store.get(image_id)
+    except ImageNotFound:
+        raise ImageGone(image_id) from None
+
+
+def list_images(svc: Services, caller: Caller) -> list[dict[str, Any]]:
+    """The caller's images, oldest first, with their disks (no chunk lists)."""
+    with svc.db.connect() as conn:
+        rows = image_q.list_images(conn, caller.account_id)
+    store = store_of(svc)
+    out = []
+    for row in rows:
+        try:
+            manifest = store.get(row.id)
+        except ImageNotFound:
+            out.append(
+                {
+                    "ImageId": row.id,
+                    "Name": row.name,
+                    "JobId": row.job_id,
+                    "State": "DataMissing",
+                    "CreationTime": iso(as_utc(row.created_at)),
+                    "Disks": [],
+                }
+            )
+            continue
+        out.append(image_doc(manifest, row))
+    return out
+
+
+def describe_image(svc: Services, caller: Caller, image_id: str, *, chunks: bool = True) -> dict[str, Any]:
+    row = _owned_row(svc, caller, image_id)
+    return image_doc(_manifest(store_of(svc), image_id), row, chunks=chunks)
+
+
+def open_disk(svc: Services, caller: Caller, image_id: str, position: int) -> tuple[ImageStore, Manifest]:
+    """Check the caller owns the image and it has disk ``position``; return the store and manifest."""
+    _owned_row(svc, caller, image_id)
+    store = store_of(svc)
+    manifest = _manifest(store, image_id)
+    check_position(manifest, position)
+    return store, manifest
+
+
+def check_position(manifest: Manifest, position: int) -> None:
+    if not 0 <= position < len(manifest.disks):
+        raise NotFound("DiskIndex", str(position), code="InvalidDiskIndex.NotFound")
+
+
+def parse_format(value: str | None) -> Format:
+    fmt = (value or "raw").lower()
+    if fmt == "raw":
+        return "raw"
+    if fmt == "qcow2":
+        return "qcow2"
+    raise InvalidParameter("format", "It must be raw or qcow2.")
+
+
+# reading back -------------------------------------------------------------------------------------
+
+
+def raw_blocks(store: ImageStore, manifest: Manifest, position: int) -> Iterator[tuple[int, bytes, bool]]:
+    """``(offset, data, is_zero)`` blocks of a disk, in order, each verified before it is yielded.
+
+    Every stored chunk is checked against its xxh3-128 name as it is read; the
+    whole disk against its SHA-256 before the last block is yielded. On any
+    mismatch (or a missing chunk file) :class:`ImageCorrupt` is raised, so a
+    reader never receives the end of a wrong disk.
+    """
+    disk = manifest.disks[position]
+    cs = disk.chunk_size
+    sha = hashlib.sha256()
+    per_block = max(1, BLOCK // cs)
+    n_chunks = len(disk.chunks)
+    for first in range(0, n_chunks, per_block):
+        last = min(first + per_block, n_chunks)
+        parts: list[bytes] = []
+        zero = True
+        for idx in range(first, last):
+            n = min(cs, disk.size - idx * cs)
+            h = disk.chunks[idx]
+            if h is None:
+                parts.append(bytes(n))
+                continue
+            zero = False
+            try:
+                data = store._read_chunk(h)  # re-hashes the chunk
+            except FileNotFoundError:
+                raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx} ({h}) is missing") from None
+            except ImageCorrupt:
+                raise ImageCorrupt(
+                    f"image {manifest.image_id} disk {position}: chunk {idx} does not match its hash {h}"
+                ) from None
+            if len(data) != n:
+                raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx} has a wrong size")
+            parts.append(data)
+        block = b"".join(parts)
+        sha.update(block)
+        if last == n_chunks and sha.hexdigest() != disk.sha256:
+            raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
+        yield first * cs, block, zero
+    if n_chunks == 0 and sha.hexdigest() != disk.sha256:
+        raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
+
+
+def _sweep_stale(tmp_dir: Path, age: float = 6 * 3600) -> None:
+    # A download the client dropped before its body started leaves its file behind.
+    cutoff = time.time() - age
+    for p in tmp_dir.glob("*.qcow2"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def export_qcow2_temp(svc: Services, store: ImageStore, image_id: str, position: int) -> Path:
+    """Export a disk as qcow2 to a temporary file in the data dir; the caller deletes it."""
+    tmp_dir = svc.settings.data_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(tmp_dir)
+    fd, name = tempfile.mkstemp(prefix=f"{image_id}-d{position}-", suffix=".qcow2", dir=tmp_dir)
+    os.close(fd)
+    out = Path(name)
+    try:
+        store.export(image_id, position, "qcow2", out)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
