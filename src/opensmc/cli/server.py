@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -33,12 +34,8 @@ log = logging.getLogger("opensmc.server")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir", type=Path, default=None, help="where the database (SQLite), images and keys live"
-    )
-    p.add_argument(
-        "--listen", default="127.0.0.1:8080", help="HOST:PORT for the API (default 127.0.0.1:8080)"
-    )
+    p.add_argument("--data-dir", type=Path, default=None, help="where the database (SQLite), images and keys live")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the API (default 127.0.0.1:8080)")
     p.add_argument(
         "--database",
         default=None,
@@ -58,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds without heartbeat before a source is Unavailable",
     )
     p.add_argument("--heartbeat-rate", type=int, default=30, help="seconds between agent heartbeats")
-    p.add_argument(
-        "--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes"
-    )
+    p.add_argument("--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes")
     p.add_argument(
         "--receiver-listen",
         default=None,
@@ -71,10 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="URL agents send disk data to (default from --receiver-listen)",
     )
-    p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument(
-        "--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)"
+        "--tls-cert", type=Path, default=None, help="PEM certificate (chain): serve API and receiver over TLS"
     )
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
+    p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -82,6 +79,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise SystemExit(f"opensmc server: --listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _reachable(host: str) -> str:
@@ -100,9 +101,10 @@ def build_services(args: argparse.Namespace) -> Services:
     data_dir.mkdir(parents=True, exist_ok=True)
     url = args.database or os.environ.get("OPENSMC_DATABASE_URL") or sqlite_url(data_dir / "opensmc.db")
     host, port = parse_listen(args.listen)
-    endpoint = args.public_endpoint or f"http://{_reachable(host)}:{port}"
+    scheme = "https" if args.tls_cert else "http"
+    endpoint = args.public_endpoint or f"{scheme}://{_reachable(host)}:{port}"
     r_host, r_port = receiver_address(args)
-    receiver_endpoint = args.receiver_endpoint or f"http://{_reachable(r_host)}:{r_port}"
+    receiver_endpoint = args.receiver_endpoint or f"{scheme}://{_reachable(r_host)}:{r_port}"
     settings = Settings(
         data_dir=data_dir,
         regions=tuple(args.region or ["local"]),
@@ -118,12 +120,29 @@ def build_services(args: argparse.Namespace) -> Services:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("opensmc server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls: ssl.SSLContext | None = None
+    if args.tls_cert:
+        try:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"opensmc server: cannot load the TLS certificate: {exc}", file=sys.stderr)
+            return 2
     try:
         svc = build_services(args)
     except Exception as exc:
         print(f"opensmc server: cannot open the database: {exc}", file=sys.stderr)
         return 2
     host, port = parse_listen(args.listen)
+    if tls is None and not _is_loopback(host):
+        log.warning(
+            "serving plain HTTP on %s: AccessKey-signed requests and disk data cross the network unencrypted; "
+            "use --tls-cert/--tls-key or a TLS proxy",
+            host,
+        )
     written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
     if written:
         print(f"Created the first account. Its AccessKey pair is in {written} (mode 0600).", flush=True)
@@ -138,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_receiver:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
-            svc.settings.staging_dir, lambda token, vid: dataplane.authorize(svc, token, vid), r_host, r_port
+            svc.settings.staging_dir,
+            lambda token, vid: dataplane.authorize(svc, token, vid),
+            r_host,
+            r_port,
+            ssl_context=tls,
         )
         try:
             receiver.start()
@@ -152,7 +175,15 @@ def run(args: argparse.Namespace) -> int:
         orchestrator.start()
     app = create_app(svc, [*agent_routes, *image_routes])
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, loop="auto", http="auto"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http="auto",
+        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
     )
     server = uvicorn.Server(config)
     try:

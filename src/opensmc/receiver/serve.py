@@ -8,6 +8,7 @@ through the API's uvicorn stack (PERF_FLOORS.md).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from opensmc.receiver.http import Authorize, make_app
 
 
 class ReceiverThread:
-    def __init__(self, volumes_root: Path, authorize: Authorize, host: str, port: int) -> None:
+    def __init__(
+        self,
+        volumes_root: Path,
+        authorize: Authorize,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.ssl_context = ssl_context
         self.volumes_root = volumes_root
         self.authorize = authorize
         self.host = host
@@ -54,7 +64,7 @@ class ReceiverThread:
         app = make_app(self.volumes_root, self.authorize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
 
     async def _cleanup(self) -> None:
