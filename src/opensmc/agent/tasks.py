@@ -32,6 +32,7 @@ import httpx
 
 from opensmc.agent.client import AgentClient, ServerUnavailable
 from opensmc.agent.pipeline import Progress, RateLimitedSender, Sender, replicate
+from opensmc.agent.reader import source_size
 from opensmc.agent.uploader import HttpSender, ReceiverError
 from opensmc.wire.frames import zstd_level
 
@@ -46,6 +47,10 @@ _LOST_CONTACT = (httpx.TransportError, ServerUnavailable, ConnectionError, Timeo
 
 class TaskStopped(Exception):
     """The server said the job is no longer syncing (stopped, failed, deleted)."""
+
+
+class DiskChanged(Exception):
+    """The source disk's size is not the size of the staging volume it goes to."""
 
 
 class LostContact(Exception):
@@ -143,9 +148,7 @@ class TaskRunner:
                 return
             code, message = _describe(exc)
             log.error("task %s failed: %s: %s", task["task_id"], code, message)
-            self._post_result(
-                {"job_id": job_id, "run_id": run_id, "ok": False, "error_code": code, "message": message}
-            )
+            self._post_result({"job_id": job_id, "run_id": run_id, "ok": False, "error_code": code, "message": message})
             return
         log.info(
             "task %s: done, %d of %d bytes sent in %.1f s",
@@ -240,19 +243,30 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
             raise TaskStopped("the server asked this task to stop")
         for disk in disks:
             with HttpSender(task["receiver"], disk["volume_id"], task["token"]) as http:
+                # The task's size comes from the latest discovery report, the volume's from the
+                # report when the run was prepared: a disk replaced or resized in between would
+                # otherwise be sent short (or cut) into the volume and "finish" as a wrong image.
+                volume_size = http.info().size
+                actual = source_size(disk["path"])
+                if actual != volume_size:
+                    raise DiskChanged(
+                        f"The source disk {disk['path']} is now {actual} bytes, but this run was "
+                        f"prepared for {volume_size} bytes: the disk changed since the job started. "
+                        "Start the job again to migrate the disk as it is now."
+                    )
                 chunk_size, previous = http.fetch_hashes()
                 limiter = RateLimitedSender(_Counting(http, on_batch), float(state["limit"]))
                 result = replicate(
                     disk["path"],
                     _StoppableSender(limiter, stopped),
-                    length=int(disk["size_bytes"]),
+                    length=volume_size,
                     previous=previous,
                     chunk_size=chunk_size,
                     level=level,
                     progress=on_progress,
                 )
                 http.flush()
-            state["base"] = int(state["base"]) + int(disk["size_bytes"])
+            state["base"] = int(state["base"]) + volume_size
             totals["bytes_plain"] += result.bytes_plain
             totals["bytes_wire"] += result.bytes_wire
             totals["chunks_sent"] += result.chunks_sent
@@ -281,6 +295,8 @@ class _Counting:
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, DiskChanged):
+        return "Agent.DiskChanged", str(exc)
     if isinstance(exc, ReceiverError):
         return "Receiver.Refused", str(exc)
     if isinstance(exc, FileNotFoundError):

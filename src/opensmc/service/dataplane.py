@@ -185,9 +185,13 @@ def allocate_volume(svc: Services, vid: str, size: int) -> None:
     directory = svc.settings.staging_dir / vid
     if directory.exists():
         try:
-            with StagingVolume.open(directory) as vol:
-                if vol.size == size:
-                    return
+            # Only the volume's metadata: StagingVolume.open() of a volume left dirty (a run
+            # stopped or interrupted before its flush) rebuilds and checkpoints it, removing
+            # the dirty marker under the receiver, which still holds the volume open and
+            # then fails its next flush (500) and loses its crash protection.
+            meta = json.loads((directory / "volume.json").read_text())
+            if int(meta["size"]) == size and meta.get("version") == 1:
+                return
         except Exception:  # an unreadable leftover is replaced below
             log.warning("staging volume %s is unreadable; making a new one", vid)
         shutil.rmtree(directory)
@@ -254,11 +258,7 @@ def _authorize(svc: Services, token: str, vid: str) -> bool:
     if job_of_volume(vid) != job_id:
         return False
     status, business, run_id = _current_run(svc, job_id)
-    return (
-        status == JobStatus.RUNNING.value
-        and business == BusinessStatus.SYNCING.value
-        and run_id == int(run_text)
-    )
+    return status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and run_id == int(run_text)
 
 
 def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
@@ -305,9 +305,7 @@ def _task_ids(body: dict[str, Any]) -> tuple[str, int]:
     job_id = body.get("job_id")
     run_id = body.get("run_id")
     if not isinstance(job_id, str) or not isinstance(run_id, int):
-        raise SmcError(
-            "job_id (string) and run_id (integer) are required.", code="InvalidTask", http_status=400
-        )
+        raise SmcError("job_id (string) and run_id (integer) are required.", code="InvalidTask", http_status=400)
     return job_id, run_id
 
 
@@ -325,9 +323,7 @@ def progress(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, A
     done = body.get("bytes_done")
     total = body.get("bytes_total")
     status, business, current = _current_run(svc, job_id)
-    go_on = (
-        status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id
-    )
+    go_on = status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id
     if go_on and isinstance(done, int) and isinstance(total, int) and done >= 0 and total >= 0:
         try:
             job_service.report_progress(svc, job_id, run_id, min(done, total), total)
@@ -344,9 +340,7 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
     job_id, run_id = _task_ids(body)
     _owned(svc, source_id, job_id)
     status, business, current = _current_run(svc, job_id)
-    if not (
-        status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id
-    ):
+    if not (status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id):
         return {"accepted": False, "reason": f"the job is {status}({business}), not syncing run {run_id}"}
     if body.get("ok") is True:
         with svc.db.begin() as conn:
@@ -354,9 +348,7 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
             conn.execute(
                 update(job_runs)
                 .where(job_runs.c.id == run_id)
-                .values(
-                    bytes_total=total, bytes_done=total, detail=json.dumps({"agent": body.get("stats", {})})
-                )
+                .values(bytes_total=total, bytes_done=total, detail=json.dumps({"agent": body.get("stats", {})}))
             )
         job_service.mark_synced(svc, job_id)
         return {"accepted": True}
@@ -406,16 +398,12 @@ def _process_one(svc: Services, job_id: str) -> None:
             # receiver checked frame by frame; the image must match them chunk for chunk,
             # and its stored chunks must re-hash to the manifest.
             mismatched = [
-                i
-                for d, v in zip(manifest.disks, volumes, strict=True)
-                for i in compare_with_source(d, v.hashes())
+                i for d, v in zip(manifest.disks, volumes, strict=True) for i in compare_with_source(d, v.hashes())
             ]
             report = store.verify(image_id)
             verified = not mismatched and report.ok
             if not verified:
-                raise ImageError(
-                    f"checksum verification failed: {len(mismatched)} chunk(s) differ, report {report}"
-                )
+                raise ImageError(f"checksum verification failed: {len(mismatched)} chunk(s) differ, report {report}")
     finally:
         for v in volumes:
             v.close()
@@ -489,8 +477,23 @@ def release_staging(svc: Services, job_id: str, transition_instance_id: str | No
             shutil.rmtree(entry, ignore_errors=True)
 
 
+#: statuses in which a job may still run again and so keeps its staging
+_MAY_RUN = (
+    JobStatus.READY.value,
+    JobStatus.RUNNING.value,
+    JobStatus.STOPPED.value,
+    JobStatus.IN_ERROR.value,
+    JobStatus.WAITING.value,
+)
+
+
 def sweep_staging(svc: Services) -> int:
-    """Release staging of jobs being deleted or gone (also after DeleteSourceServer Force)."""
+    """Release staging of jobs that can never run again: gone, Deleting, Finished or Expired.
+
+    Finished matters for CutOverReplicationJob SyncData=false (and expiry) of an
+    incremental job: it ends the job without a run, so nothing else releases the
+    staging kept between its runs.
+    """
     root = svc.settings.staging_dir
     if not root.exists():
         return 0
@@ -505,11 +508,7 @@ def sweep_staging(svc: Services) -> int:
     with svc.db.connect() as conn:
         alive = {
             r.id
-            for r in conn.execute(
-                select(jobs.c.id).where(
-                    jobs.c.id.in_(list(owners)), jobs.c.status != JobStatus.DELETING.value
-                )
-            )
+            for r in conn.execute(select(jobs.c.id).where(jobs.c.id.in_(list(owners)), jobs.c.status.in_(_MAY_RUN)))
         }
     for job_id, names in owners.items():
         if job_id in alive:
