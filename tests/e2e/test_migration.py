@@ -143,12 +143,6 @@ def _restart_and_finish(server: ServerProcess, job_id: str, system: Disk, shas: 
     assert agent_stats(second)["bytes_plain"] < 0.5 * system.size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/runner.py: the heartbeat's discovery report calls os.stat on every --disk; "
-    "FileNotFoundError is not caught in _Runner.loop, so the agent process dies with a traceback "
-    "and the job later fails as SourceServer.Offline instead of Agent.DiskNotFound",
-)
 def test_disk_disappearing_mid_job_fails_then_resumes(tmp_path: Path) -> None:
     system, data, server, agent, job_id = _disk_error_job(tmp_path)
     shas = [system.sha256(), data.sha256()]

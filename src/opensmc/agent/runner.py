@@ -125,9 +125,7 @@ class _Runner:
         except ApiRefused as exc:
             if exc.status != 401:
                 raise AgentError(f"heartbeat refused: {exc}") from exc
-            log.warning(
-                "the server no longer accepts this agent's credential (%s); registering again", exc.code
-            )
+            log.warning("the server no longer accepts this agent's credential (%s); registering again", exc.code)
             agent_state.clear(self.state_dir)
             self.state = None
             st = self.register(report)
@@ -194,17 +192,28 @@ def _discovery_report(disks: Sequence[str] | None, state_dir: Path, mode: str) -
         if not os.path.exists(path):
             raise AgentError(f"--disk {path}: no such file or device")
     if disks and len(disks) > 1 + discovery.MAX_DATA_DISKS:
-        raise AgentError(
-            f"at most {1 + discovery.MAX_DATA_DISKS} disks (1 system + {discovery.MAX_DATA_DISKS} data)"
-        )
+        raise AgentError(f"at most {1 + discovery.MAX_DATA_DISKS} disks (1 system + {discovery.MAX_DATA_DISKS} data)")
+
+    last: dict[str, Any] = {}
 
     def report() -> dict[str, Any]:
-        system = discovery.discover_system(state_dir)
-        found = discovery.discover_disks(list(disks) if disks else None)
+        try:
+            system = discovery.discover_system(state_dir)
+            found = discovery.discover_disks(list(disks) if disks else None)
+        except (OSError, ValueError) as exc:
+            # A disk that vanished for a while (unplugged, an image being replaced) must
+            # not kill the agent: keep heartbeating with the last good report; a task
+            # that needs the disk fails on its own with a clear error.
+            if not last:
+                raise AgentError(f"cannot discover this machine's disks: {exc}") from exc
+            log.warning("disk discovery failed (%s); reporting the last known disks", exc)
+            return dict(last)
         for d in found:
             for w in d.warnings:
                 log.warning("disk %s: %s", d.path, w)
-        return discovery.to_report(system, found, agent_mode=mode)
+        last.clear()
+        last.update(discovery.to_report(system, found, agent_mode=mode))
+        return dict(last)
 
     return report
 

@@ -229,6 +229,7 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
         if not go_on:
             stopped.set()
         if limiter is not None and limit != limiter.limit:
+            log.info("bandwidth limit now %s", f"{limit:g} Mbit/s" if limit > 0 else "off")
             limiter.set_limit(limit)
 
     def on_progress(p: Progress) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,6 +50,7 @@ _VOLUMES = web.AppKey("volumes", dict[str, StagingVolume])
 _ROOT = web.AppKey("root", Path)
 _AUTHORIZE: web.AppKey[Authorize] = web.AppKey("authorize")
 _OPEN_LOCK = web.AppKey("open_lock", asyncio.Lock)
+_IDENTS = web.AppKey("idents", dict[str, tuple[int, int]])
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> web.Response:
@@ -62,9 +64,7 @@ def _error(status: int, code: str, message: str, **extra: object) -> web.Respons
 async def _protocol_and_auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
     version = request.headers.get(PROTOCOL_HEADER)
     if version is None:
-        return _error(
-            400, "Protocol.Missing", f"the {PROTOCOL_HEADER} header is required (this side speaks 1)"
-        )
+        return _error(400, "Protocol.Missing", f"the {PROTOCOL_HEADER} header is required (this side speaks 1)")
     if version != PROTOCOL_VERSION:
         return _error(
             400, "Protocol.Unsupported", f"protocol version {version!r} is not supported (this side speaks 1)"
@@ -86,19 +86,38 @@ async def _protocol_and_auth(request: web.Request, handler: _Handler) -> web.Str
 async def _volume(request: web.Request) -> StagingVolume | None:
     vid = request.match_info["vid"]
     volumes = request.app[_VOLUMES]
+    idents = request.app[_IDENTS]
+    directory = request.app[_ROOT] / vid
+    ident = _identity(directory)
     vol = volumes.get(vid)
-    if vol is not None:
+    if vol is not None and idents.get(vid) == ident:
         return vol
     async with request.app[_OPEN_LOCK]:
         vol = volumes.get(vid)
+        if vol is not None and idents.get(vid) != ident:
+            # The control plane released or replaced the volume (a disk that changed
+            # size, a finished job): never keep writing into the old, deleted files.
+            volumes.pop(vid, None)
+            idents.pop(vid, None)
+            vol.close()
+            vol = None
         if vol is None:
-            directory = request.app[_ROOT] / vid
-            if not (directory / "volume.json").is_file():
+            if ident is None:
                 return None
             # Opening may rebuild the map after a crash: a long read, so off the event loop.
             vol = await asyncio.get_running_loop().run_in_executor(None, StagingVolume.open, directory)
             volumes[vid] = vol
+            idents[vid] = ident
     return vol
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which volume a directory holds now: (device, inode) of its volume.json, None if none."""
+    try:
+        st = os.stat(directory / "volume.json")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _not_found(request: web.Request) -> web.Response:
@@ -172,9 +191,7 @@ async def post_frames(request: web.Request) -> web.Response:
             except FrameError as e:
                 error = e
             except asyncio.IncompleteReadError as e:
-                error = TruncatedFrame(
-                    f"frame payload truncated: {len(e.partial)} of {header.payload_length} bytes"
-                )
+                error = TruncatedFrame(f"frame payload truncated: {len(e.partial)} of {header.payload_length} bytes")
             else:
                 group.append((header, payload))
                 group_bytes += HEADER_SIZE + header.payload_length
@@ -209,8 +226,10 @@ async def post_flush(request: web.Request) -> web.Response:
 
 async def _close_volumes(app: web.Application) -> None:
     loop = asyncio.get_running_loop()
-    for vol in app[_VOLUMES].values():
-        await loop.run_in_executor(None, vol.flush)
+    for vid, vol in app[_VOLUMES].items():
+        # A volume replaced or scrubbed by the control plane is not ours to flush any more.
+        if app[_IDENTS].get(vid) == _identity(app[_ROOT] / vid):
+            await loop.run_in_executor(None, vol.flush)
         vol.close()
     app[_VOLUMES].clear()
 
@@ -227,6 +246,7 @@ def make_app(volumes_root: str | Path, authorize: Authorize) -> web.Application:
     app[_AUTHORIZE] = authorize
     app[_VOLUMES] = {}
     app[_OPEN_LOCK] = asyncio.Lock()
+    app[_IDENTS] = {}
     app.router.add_get("/v1/volumes/{vid}", get_volume)
     app.router.add_get("/v1/volumes/{vid}/hashes", get_hashes)
     app.router.add_post("/v1/volumes/{vid}/frames", post_frames)

@@ -183,14 +183,11 @@ class StagingVolume:
     def check(self, offset: int, length: int) -> None:
         """Raise :class:`OutOfRange` or :class:`Misaligned` unless the range may be written."""
         if offset < 0 or length <= 0 or offset + length > self.size:
-            raise OutOfRange(
-                f"range {offset}+{length} is outside the volume (size {self.size} bytes); nothing written"
-            )
+            raise OutOfRange(f"range {offset}+{length} is outside the volume (size {self.size} bytes); nothing written")
         end = offset + length
         if offset % self.chunk_size or (end % self.chunk_size and end != self.size):
             raise Misaligned(
-                f"range {offset}+{length} does not fall on {self.chunk_size}-byte chunk boundaries; "
-                "nothing written"
+                f"range {offset}+{length} does not fall on {self.chunk_size}-byte chunk boundaries; nothing written"
             )
 
     def apply(self, frame: Frame) -> None:
@@ -265,9 +262,34 @@ class StagingVolume:
         _atomic_write(self.directory / _MAP, encode_hash_map(self.chunk_size, snapshot))
         with self._lock:
             if self._dirty and generation == self._generation:
-                os.unlink(self.directory / _DIRTY)
+                (self.directory / _DIRTY).unlink(missing_ok=True)
                 _fsync_dir(self.directory)
                 self._dirty = False
+
+    def scrub(self) -> list[int]:
+        """Re-read every chunk the map holds; forget (and return) those that no longer match.
+
+        A forgotten chunk is simply sent again by the next run, so a staging volume
+        damaged on disk heals instead of failing every later run.
+        """
+        bad: list[int] = []
+        for idx, expected in sorted(self.hashes().items()):
+            offset = idx * self.chunk_size
+            data = self.read(offset, min(self.chunk_size, self.size - offset))
+            if digest(data) != expected:
+                bad.append(idx)
+        if bad:
+            with self._lock:
+                for idx in bad:
+                    self._hashes.pop(idx, None)
+                self._generation += 1
+            self.flush()
+            # A new volume.json (same content, new inode) tells a receiver that holds this
+            # volume open that it changed underneath: it reopens it instead of using (and
+            # later flushing back) its stale map.
+            meta = (self.directory / _META).read_bytes()
+            _atomic_write(self.directory / _META, meta)
+        return bad
 
     # -- reading --------------------------------------------------------------------------------
 

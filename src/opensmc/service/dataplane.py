@@ -35,7 +35,7 @@ from sqlalchemy import or_, select, update
 from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus, JobStatus
 from opensmc.domain.errors import SmcError
-from opensmc.images.store import ImageError, ImageStore, compare_with_source
+from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, compare_with_source
 from opensmc.receiver.volume import StagingVolume
 from opensmc.service import jobs as job_service
 from opensmc.service.context import Services
@@ -390,7 +390,16 @@ def _process_one(svc: Services, job_id: str) -> None:
     image_id = new_id("m-")
     volumes = [StagingVolume.open(svc.settings.staging_dir / volume_id(ti, d["index"])) for d in disks]
     try:
-        manifest = store.create_image(image_id, volumes)
+        try:
+            manifest = store.create_image(image_id, volumes)
+        except ImageCorrupt as err:
+            # Staging data damaged at rest: forget the bad chunks so that the next
+            # StartReplicationJob sends them again, and say so.
+            bad = sum(len(v.scrub()) for v in volumes)
+            raise ImageError(
+                f"{err}; {bad} damaged chunk(s) were dropped from the staging volume and will be sent "
+                "again: start the job again"
+            ) from err
         checksum = bool(_params(job).get("checksum"))
         verified: bool | None = None
         if checksum:
