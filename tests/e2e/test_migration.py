@@ -184,3 +184,41 @@ def test_disk_replaced_mid_job_fails_then_resumes(tmp_path: Path) -> None:
     finally:
         agent.stop()
         stop(server.proc)
+
+
+def test_partition_deselected_with_block_false_is_left_out(tmp_path: Path) -> None:
+    """SystemDiskPart.N.Block=false: that partition is not copied; everything else is, byte for byte."""
+    disk = build_disk(tmp_path / "sys.img", 96 * MiB, label="gpt", parts=2, seed=21)
+    server = start_migration_server(tmp_path)
+    agent = None
+    try:
+        agent, source_id = register(server, [disk.path], tmp_path / "agent")
+        skipped = disk.partitions[1]
+        job_id = create_job(
+            server,
+            source_id,
+            "partial",
+            "--SystemDiskPart.1.Device",
+            "0_1",
+            "--SystemDiskPart.1.SizeBytes",
+            str(skipped.size),
+            "--SystemDiskPart.1.Block",
+            "false",
+        )
+        server.call_json("StartReplicationJob", "--JobId", job_id)
+        job = wait_status(server, job_id, "Finished", timeout=60)
+        echoed = job["SystemDiskParts"]["SystemDiskPart"][0]
+        assert echoed["Device"] == "0_1" and echoed["Block"] is False
+        out = export(server, job["ImageId"], 0, tmp_path / "exported.img")
+        src, got = disk.path.read_bytes(), out.read_bytes()
+        start, end = skipped.offset, skipped.offset + skipped.size
+        assert got[start:end] == b"\0" * (end - start)  # left out
+        assert got[:start] == src[:start]  # partition table and the first partition
+        assert got[end:] == src[end:]  # the rest of the disk, GPT backup included
+        assert partition_table(out) == partition_table(disk.path)
+        sent = agent_stats(runs(server, job_id)[0])
+        assert sent["bytes_total"] == disk.size - (end - start)
+    finally:
+        if agent:
+            agent.stop()
+        stop(server.proc)

@@ -207,7 +207,9 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
     disks = task["disks"]
-    total = sum(int(d["size_bytes"]) for d in disks)
+    # A disk's "ranges" are the parts of it the job copies (partitions de-selected with
+    # Block=false are left out); without them the whole disk moves.
+    total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks)
     stopped = threading.Event()
     state = {"base": 0, "last": 0.0, "limit": float(params.get("bandwidth_limit") or 0)}
     limiter: RateLimitedSender | None = None
@@ -257,21 +259,24 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
                     )
                 chunk_size, previous = http.fetch_hashes()
                 limiter = RateLimitedSender(_Counting(http, on_batch), float(state["limit"]))
-                result = replicate(
-                    disk["path"],
-                    _StoppableSender(limiter, stopped),
-                    length=volume_size,
-                    previous=previous,
-                    chunk_size=chunk_size,
-                    level=level,
-                    progress=on_progress,
-                )
+                for offset, length in _ranges(disk, volume_size):
+                    result = replicate(
+                        disk["path"],
+                        _StoppableSender(limiter, stopped),
+                        offset=offset,
+                        length=length,
+                        target_offset=offset,
+                        previous=previous,
+                        chunk_size=chunk_size,
+                        level=level,
+                        progress=on_progress,
+                    )
+                    state["base"] = int(state["base"]) + length
+                    totals["bytes_plain"] += result.bytes_plain
+                    totals["bytes_wire"] += result.bytes_wire
+                    totals["chunks_sent"] += result.chunks_sent
+                    totals["chunks_zeroed"] += result.chunks_zeroed
                 http.flush()
-            state["base"] = int(state["base"]) + volume_size
-            totals["bytes_plain"] += result.bytes_plain
-            totals["bytes_wire"] += result.bytes_wire
-            totals["chunks_sent"] += result.chunks_sent
-            totals["chunks_zeroed"] += result.chunks_zeroed
         tell(total, force=True)
     except _LOST_CONTACT as exc:
         raise LostContact(exc, int(totals["bytes_wire"]) + int(state.get("sent", 0))) from exc
@@ -279,6 +284,21 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
         raise TaskStopped("the server asked this task to stop")
     totals["seconds"] = round(time.monotonic() - started, 3)
     return totals
+
+
+def _ranges(disk: dict[str, Any], size: int | None = None) -> list[tuple[int, int]]:
+    """(offset, length) pieces of a task's disk to copy, within `size` when known."""
+    limit = int(disk["size_bytes"]) if size is None else size
+    raw = disk.get("ranges")
+    if not raw:
+        return [(0, limit)]
+    out: list[tuple[int, int]] = []
+    for offset, length in raw:
+        offset, length = int(offset), int(length)
+        end = min(offset + length, limit)
+        if end > offset >= 0:
+            out.append((offset, end - offset))
+    return out
 
 
 class _Counting:

@@ -35,6 +35,7 @@ from sqlalchemy import or_, select, update
 from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus, JobStatus
 from opensmc.domain.errors import SmcError
+from opensmc.domain.selection import copy_ranges, excluded_devices
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, compare_with_source
 from opensmc.receiver.volume import StagingVolume
 from opensmc.service import jobs as job_service
@@ -99,10 +100,17 @@ def selected_disks(job: Any, source_disks_json: str) -> list[dict[str, Any]]:
             code="ReplicationJobDataDiskIndex.Invalid",
             http_status=400,
         )
-    return [
-        {"index": i, "path": str(disks[i].get("path", "")), "size_bytes": int(disks[i]["size_bytes"])}
-        for i in sorted(chosen)
-    ]
+    out: list[dict[str, Any]] = []
+    for i in sorted(chosen):
+        size = int(disks[i]["size_bytes"])
+        parts = list(disks[i].get("parts") or disks[i].get("partitions") or [])
+        excluded = excluded_devices(spec, i, parts)
+        entry: dict[str, Any] = {"index": i, "path": str(disks[i].get("path", "")), "size_bytes": size}
+        if excluded:
+            entry["ranges"] = [list(r) for r in copy_ranges(size, parts, excluded, CHUNK_SIZE)]
+            entry["excluded"] = sorted(excluded)
+        out.append(entry)
+    return out
 
 
 def _params(job: Any) -> dict[str, Any]:

@@ -196,13 +196,13 @@ _BEFORE_RUN = (
 _STORED_ONLY = (
     "Stored and echoed but not acted on: VpcId, VSwitchId, InstanceType, InstanceRamRole, "
     "LaunchTemplateId, LaunchTemplateVersion, LicenseType, ResourceGroupId, Container*, JobType, "
-    "Disks.System.LVM/Disks.Data.N.LVM. Data moves as whole disks, block by block: the system disk "
-    "and the data disks named by DataDisk.N.Index or Disks.Data.N.DiskId. Partition selections "
-    "(SystemDiskPart.N, DataDisk.N.Part.M, Disks.*.Part.N) and Block=false are checked, stored and "
-    "echoed but not yet acted on: every partition of a selected disk is copied (file-level "
-    "replication is not built yet). A target size above the source size is accepted; the image keeps "
-    "the source disk's size. TargetType ContainerImage and TargetInstance are recorded; only Image "
-    "targets are produced."
+    "Disks.System.LVM/Disks.Data.N.LVM. Data moves block by block: the system disk and the data "
+    "disks named by DataDisk.N.Index or Disks.Data.N.DiskId, each whole except the partitions "
+    "de-selected with Block=false (SystemDiskPart.N, DataDisk.N.Part.M, Disks.System.Part.N by Path), "
+    "which are left out of the image (they read as zeros): file-level replication is not built yet. "
+    "Partition SizeBytes cannot resize a block-copied partition and is stored as given. A target size "
+    "above the source size is accepted; the image keeps the source disk's size. TargetType "
+    "ContainerImage and TargetInstance are recorded; only Image targets are produced."
 )
 
 ACTIONS: tuple[Action, ...] = (
