@@ -7,6 +7,7 @@ httpx's own ``httpx.TransportError``. The runner decides which ones to retry.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -31,11 +32,20 @@ class ServerUnavailable(Exception):
 
 
 class AgentClient:
-    def __init__(self, server_url: str, *, http: httpx.Client | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        http: httpx.Client | None = None,
+        timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.server_url = server_url.rstrip("/")
         self._own = http is None
         self._http = http or httpx.Client(
-            timeout=timeout, headers={"user-agent": f"opensmc-agent/{__version__}"}
+            timeout=timeout,
+            headers={"user-agent": f"opensmc-agent/{__version__}"},
+            verify=ssl_context if ssl_context is not None else True,
         )
 
     def close(self) -> None:

@@ -642,9 +642,7 @@ def to_report(
         "memory_bytes": system.memory_bytes,
         "ipv4": list(system.ipv4),
         "ipv6": list(system.ipv6),
-        "system_info": system_info(
-            system, agent_mode=agent_mode, agent_type=agent_type, client_type=client_type
-        ),
+        "system_info": system_info(system, agent_mode=agent_mode, agent_type=agent_type, client_type=client_type),
         "system_disk_size": _gib_up(disks[0].size_bytes) if disks else 0,
         "disks": [_disk_report(d) for d in disks],
     }

@@ -160,10 +160,7 @@ def read_partition_table(source: Source, *, sector_size: int | None = None) -> P
     """
     with _open(source) as disk:
         table = _read_table(disk, sector_size)
-        parts = [
-            p if p.container else replace(p, fs_type=_detect_at(disk, p.start, p.size))
-            for p in table.partitions
-        ]
+        parts = [p if p.container else replace(p, fs_type=_detect_at(disk, p.start, p.size)) for p in table.partitions]
         return PartitionTable(table.label, table.sector_size, disk.size, parts, table.warnings)
 
 
@@ -221,9 +218,7 @@ def _read_mbr(disk: _Disk, entries: list[_MbrEntry], ss: int) -> PartitionTable:
         if ptype == 0 or count == 0:
             continue
         is_ext = ptype in _EXTENDED_TYPES
-        parts.append(
-            Partition(slot, lba * ss, count * ss, f"{ptype:x}", bootable=status == 0x80, container=is_ext)
-        )
+        parts.append(Partition(slot, lba * ss, count * ss, f"{ptype:x}", bootable=status == 0x80, container=is_ext))
         if is_ext:
             if extended is not None:
                 warnings.append(f"second extended partition {slot} ignored")
@@ -252,9 +247,7 @@ def _read_logicals(disk: _Disk, ext_lba: int, ss: int) -> list[Partition]:
             break  # end of chain (an empty extended partition has no valid EBR)
         status, ptype, lba, count = _unpack_mbr_entry(sector, 446)
         if ptype != 0 and count != 0:
-            logicals.append(
-                Partition(number, (ebr + lba) * ss, count * ss, f"{ptype:x}", bootable=status == 0x80)
-            )
+            logicals.append(Partition(number, (ebr + lba) * ss, count * ss, f"{ptype:x}", bootable=status == 0x80))
             number += 1
         _, ntype, nlba, _count = _unpack_mbr_entry(sector, 462)
         if ntype not in _EXTENDED_TYPES or nlba == 0:

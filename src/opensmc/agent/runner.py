@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,16 +58,20 @@ def run_agent(
     *,
     http: httpx.Client | None = None,
     report_fn: ReportFn | None = None,
+    ca_cert: Path | None = None,
 ) -> AgentState | None:
     """Run until stopped (or, with `once`, until one heartbeat got through). Returns the last state.
 
     `http` and `report_fn` replace the HTTP client and the discovery report (tests).
+    `ca_cert` is a PEM bundle to trust for the server's and the receiver's TLS
+    certificates (default: the system's trust store).
     """
+    tls = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     credentials = _credentials(token_id, token_code, access_key_id, access_key_secret)
     make_report = report_fn or _discovery_report(disks, state_dir, "once" if once else "daemon")
     stop = stop_event or threading.Event()
-    with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http) as client:
-        runner = _Runner(client, server_url, credentials, state_dir, make_report)
+    with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http, ssl_context=tls) as client:
+        runner = _Runner(client, server_url, credentials, state_dir, make_report, tls)
         return runner.loop(stop, once)
 
 
@@ -78,6 +83,7 @@ class _Runner:
         credentials: dict[str, str],
         state_dir: Path,
         make_report: ReportFn,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
         self.server_url = server_url.rstrip("/")
@@ -85,7 +91,7 @@ class _Runner:
         self.state_dir = state_dir
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
-        self.tasks = TaskRunner(client, self._agent_token)
+        self.tasks = TaskRunner(client, self._agent_token, tls)
 
     def _agent_token(self) -> str:
         if self.state is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -77,8 +78,9 @@ class _StoppableSender:
 class TaskRunner:
     """Starts each task once and keeps track of the ones running."""
 
-    def __init__(self, client: AgentClient, token: Callable[[], str]) -> None:
+    def __init__(self, client: AgentClient, token: Callable[[], str], tls: ssl.SSLContext | None = None) -> None:
         self.client = client
+        self.tls = tls
         self.token = token
         self._running: dict[str, threading.Thread] = {}
         self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
@@ -112,7 +114,7 @@ class TaskRunner:
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report)
+            stats = run_task(task, report, self.tls)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
@@ -202,7 +204,11 @@ class TaskRunner:
         log.error("gave up reporting the result of job %s run %s", body["job_id"], body["run_id"])
 
 
-def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, float]]) -> dict[str, Any]:
+def run_task(
+    task: dict[str, Any],
+    report: Callable[[int, int], tuple[bool, float]],
+    tls: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     """Send every disk of a task; returns totals. Raises TaskStopped when told to stop."""
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
@@ -245,7 +251,7 @@ def run_task(task: dict[str, Any], report: Callable[[int, int], tuple[bool, floa
         if stopped.is_set():
             raise TaskStopped("the server asked this task to stop")
         for disk in disks:
-            with HttpSender(task["receiver"], disk["volume_id"], task["token"]) as http:
+            with HttpSender(task["receiver"], disk["volume_id"], task["token"], ssl_context=tls) as http:
                 # The task's size comes from the latest discovery report, the volume's from the
                 # report when the run was prepared: a disk replaced or resized in between would
                 # otherwise be sent short (or cut) into the volume and "finish" as a wrong image.

@@ -22,13 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help=(
-            "a disk image file or block device to migrate instead of discovered disks "
-            "(repeatable; first = system disk)"
+            "a disk image file or block device to migrate instead of discovered disks (repeatable; first = system disk)"
         ),
     )
-    p.add_argument(
-        "--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity"
-    )
+    p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
+    p.add_argument("--ca-cert", type=Path, default=None, help="PEM CA bundle to trust for the server's TLS certificate")
     p.add_argument("--once", action="store_true", help="register and send one heartbeat, then exit")
 
 
@@ -61,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             once=args.once,
             stop_event=stop,
+            ca_cert=args.ca_cert,
         )
     except AgentError as exc:
         print(f"opensmc agent: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from opensmc import API_VERSION
-from opensmc.cli.credentials import ClientCredentials
+from opensmc.cli.credentials import ClientCredentials, tls_verify
 from opensmc.signer import sign_acs3
 
 
@@ -44,16 +44,12 @@ def parse_pairs(args: list[str]) -> dict[str, str]:
     return params
 
 
-def invoke(
-    creds: ClientCredentials, action: str, params: dict[str, str], timeout: float = 60.0
-) -> tuple[int, Any]:
+def invoke(creds: ClientCredentials, action: str, params: dict[str, str], timeout: float = 60.0) -> tuple[int, Any]:
     """(HTTP status, decoded JSON body) of one signed call."""
     url = urlsplit(creds.endpoint)
     host = url.netloc
-    query, headers = sign_acs3(
-        "POST", host, action, API_VERSION, params, creds.access_key_id, creds.access_key_secret
-    )
-    response = httpx.post(f"{url.scheme}://{host}/?{query}", headers=headers, timeout=timeout)
+    query, headers = sign_acs3("POST", host, action, API_VERSION, params, creds.access_key_id, creds.access_key_secret)
+    response = httpx.post(f"{url.scheme}://{host}/?{query}", headers=headers, timeout=timeout, verify=tls_verify())
     try:
         body = response.json()
     except ValueError:

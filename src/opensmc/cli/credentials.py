@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,12 @@ class ClientCredentials:
     endpoint: str
 
 
+def tls_verify() -> ssl.SSLContext | bool:
+    """What to trust for an https endpoint: ``OPENSMC_CA_CERT`` (a PEM bundle) or the system store."""
+    bundle = os.environ.get("OPENSMC_CA_CERT")
+    return ssl.create_default_context(cafile=bundle) if bundle else True
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("OPENSMC_DATA_DIR", DEFAULT_DATA_DIR))
 
@@ -36,9 +43,7 @@ def load(credentials_file: str | None = None, endpoint: str | None = None) -> Cl
     env_secret = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
     env_endpoint = endpoint or os.environ.get("OPENSMC_ENDPOINT")
     path = Path(
-        credentials_file
-        or os.environ.get("OPENSMC_CREDENTIALS")
-        or default_data_dir() / "admin-credentials.json"
+        credentials_file or os.environ.get("OPENSMC_CREDENTIALS") or default_data_dir() / "admin-credentials.json"
     )
     file_data: dict[str, str] = {}
     if path.exists():

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from opensmc import API_VERSION
-from opensmc.cli.credentials import ClientCredentials, CredentialsError
+from opensmc.cli.credentials import ClientCredentials, CredentialsError, tls_verify
 from opensmc.signer import sign_acs3
 
 PREFIX = "/opensmc/v1/images"
@@ -78,7 +78,7 @@ class RemoteImages(Images):
 
     def _json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         url, headers = self._request(path, params)
-        response = httpx.get(url, headers=headers, timeout=self.timeout)
+        response = httpx.get(url, headers=headers, timeout=self.timeout, verify=tls_verify())
         _raise_for(response)
         return dict(response.json())
 
@@ -87,7 +87,7 @@ class RemoteImages(Images):
         url, headers = self._request(path, params)
         # No read timeout: a qcow2 is converted on the server before its first byte.
         timeout = httpx.Timeout(self.timeout, read=None)
-        with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
+        with httpx.stream("GET", url, headers=headers, timeout=timeout, verify=tls_verify()) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)

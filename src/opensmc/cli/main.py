@@ -10,9 +10,7 @@ from opensmc import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="opensmc", description="OpenSMC: a self-hosted Server Migration Center"
-    )
+    parser = argparse.ArgumentParser(prog="opensmc", description="OpenSMC: a self-hosted Server Migration Center")
     parser.add_argument("--version", action="version", version=f"opensmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
