@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import ssl
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -70,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tls-cert", type=Path, default=None, help="PEM certificate (chain): serve API and receiver over TLS"
     )
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument(
+        "--roles",
+        default="api,orchestrator,receiver",
+        help="what this process runs, comma-separated: api, orchestrator, receiver (default: all three). "
+        "Processes with other roles share the database; a receiver shares the data dir's staging volumes "
+        "with the orchestrators (same machine or a shared filesystem)",
+    )
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
 
@@ -118,8 +127,26 @@ def build_services(args: argparse.Namespace) -> Services:
     return Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
 
 
+ROLES = ("api", "orchestrator", "receiver")
+
+
+def roles_of(args: argparse.Namespace) -> set[str]:
+    roles = {r.strip() for r in str(args.roles).split(",") if r.strip()}
+    unknown = roles - set(ROLES)
+    if unknown or not roles:
+        raise SystemExit(f"opensmc server: --roles takes {', '.join(ROLES)}; got {args.roles!r}")
+    if args.no_receiver:
+        roles.discard("receiver")
+    if args.no_orchestrator:
+        roles.discard("orchestrator")
+    if not roles:
+        raise SystemExit("opensmc server: no role left to run")
+    return roles
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    roles = roles_of(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("opensmc server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -137,24 +164,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"opensmc server: cannot open the database: {exc}", file=sys.stderr)
         return 2
     host, port = parse_listen(args.listen)
-    if tls is None and not _is_loopback(host):
+    if tls is None and not _is_loopback(host) and roles & {"api", "receiver"}:
         log.warning(
             "serving plain HTTP on %s: AccessKey-signed requests and disk data cross the network unencrypted; "
             "use --tls-cert/--tls-key or a TLS proxy",
             host,
         )
-    written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
-    if written:
-        print(f"Created the first account. Its AccessKey pair is in {written} (mode 0600).", flush=True)
     db_kind = "SQLite" if svc.db.is_sqlite else "PostgreSQL"
-    print(
-        f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, "
-        f"regions: {', '.join(svc.settings.regions)}, "
-        f"data dir: {svc.settings.data_dir})",
-        flush=True,
-    )
+    if "api" in roles:
+        written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
+        if written:
+            print(f"Created the first account. Its AccessKey pair is in {written} (mode 0600).", flush=True)
+        print(
+            f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, "
+            f"regions: {', '.join(svc.settings.regions)}, "
+            f"data dir: {svc.settings.data_dir})",
+            flush=True,
+        )
     receiver = None
-    if not args.no_receiver:
+    if "receiver" in roles:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
             svc.settings.staging_dir,
@@ -170,9 +198,23 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(f"Data receiver on {svc.settings.receiver_endpoint}", flush=True)
     orchestrator = None
-    if not args.no_orchestrator:
+    if "orchestrator" in roles:
         orchestrator = Orchestrator(svc, args.orchestrator_interval)
         orchestrator.start()
+        print(f"Orchestrator running ({db_kind}, every {args.orchestrator_interval:g} s)", flush=True)
+    if "api" not in roles:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            stop.wait()
+        finally:
+            if orchestrator:
+                orchestrator.stop()
+            if receiver:
+                receiver.stop()
+            svc.db.dispose()
+        return 0
     app = create_app(svc, [*agent_routes, *image_routes])
     config = uvicorn.Config(
         app,
