@@ -13,7 +13,8 @@ tens of MiB whatever the disk size::
   receiver become zero frames; everything else is skipped. The buffer goes
   back to the pool once its frames are encoded (frames own their bytes).
 - The sender groups frames into batches of about ``batch_bytes`` and hands
-  them to the :class:`Sender`: the transport seam (HTTP in
+  them to the :class:`Sender` (frames waiting or in flight are bounded to
+  ``2 * batch_bytes``): the transport seam (HTTP in
   ``opensmc.agent.uploader``, anything in tests). Wrappers such as
   :class:`RateLimitedSender` stack on it.
 
@@ -164,9 +165,12 @@ def replicate(
         for _ in range(encoders + 2):  # one being read, one per encoder, one queued
             pool.put(bytearray(read_size))
         work: queue.Queue[tuple[int, int, bytearray] | None] = queue.Queue(maxsize=1)
-        # Each item is the frames of one read buffer (at most read_size bytes plus headers), so
-        # the queue's bound is in bytes, and thousands of small incremental frames cost few hops.
-        out: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=max(2, batch_bytes // read_size))
+        # Each item is the frames of one read buffer, so thousands of small incremental frames
+        # cost few hops. The queue is bounded in bytes, frames queued or in the batch being
+        # sent: a bound in items let an incremental run (a few hundred KiB of frames per
+        # buffer) queue only ~1 MiB, so it sent hundreds of tiny batches, each a round trip.
+        out: queue.Queue[list[bytes] | None] = queue.Queue()
+        budget = _ByteBudget(run, 2 * batch_bytes)
 
         def read_stage() -> None:
             pos = 0
@@ -181,7 +185,7 @@ def replicate(
         def encode_stage() -> None:
             while (item := run.get(work)) is not None:
                 pos, n, buf = item
-                _encode_buffer(run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out)
+                _encode_buffer(run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out, budget)
                 pool.put(buf)
             run.put(out, None)
 
@@ -199,6 +203,7 @@ def replicate(
                 # Send when the batch is full, or when nothing more is ready, to keep the link busy.
                 if batch and (size >= batch_bytes or out.empty() or not open_encoders):
                     sender.send_batch(batch)
+                    budget.release(size)
                     with run.lock:
                         run.result.bytes_wire += size
                     run.report()
@@ -214,6 +219,32 @@ def replicate(
         raise run.error
     run.result.seconds = time.monotonic() - started
     return run.result
+
+
+class _ByteBudget:
+    """Bytes of frames between the encoders and the receiver's acknowledgement, held to ``limit``.
+
+    One item may exceed the limit alone, so any frame can pass.
+    """
+
+    def __init__(self, run: _Run, limit: int) -> None:
+        self._run = run
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self._used and self._used + n > self._limit:
+                if self._run.stop.is_set():
+                    raise _Stop
+                self._cond.wait(0.1)
+            self._used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
 
 
 def _guard(run: _Run, stage: Callable[[], None]) -> None:
@@ -233,6 +264,7 @@ def _encode_buffer(
     level: int,
     max_frame: int,
     out: queue.Queue[list[bytes] | None],
+    budget: _ByteBudget,
 ) -> None:
     cs = run.result.chunk_size
     base = pos // cs
@@ -275,6 +307,7 @@ def _encode_buffer(
                 zeroed += j - i
         i = j
     if encoded:
+        budget.acquire(sum(len(f) for f in encoded))
         run.put(out, encoded)
     with run.lock:
         r = run.result

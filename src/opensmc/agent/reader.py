@@ -17,7 +17,10 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BlockSource", "nonzero_chunks", "source_size"]
+__all__ = ["DROP_BEHIND", "BlockSource", "nonzero_chunks", "source_size"]
+
+#: Drop the source's pages from the page cache every this many bytes read (see BlockSource).
+DROP_BEHIND = 32 * 1024 * 1024
 
 
 def source_size(path: str | os.PathLike[str]) -> int:
@@ -37,7 +40,14 @@ class BlockSource:
 
     Positions passed to :meth:`read_into` are relative to ``offset``: they are
     the volume offsets the frames carry. The kernel is told the access is
-    sequential so it reads ahead aggressively.
+    sequential so it reads ahead aggressively, and the pages behind a
+    sequential reader are dropped every ``DROP_BEHIND`` bytes: the bytes are in
+    the caller's buffer by then, a full-disk scan should not push the source
+    server's working set out of its page cache, and recycling a few MiB of
+    just-freed pages instead of taking new ones every time keeps the kernel's
+    copy fast. On a VM whose free memory goes back to the host (free page
+    reporting) a 2 GiB cold read measured 0.6 s with this and 2.9-3.1 s without
+    it, the copy into fresh pages costing the difference.
     """
 
     def __init__(self, path: str | os.PathLike[str], offset: int = 0, length: int | None = None) -> None:
@@ -51,6 +61,8 @@ class BlockSource:
         self.length = length
         self._fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
+        # Range-relative: the contiguous reads since _dropped are dropped once DROP_BEHIND long.
+        self._dropped = self._next = 0
 
     def read_into(self, buf: bytearray | memoryview, pos: int) -> int:
         """Fill ``buf`` from ``pos``; returns the bytes read (fewer only at the end of the range)."""
@@ -62,6 +74,13 @@ class BlockSource:
             if n == 0:
                 raise OSError(f"{self.path}: unexpected end of data at {self.offset + pos + got}")
             got += n
+        end = pos + got
+        if pos != self._next:
+            self._dropped = pos  # a jump: drop only what is read contiguously from here
+        self._next = end
+        if end - self._dropped >= DROP_BEHIND:
+            os.posix_fadvise(self._fd, self.offset + self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = end
         return got
 
     def close(self) -> None:

@@ -216,9 +216,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def encode_frame(
-    offset: int, plain: bytes | memoryview, level: int = 0, *, hash_: bytes | None = None
-) -> bytes:
+def encode_frame(offset: int, plain: bytes | memoryview, level: int = 0, *, hash_: bytes | None = None) -> bytes:
     """Encode ``plain`` as a frame for ``offset``; ``level`` is a zstd level, 0 = none.
 
     Compression is decided by a probe: the first ``PROBE_SIZE`` bytes are
