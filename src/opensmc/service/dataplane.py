@@ -48,7 +48,8 @@ log = logging.getLogger("opensmc.dataplane")
 
 CHUNK_SIZE = 64 * 1024
 LEASE = timedelta(minutes=10)
-_OWNER = f"{os.uname().nodename}:{os.getpid()}"
+_HOST = os.uname().nodename
+_OWNER = f"{_HOST}:{os.getpid()}"
 
 
 # names -------------------------------------------------------------------------------------
@@ -124,9 +125,30 @@ def _params(job: Any) -> dict[str, Any]:
 # leases ---------------------------------------------------------------------------------------
 
 
-def _claim(svc: Services, job_id: str, business: BusinessStatus) -> bool:
-    """Take the job's lease if it is Running/`business` and nobody else holds it."""
+def _dead_local_owner(owner: str | None) -> bool:
+    """A lease held by a process of this host that no longer runs (killed, crashed).
+
+    Such a lease need not be waited out: a server restarted after a crash takes
+    the job over at once. Leases of other hosts can only expire.
+    """
+    host, _, pid = (owner or "").rpartition(":")
+    if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
+def _claim(svc: Services, job_id: str, business: BusinessStatus, stale_owner: str | None = None) -> bool:
+    """Take the job's lease if it is Running/`business` and nobody else (alive) holds it."""
     now = svc.clock()
+    free = [jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.lease_owner == _OWNER]
+    if stale_owner:
+        free.append(jobs.c.lease_owner == stale_owner)
     with svc.db.begin() as conn:
         res = conn.execute(
             update(jobs)
@@ -134,7 +156,7 @@ def _claim(svc: Services, job_id: str, business: BusinessStatus) -> bool:
                 jobs.c.id == job_id,
                 jobs.c.status == JobStatus.RUNNING.value,
                 jobs.c.business_status == business.value,
-                or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.lease_owner == _OWNER),
+                or_(*free),
             )
             .values(lease_owner=_OWNER, lease_until=now + LEASE)
         )
@@ -150,15 +172,16 @@ def _release(svc: Services, job_id: str) -> None:
         )
 
 
-def _ids_in(svc: Services, business: BusinessStatus) -> list[str]:
+def _ids_in(svc: Services, business: BusinessStatus) -> list[tuple[str, str | None]]:
+    """(job id, lease owner if that owner is a dead process of this host) of jobs in Running/`business`."""
     with svc.db.connect() as conn:
         rows = conn.execute(
-            select(jobs.c.id)
+            select(jobs.c.id, jobs.c.lease_owner)
             .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.business_status == business.value)
             .order_by(jobs.c.id)
             .limit(100)
         )
-        return [r for (r,) in rows]
+        return [(r.id, r.lease_owner if _dead_local_owner(r.lease_owner) else None) for r in rows]
 
 
 # Preparing → Syncing --------------------------------------------------------------------------
@@ -167,8 +190,8 @@ def _ids_in(svc: Services, business: BusinessStatus) -> list[str]:
 def prepare(svc: Services) -> int:
     """Allocate staging for every job waiting in Preparing; returns how many moved on."""
     done = 0
-    for job_id in _ids_in(svc, BusinessStatus.PREPARING):
-        if not _claim(svc, job_id, BusinessStatus.PREPARING):
+    for job_id, stale in _ids_in(svc, BusinessStatus.PREPARING):
+        if not _claim(svc, job_id, BusinessStatus.PREPARING, stale):
             continue
         try:
             with svc.db.connect() as conn:
@@ -372,8 +395,8 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
 def process(svc: Services) -> int:
     """Make the image of every job in Processing; returns how many finished their run."""
     done = 0
-    for job_id in _ids_in(svc, BusinessStatus.PROCESSING):
-        if not _claim(svc, job_id, BusinessStatus.PROCESSING):
+    for job_id, stale in _ids_in(svc, BusinessStatus.PROCESSING):
+        if not _claim(svc, job_id, BusinessStatus.PROCESSING, stale):
             continue
         try:
             _process_one(svc, job_id)

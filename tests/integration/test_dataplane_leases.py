@@ -1,0 +1,55 @@
+"""Leases on long data-plane steps: a crashed server's lease does not block a restarted one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from opensmc.domain.enums import BusinessStatus
+from opensmc.service import dataplane
+from opensmc.service.context import Caller, Services
+from opensmc.store.tables import jobs
+from tests.conftest import ActionCaller
+from tests.integration.jobs_support import add_source
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_dead_local_owner() -> None:
+    host = os.uname().nodename
+    assert dataplane._dead_local_owner(f"{host}:{dead_pid()}")
+    assert not dataplane._dead_local_owner(f"{host}:{os.getppid()}")  # alive
+    assert not dataplane._dead_local_owner(f"{host}:{os.getpid()}")  # ourselves
+    assert not dataplane._dead_local_owner(f"some-other-host:{dead_pid()}")  # can only expire
+    assert not dataplane._dead_local_owner(None)
+
+
+def test_lease_of_a_dead_process_is_taken_over(call: ActionCaller, services: Services, caller: Caller) -> None:
+    src = add_source(services, caller)
+    job_id = call("CreateReplicationJob", RegionId="local", SourceId=src)["JobId"]
+    call("StartReplicationJob", JobId=job_id)
+    host = os.uname().nodename
+    held_by_dead = f"{host}:{dead_pid()}"
+    with services.db.begin() as conn:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(lease_owner=held_by_dead, lease_until=services.clock() + timedelta(minutes=10))
+        )
+    [(found, stale)] = dataplane._ids_in(services, BusinessStatus.PREPARING)
+    assert (found, stale) == (job_id, held_by_dead)
+    assert dataplane._claim(services, job_id, BusinessStatus.PREPARING, stale)
+    # A live lease of another process is respected.
+    with services.db.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(lease_owner=f"{host}:{os.getppid()}"))
+    [(_, stale)] = dataplane._ids_in(services, BusinessStatus.PREPARING)
+    assert stale is None
+    assert not dataplane._claim(services, job_id, BusinessStatus.PREPARING, stale)
