@@ -454,3 +454,25 @@ def test_modify_scheduled_start_moves_ready_to_waiting(call: Call, src: str) -> 
     # still never run: it may be rescheduled
     call("ModifyReplicationJobAttribute", JobId=job_id, ScheduledStartTime="2030-01-06T00:00:00Z")
     assert one_job(call, job_id)["ScheduledStartTime"] == "2030-01-06T00:00:00Z"
+
+
+def test_concurrent_creates_with_one_client_token_replay(call: Call, src: str) -> None:
+    """Retries racing each other with one ClientToken all get the same job (no duplicate, no error)."""
+    import threading
+
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            results.append(call("CreateReplicationJob", RegionId="local", SourceId=src, ClientToken="race-1")["JobId"])
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 4 and len(set(results)) == 1

@@ -101,11 +101,13 @@ def create_replication_job(svc: Services, caller: Caller, p: Params) -> str:
 
     job_id = new_id("j-")
     with svc.db.begin() as conn:
+        # Locking the source serialises two creates for one source (one unfinished job each);
+        # the ClientToken is looked up after the lock, so a concurrent retry with the same
+        # token sees the first create's record and replays it.
+        source = q.get_source(conn, source_id, caller.account_id, lock=True)
         earlier = idempotency.replay(conn, caller.account_id, "CreateReplicationJob", token, digest)
         if earlier is not None:
             return earlier
-        # Locking the source serialises two creates for one source (one unfinished job each).
-        source = q.get_source(conn, source_id, caller.account_id, lock=True)
         if source.state != SourceState.AVAILABLE.value:
             raise InvalidSourceState(source.state, [SourceState.AVAILABLE.value])
         existing = q.unfinished_job_of(conn, source_id, [s.value for s in UNFINISHED])
