@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.add_arguments(agent_sub.add_parser("run", help="register this machine and keep heartbeating"))
 
     from opensmc.cli import images as images_cli
+    from opensmc.cli import views
+
+    views.add_arguments(sub)
 
     images_cli.add_arguments(sub.add_parser("image", help="list, show, export and verify migrated images"))
 
@@ -79,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from opensmc.cli import agent as agent_cli
 
         return agent_cli.run(args)
+    if args.command in ("jobs", "sources", "watch"):
+        from opensmc.cli import views
+
+        return views.run(args)
     if args.command == "image":
         from opensmc.cli import images as images_cli
 
