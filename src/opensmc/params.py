@@ -122,9 +122,7 @@ class Params:
 
     # repeat lists --------------------------------------------------------
 
-    def groups(
-        self, name: builtins.str, *, max_n: builtins.int | None = None
-    ) -> list[tuple[builtins.int, Params]]:
+    def groups(self, name: builtins.str, *, max_n: builtins.int | None = None) -> list[tuple[builtins.int, Params]]:
         """`Name.N.Field…` as (N, sub-params) pairs in N order; gaps and any order are fine."""
         found: dict[builtins.int, dict[builtins.str, builtins.str]] = {}
         head = name + "."

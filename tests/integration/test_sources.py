@@ -416,7 +416,7 @@ def test_mark_lost_agents(call: Any, services: Services, caller: Caller) -> None
     set_state(services, busy, "InUse")
     assert mark_lost_agents(services, T0 + timedelta(seconds=90)) == 0  # exactly the grace: still fine
     later = T0 + timedelta(seconds=91)
-    assert mark_lost_agents(services, later) == 1
+    assert mark_lost_agents(services, later) == 2  # an InUse source's agent must heartbeat too
     assert mark_lost_agents(services, later) == 0  # already Unavailable
     by_id = {s["SourceId"]: s for s in describe(call)}
     lost = by_id[quiet]
@@ -426,4 +426,4 @@ def test_mark_lost_agents(call: Any, services: Services, caller: Caller) -> None
         "error_msg": "No heartbeat from the SMC agent since 2024-05-01T08:00:00Z; "
         "start the agent on the source server.",
     }
-    assert by_id[busy]["State"] == "InUse"
+    assert by_id[busy]["State"] == "Unavailable"  # the orchestrator then fails its running job

@@ -301,9 +301,7 @@ def _required(params: list[tuple[str, str]], name: str) -> str:
 
 
 def _check_time(value: str, now: datetime, window: timedelta) -> datetime:
-    bad_format = AuthError(
-        "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted."
-    )
+    bad_format = AuthError("InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted.")
     if not _TIMESTAMP_RE.fullmatch(value):
         raise bad_format
     try:
@@ -333,6 +331,4 @@ def _lookup(lookup_secret: Callable[[str], str | None], key_id: str) -> str:
 
 
 def _incomplete(detail: str) -> AuthError:
-    return AuthError(
-        "IncompleteSignature", f"The request signature does not conform to Aliyun standards. {detail}"
-    )
+    return AuthError("IncompleteSignature", f"The request signature does not conform to Aliyun standards. {detail}")

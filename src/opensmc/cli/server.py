@@ -49,7 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a region this server serves (repeatable; default: local)",
     )
-    p.add_argument("--public-endpoint", default=None, help="URL agents and clients use to reach this server")
+    p.add_argument(
+        "--public-endpoint",
+        default=None,
+        help="URL clients use to reach the API, written to the credentials file (default from --listen)",
+    )
     p.add_argument(
         "--heartbeat-grace",
         type=float,

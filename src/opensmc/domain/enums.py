@@ -75,8 +75,4 @@ class ResourceType(StrEnum):
     @property
     def wire_name(self) -> str:
         """The ResourceType as ListTagResources returns it."""
-        return (
-            "ALIYUN::SMC::SOURCESERVER"
-            if self is ResourceType.SOURCE_SERVER
-            else "ALIYUN::SMC::REPLICATIONJOB"
-        )
+        return "ALIYUN::SMC::SOURCESERVER" if self is ResourceType.SOURCE_SERVER else "ALIYUN::SMC::REPLICATIONJOB"

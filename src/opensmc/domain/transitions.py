@@ -35,9 +35,7 @@ class JobEvent(StrEnum):
     DELETE = "delete"  #: DeleteReplicationJob
 
 
-RUNNING_ANY: frozenset[State] = frozenset(
-    (S.RUNNING, b) for b in (B.PREPARING, B.SYNCING, B.PROCESSING, B.CLEANING)
-)
+RUNNING_ANY: frozenset[State] = frozenset((S.RUNNING, b) for b in (B.PREPARING, B.SYNCING, B.PROCESSING, B.CLEANING))
 IDLE = B.NONE
 
 
@@ -64,9 +62,7 @@ def _t(event: JobEvent, sources: set[State] | frozenset[State], target: State) -
 TRANSITIONS: dict[JobEvent, Transition] = {
     t.event: t
     for t in (
-        _t(
-            JobEvent.START, {(S.READY, IDLE), (S.STOPPED, IDLE), (S.IN_ERROR, IDLE)}, (S.RUNNING, B.PREPARING)
-        ),
+        _t(JobEvent.START, {(S.READY, IDLE), (S.STOPPED, IDLE), (S.IN_ERROR, IDLE)}, (S.RUNNING, B.PREPARING)),
         _t(JobEvent.SCHEDULE, {(S.READY, IDLE)}, (S.WAITING, IDLE)),
         _t(JobEvent.SCHEDULED_START, {(S.WAITING, IDLE)}, (S.RUNNING, B.PREPARING)),
         _t(JobEvent.PREPARED, {(S.RUNNING, B.PREPARING)}, (S.RUNNING, B.SYNCING)),

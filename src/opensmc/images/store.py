@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -293,6 +294,8 @@ class ImageStore:
         disk = self.get(image_id).disks[disk_index]
         out = Path(out_path)
         if fmt == "qcow2":
+            if shutil.which("qemu-img") is None:
+                raise ImageError("qcow2 export needs qemu-img (Debian package qemu-utils); export raw instead")
             raw = out.with_name(f".{out.name}.raw.tmp")
             try:
                 self.export(image_id, disk_index, "raw", raw)

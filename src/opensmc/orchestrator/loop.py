@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from opensmc.service import accounts, dataplane, orchestration, sources
 from opensmc.service.context import Services
@@ -19,10 +20,15 @@ from opensmc.service.context import Services
 log = logging.getLogger("opensmc.orchestrator")
 
 
-def tick(svc: Services) -> int:
-    """One pass; returns how many jobs and sources changed."""
+def tick(svc: Services, *, judge_liveness: bool = True) -> int:
+    """One pass; returns how many jobs and sources changed.
+
+    `judge_liveness` is False during a server's first grace period: agents kept
+    running while the server was down and must get the chance to heartbeat
+    before their silence is held against them (and their jobs failed).
+    """
     now = svc.clock()
-    changed = sources.mark_lost_agents(svc, now)
+    changed = sources.mark_lost_agents(svc, now) if judge_liveness else 0
     changed += orchestration.run_due(svc, now)
     changed += dataplane.tick(svc)
     accounts.purge_nonces(svc)
@@ -34,6 +40,7 @@ class Orchestrator:
         self.svc = svc
         self.interval = interval
         self._stop = threading.Event()
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="opensmc-orchestrator", daemon=True)
 
     def start(self) -> None:
@@ -46,7 +53,8 @@ class Orchestrator:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                changed = tick(self.svc)
+                grace = self.svc.settings.heartbeat_grace.total_seconds()
+                changed = tick(self.svc, judge_liveness=time.monotonic() - self._started >= grace)
                 if changed:
                     log.info("orchestrator: %d change(s)", changed)
             except Exception:  # a bad pass must not kill the loop; the next pass retries

@@ -66,9 +66,7 @@ class AgentIdentity:
 def register(svc: Services, body: Mapping[str, Any]) -> Registration:
     """`POST /agent/v1/register`: check the credential, then create or refresh the source."""
     raw_report = body.get("report", body)
-    machine_id = body.get("machine_id") or (
-        raw_report.get("machine_id") if isinstance(raw_report, Mapping) else None
-    )
+    machine_id = body.get("machine_id") or (raw_report.get("machine_id") if isinstance(raw_report, Mapping) else None)
     if not isinstance(machine_id, str) or not _MACHINE_ID.match(machine_id):
         raise AgentApiError(
             400,
@@ -82,23 +80,15 @@ def register(svc: Services, body: Mapping[str, Any]) -> Registration:
     if token_id or token_code:
         if not isinstance(token_id, str) or not isinstance(token_code, str) or not token_id or not token_code:
             raise AgentApiError(400, "MissingCredential", 'Give both "token_id" and "token_code".')
-        return _with_retry(
-            lambda: _register_with_token(svc, token_id, token_code, machine_id, report, version)
-        )
+        return _with_retry(lambda: _register_with_token(svc, token_id, token_code, machine_id, report, version))
     if key_id or key_secret:
         if not isinstance(key_id, str) or not isinstance(key_secret, str) or not key_id or not key_secret:
-            raise AgentApiError(
-                400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".'
-            )
+            raise AgentApiError(400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".')
         found = accounts.lookup_secret(svc, key_id)
         if found is None or not secrets.compare_digest(found[1].encode(), key_secret.encode()):
-            raise AgentApiError(
-                403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled."
-            )
+            raise AgentApiError(403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled.")
         account_id = found[0]
-        return _with_retry(
-            lambda: _register_in_account(svc, account_id, key_id, None, machine_id, report, version)
-        )
+        return _with_retry(lambda: _register_in_account(svc, account_id, key_id, None, machine_id, report, version))
     raise AgentApiError(
         400,
         "MissingCredential",
@@ -119,9 +109,7 @@ def register_source(
     """Add (or refresh) a source without an agent call: for tests and admin tooling."""
     parsed = parse_report(report)
     return _with_retry(
-        lambda: _register_in_account(
-            svc, account_id, registered_with, None, machine_id, parsed, agent_version
-        )
+        lambda: _register_in_account(svc, account_id, registered_with, None, machine_id, parsed, agent_version)
     )
 
 
@@ -269,9 +257,7 @@ def unique_name(conn: Connection, account_id: str, hostname: str) -> str:
 def _agent_version(body: Mapping[str, Any]) -> str:
     version = body.get("agent_version", "")
     if not isinstance(version, str) or len(version) > 32:
-        raise AgentApiError(
-            400, "InvalidAgentVersion", '"agent_version" must be a string of at most 32 characters.'
-        )
+        raise AgentApiError(400, "InvalidAgentVersion", '"agent_version" must be a string of at most 32 characters.')
     return version
 
 
@@ -281,9 +267,7 @@ def _agent_version(body: Mapping[str, Any]) -> str:
 def authenticate(svc: Services, authorization: str | None) -> AgentIdentity:
     """The source an `Authorization: Bearer <source_id>.<secret>` header speaks for; 401 otherwise."""
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise AgentApiError(
-            401, "MissingAgentToken", "Send the agent token as Authorization: Bearer <token>."
-        )
+        raise AgentApiError(401, "MissingAgentToken", "Send the agent token as Authorization: Bearer <token>.")
     source_id, _, secret = authorization[7:].strip().partition(".")
     with svc.db.connect() as conn:
         row = q.get_any(conn, source_id) if source_id and secret else None

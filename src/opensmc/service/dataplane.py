@@ -479,8 +479,9 @@ def _process_one(svc: Services, job_id: str) -> None:
 
 
 def _image_name(conn: Any, job: Any, run_id: int | None) -> str:
+    # ImageName, or "<job name>-run<N>"; if taken, `_<JobId>` is appended, as SMC does.
     base = job.image_name or f"{job.name}-run{run_id or 0}"
-    if job.image_name and not image_q.name_taken(conn, job.account_id, base):
+    if not image_q.name_taken(conn, job.account_id, base):
         return str(base)
     name = f"{base}_{job.id}"
     n = 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -227,6 +228,13 @@ def _sweep_stale(tmp_dir: Path, age: float = 6 * 3600) -> None:
 
 def export_qcow2_temp(svc: Services, store: ImageStore, image_id: str, position: int) -> Path:
     """Export a disk as qcow2 to a temporary file in the data dir; the caller deletes it."""
+    if shutil.which("qemu-img") is None:
+        raise SmcError(
+            "qcow2 export needs qemu-img on the server (Debian package qemu-utils); "
+            "download format=raw, or install qemu-utils.",
+            code="OperationDenied.NoQemuImg",
+            http_status=400,
+        )
     tmp_dir = svc.settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     _sweep_stale(tmp_dir)

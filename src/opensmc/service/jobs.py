@@ -106,9 +106,7 @@ def stop_job(svc: Services, caller: Caller, job_id: str) -> None:
     now = svc.clock()
     with svc.db.begin() as conn:
         row = q.get_job(conn, job_id, caller.account_id, lock=True)
-        q.transition(
-            conn, job_id, JobEvent.STOP, now, account_id=caller.account_id, values={"next_run_at": None}
-        )
+        q.transition(conn, job_id, JobEvent.STOP, now, account_id=caller.account_id, values={"next_run_at": None})
         q.close_open_runs(conn, job_id, now)
         q.release_source(conn, row.source_id, job_id)
 
@@ -120,9 +118,7 @@ def cut_over_job(svc: Services, caller: Caller, job_id: str, sync_data: bool) ->
         event = JobEvent.CUTOVER_SYNC if sync_data else JobEvent.CUTOVER_NOW
         next_state(event, q.state_of(row))
         if row.run_once:
-            raise InvalidJobStatus(
-                f"{row.status} (RunOnce=true)", ["Waiting (incremental jobs, RunOnce=false)"]
-            )
+            raise InvalidJobStatus(f"{row.status} (RunOnce=true)", ["Waiting (incremental jobs, RunOnce=false)"])
         if sync_data:
             begin_run(conn, row, event, RunType.MANUAL, now, account_id=caller.account_id, final_run=True)
         else:
@@ -142,9 +138,7 @@ def delete_job(svc: Services, caller: Caller, job_id: str) -> None:
     now = svc.clock()
     with svc.db.begin() as conn:
         row = q.get_job(conn, job_id, caller.account_id, lock=True)
-        q.transition(
-            conn, job_id, JobEvent.DELETE, now, account_id=caller.account_id, values={"next_run_at": None}
-        )
+        q.transition(conn, job_id, JobEvent.DELETE, now, account_id=caller.account_id, values={"next_run_at": None})
         tagq.remove_tags(conn, q.JOB_RTYPE, job_id, None)
         q.release_source(conn, row.source_id, job_id)
 
@@ -197,9 +191,7 @@ def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, by
             raise InvalidJobStatus(describe(state), ["Running(Syncing)"])
         run = q.open_run(conn, job_id)
         if run is None or run.id != run_id:
-            raise InvalidJobStatus(
-                f"{describe(state)}, run {run_id} is not the job's current run", ["current run"]
-            )
+            raise InvalidJobStatus(f"{describe(state)}, run {run_id} is not the job's current run", ["current run"])
         q.update_run(conn, run_id, {"bytes_done": bytes_done, "bytes_total": bytes_total})
         q.update_job(conn, job_id, {"progress": progress})
     return progress

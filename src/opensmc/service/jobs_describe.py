@@ -41,8 +41,7 @@ def describe_jobs(svc: Services, caller: Caller, p: Params) -> JobPage:
         instance_ids=p.list("InstanceId", max_n=50),
         name=p.str("Name", max_len=128) or None,
         status=p.str("Status", choices=tuple(s.value for s in JobStatus)) or None,
-        business_status=p.str("BusinessStatus", choices=tuple(b.value for b in BusinessStatus if b.value))
-        or None,
+        business_status=p.str("BusinessStatus", choices=tuple(b.value for b in BusinessStatus if b.value)) or None,
         job_type=p.int("JobType", lo=0, hi=3),
         # The legacy SDK sends its client region on every request: RegionId filters only
         # when it names a configured region (no job can be in any other).
@@ -57,9 +56,7 @@ def describe_jobs(svc: Services, caller: Caller, p: Params) -> JobPage:
         tags = tagq.tags_of(conn, q.JOB_RTYPE, ids)
         groups = q.workgroups_of(conn, [r.source_id for r in rows])
     views = [
-        JobView(
-            row=r, runs=runs.get(r.id, []), tags=tags.get(r.id, []), workgroup_id=groups.get(r.source_id, "")
-        )
+        JobView(row=r, runs=runs.get(r.id, []), tags=tags.get(r.id, []), workgroup_id=groups.get(r.source_id, ""))
         for r in rows
     ]
     return JobPage(total=total, page_number=number, page_size=size, jobs=views)

@@ -63,9 +63,7 @@ def modify_job(svc: Services, caller: Caller, p: Params) -> None:
             check_name(p, "Name", name)
             owner = q.name_owner(conn, caller.account_id, name)
             if owner is not None and owner != job_id:
-                raise Conflict(
-                    "ReplicationJobName.Duplicate", "The specified replication job name already exists."
-                )
+                raise Conflict("ReplicationJobName.Duplicate", "The specified replication job name already exists.")
             values["name"] = name
         description = p.str("Description")
         if description:
@@ -157,9 +155,7 @@ def modify_job(svc: Services, caller: Caller, p: Params) -> None:
         try:
             with conn.begin_nested():
                 if scheduled is not None and row.status == JobStatus.READY.value:
-                    q.transition(
-                        conn, job_id, JobEvent.SCHEDULE, now, account_id=caller.account_id, values=values
-                    )
+                    q.transition(conn, job_id, JobEvent.SCHEDULE, now, account_id=caller.account_id, values=values)
                 elif values:
                     q.update_job(conn, job_id, values)
         except IntegrityError:

@@ -78,8 +78,7 @@ def _block_parts(
             if known is not None and known and device not in known:
                 raise InvalidParameter(
                     g.wire("Device"),
-                    f"The source {disk_label} has no partition {device!r}; "
-                    f"it has {', '.join(sorted(known))}.",
+                    f"The source {disk_label} has no partition {device!r}; it has {', '.join(sorted(known))}.",
                 )
             if device in seen:
                 raise InvalidParameter(g.wire("Device"), f"Partition {device!r} is selected twice.")
@@ -98,9 +97,7 @@ def system_disk_parts(p: Params, disks: dict[int, dict[str, Any]]) -> list[dict[
     return _block_parts(groups, disks.get(0), "system disk")
 
 
-def data_disks(
-    p: Params, disks: dict[int, dict[str, Any]], *, have_source: bool
-) -> list[dict[str, Any]] | None:
+def data_disks(p: Params, disks: dict[int, dict[str, Any]], *, have_source: bool) -> list[dict[str, Any]] | None:
     groups = p.groups("DataDisk", max_n=16)
     if not groups:
         return None
@@ -111,9 +108,7 @@ def data_disks(
         size = g.int("Size", lo=20, hi=32768)
         assert index is not None
         if index in seen:
-            raise Conflict(
-                "DataDisk.DuplicateIndex", "The source server data disk cannot contain the same index."
-            )
+            raise Conflict("DataDisk.DuplicateIndex", "The source server data disk cannot contain the same index.")
         seen.add(index)
         disk = disks.get(index)
         if have_source and disk is None:
@@ -215,9 +210,7 @@ def replication_parameters(p: Params) -> str | None:
         )
     cl = doc.get("compress_level")
     if "compress_level" in doc and (isinstance(cl, bool) or not isinstance(cl, int) or not 0 <= cl <= 10):
-        raise InvalidParameter(
-            p.wire("ReplicationParameters"), "compress_level must be an integer from 0 to 10."
-        )
+        raise InvalidParameter(p.wire("ReplicationParameters"), "compress_level must be an integer from 0 to 10.")
     if "checksum" in doc and not isinstance(doc["checksum"], bool):
         raise InvalidParameter(p.wire("ReplicationParameters"), "checksum must be true or false.")
     return raw

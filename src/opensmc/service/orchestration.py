@@ -45,9 +45,7 @@ def _candidates(svc: Services, where: ColumnElement[bool]) -> list[str]:
         return q.due_ids(conn, where)
 
 
-def _each(
-    svc: Services, ids: list[str], where: ColumnElement[bool], act: Callable[[Connection, str], bool]
-) -> int:
+def _each(svc: Services, ids: list[str], where: ColumnElement[bool], act: Callable[[Connection, str], bool]) -> int:
     moved = 0
     for job_id in ids:
         try:
@@ -89,9 +87,7 @@ def _delete_expired(svc: Services, now: datetime) -> int:
 def _start_scheduled(svc: Services, now: datetime) -> int:
     where = and_(
         jobs.c.status == JobStatus.WAITING.value,
-        or_(
-            jobs.c.next_run_at <= now, and_(jobs.c.next_run_at.is_(None), jobs.c.scheduled_start_time <= now)
-        ),
+        or_(jobs.c.next_run_at <= now, and_(jobs.c.next_run_at.is_(None), jobs.c.scheduled_start_time <= now)),
     )
 
     def act(conn: Connection, job_id: str) -> bool:

@@ -79,9 +79,7 @@ def _str(obj: Mapping[str, Any], key: str, where: str, *, max_len: int, default:
     return value
 
 
-def _int(
-    obj: Mapping[str, Any], key: str, where: str, *, lo: int, hi: int, default: int | None = None
-) -> int:
+def _int(obj: Mapping[str, Any], key: str, where: str, *, lo: int, hi: int, default: int | None = None) -> int:
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise _bad(f"{where}{key} must be an integer from {lo} to {hi}.")
@@ -230,9 +228,7 @@ def describe(
 # -- ModifySourceServerAttribute ---------------------------------------------------------------------------
 
 
-def modify(
-    svc: Services, caller: Caller, source_id: str, *, name: str | None, description: str | None
-) -> None:
+def modify(svc: Services, caller: Caller, source_id: str, *, name: str | None, description: str | None) -> None:
     with svc.db.begin() as conn:
         row = q.get(conn, caller.account_id, source_id)
         if row is None:
@@ -321,12 +317,12 @@ def delete(svc: Services, caller: Caller, source_id: str, *, force: bool) -> lis
 
 
 def mark_lost_agents(svc: Services, now: datetime) -> int:
-    """Available sources silent for longer than Settings.heartbeat_grace become Unavailable.
+    """Available or InUse sources silent for longer than Settings.heartbeat_grace become Unavailable.
 
-    ErrorCode ``SourceServer.Offline``; StatusInfo says since when. InUse
-    sources are left to the orchestrator (it fails their running job, after
-    which they are Available again and caught by the next pass). Returns the
-    number of sources changed.
+    ErrorCode ``SourceServer.Offline``; StatusInfo says since when. The
+    orchestrator then fails a running job of such a source; when its agent is
+    heard from again the source is Available and the job can be started again
+    (it resumes from what the receiver holds). Returns the number of sources changed.
     """
     cutoff = now - svc.settings.heartbeat_grace
     changed = 0

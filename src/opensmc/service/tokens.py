@@ -101,9 +101,7 @@ class Token:
 # -- use cases ---------------------------------------------------------------------------------------------
 
 
-def create(
-    svc: Services, caller: Caller, *, name: str, description: str, count: int, ttl_days: int
-) -> tuple[str, str]:
+def create(svc: Services, caller: Caller, *, name: str, description: str, count: int, ttl_days: int) -> tuple[str, str]:
     """(AccessTokenId, AccessTokenCode). The code is returned only here; a salted hash is kept."""
     token_id = new_id("at-")
     code = new_code()

@@ -76,9 +76,7 @@ def parse_tags(
                 raise InvalidParameter(
                     g.wire("Key"), "A tag value was given without its key.", code="InvalidParameter.TagValue"
                 )
-            raise InvalidParameter(
-                g.wire("Key"), "The tag key may not be empty.", code="InvalidParameter.TagKey"
-            )
+            raise InvalidParameter(g.wire("Key"), "The tag key may not be empty.", code="InvalidParameter.TagKey")
         low = key.lower()
         if (
             len(key) > key_max

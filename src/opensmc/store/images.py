@@ -12,9 +12,7 @@ from opensmc.store.tables import images
 
 def name_taken(conn: Connection, account_id: str, name: str) -> bool:
     return (
-        conn.execute(
-            select(images.c.id).where(images.c.account_id == account_id, images.c.name == name)
-        ).first()
+        conn.execute(select(images.c.id).where(images.c.account_id == account_id, images.c.name == name)).first()
         is not None
     )
 
@@ -54,17 +52,13 @@ def get_image(conn: Connection, image_id: str, account_id: str | None = None) ->
 def images_of_job(conn: Connection, job_id: str) -> list[Row[Any]]:
     """A job's images, oldest first."""
     return list(
-        conn.execute(
-            select(images).where(images.c.job_id == job_id).order_by(images.c.created_at, images.c.id)
-        )
+        conn.execute(select(images).where(images.c.job_id == job_id).order_by(images.c.created_at, images.c.id))
     )
 
 
 def list_images(conn: Connection, account_id: str) -> list[Row[Any]]:
     return list(
-        conn.execute(
-            select(images).where(images.c.account_id == account_id).order_by(images.c.created_at, images.c.id)
-        )
+        conn.execute(select(images).where(images.c.account_id == account_id).order_by(images.c.created_at, images.c.id))
     )
 
 

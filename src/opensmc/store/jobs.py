@@ -63,9 +63,7 @@ def get_job(conn: Connection, job_id: str, account_id: str | None = None, *, loc
     return row
 
 
-def lock_if_still(
-    conn: Connection, job_id: str, where: ColumnElement[bool], *, skip_locked: bool
-) -> Row[Any] | None:
+def lock_if_still(conn: Connection, job_id: str, where: ColumnElement[bool], *, skip_locked: bool) -> Row[Any] | None:
     """The job row locked for this transaction if it still matches `where`, else None.
 
     With `skip_locked` (PostgreSQL) a row another orchestrator holds is skipped
@@ -98,19 +96,13 @@ def name_owner(conn: Connection, account_id: str, name: str) -> str | None:
 
 
 def count_jobs(conn: Connection, account_id: str) -> int:
-    return int(
-        conn.execute(
-            select(func.count()).select_from(jobs).where(jobs.c.account_id == account_id)
-        ).scalar_one()
-    )
+    return int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.account_id == account_id)).scalar_one())
 
 
 def unfinished_job_of(conn: Connection, source_id: str, statuses: Sequence[str]) -> tuple[str, str] | None:
     """(id, status) of the source's unfinished job, if any."""
     row = conn.execute(
-        select(jobs.c.id, jobs.c.status).where(
-            jobs.c.source_id == source_id, jobs.c.status.in_(list(statuses))
-        )
+        select(jobs.c.id, jobs.c.status).where(jobs.c.source_id == source_id, jobs.c.status.in_(list(statuses)))
     ).first()
     return (row.id, row.status) if row else None
 
@@ -127,9 +119,7 @@ def open_run(conn: Connection, job_id: str) -> Row[Any] | None:
 def runs_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
     out: dict[str, list[Row[Any]]] = {i: [] for i in job_ids}
     if job_ids:
-        for row in conn.execute(
-            select(job_runs).where(job_runs.c.job_id.in_(list(job_ids))).order_by(job_runs.c.id)
-        ):
+        for row in conn.execute(select(job_runs).where(job_runs.c.job_id.in_(list(job_ids))).order_by(job_runs.c.id)):
             out[row.job_id].append(row)
     return out
 
@@ -325,9 +315,7 @@ def close_open_runs(conn: Connection, job_id: str, now: datetime, image_id: str 
     values: dict[str, Any] = {"end_time": now}
     if image_id is not None:
         values["image_id"] = image_id
-    conn.execute(
-        update(job_runs).where(job_runs.c.job_id == job_id, job_runs.c.end_time.is_(None)).values(**values)
-    )
+    conn.execute(update(job_runs).where(job_runs.c.job_id == job_id, job_runs.c.end_time.is_(None)).values(**values))
 
 
 def remove_job(conn: Connection, job_id: str) -> None:

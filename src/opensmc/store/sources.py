@@ -39,9 +39,7 @@ def insert_source(conn: Connection, values: Mapping[str, Any]) -> None:
 
 
 def get(conn: Connection, account_id: str, source_id: str) -> Row[Any] | None:
-    return conn.execute(
-        select(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)
-    ).first()
+    return conn.execute(select(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)).first()
 
 
 def get_any(conn: Connection, source_id: str) -> Row[Any] | None:
@@ -105,24 +103,28 @@ def revive(conn: Connection, source_id: str) -> int:
 
 # -- liveness ----------------------------------------------------------------------------------------------
 
+#: States whose agent is expected to heartbeat: an InUse source whose agent died goes
+#: Unavailable too, and the orchestrator then fails its running job (SourceServer.Offline).
+_LIVE = (SourceState.AVAILABLE.value, SourceState.IN_USE.value)
+
 
 def silent_since(conn: Connection, cutoff: datetime) -> list[tuple[str, datetime | None, datetime]]:
-    """(id, last heartbeat, created) of Available sources not heard from since `cutoff`."""
+    """(id, last heartbeat, created) of Available or InUse sources not heard from since `cutoff`."""
     last = func.coalesce(sources.c.last_heartbeat_at, sources.c.created_at)
     rows = conn.execute(
         select(sources.c.id, sources.c.last_heartbeat_at, sources.c.created_at).where(
-            sources.c.state == SourceState.AVAILABLE.value, last < cutoff
+            sources.c.state.in_(_LIVE), last < cutoff
         )
     )
     return [(r.id, r.last_heartbeat_at, r.created_at) for r in rows]
 
 
 def mark_unavailable(conn: Connection, source_id: str, cutoff: datetime, code: str, info: str) -> int:
-    """Guarded: still Available and still silent (a heartbeat may have arrived meanwhile)."""
+    """Guarded: still Available/InUse and still silent (a heartbeat may have arrived meanwhile)."""
     last = func.coalesce(sources.c.last_heartbeat_at, sources.c.created_at)
     return conn.execute(
         update(sources)
-        .where(sources.c.id == source_id, sources.c.state == SourceState.AVAILABLE.value, last < cutoff)
+        .where(sources.c.id == source_id, sources.c.state.in_(_LIVE), last < cutoff)
         .values(state=SourceState.UNAVAILABLE.value, error_code=code, status_info=info)
     ).rowcount
 
@@ -167,9 +169,7 @@ def describe(
     if related_job_types:
         conds.append(
             exists(
-                select(jobs.c.id).where(
-                    jobs.c.source_id == sources.c.id, jobs.c.job_type.in_(list(related_job_types))
-                )
+                select(jobs.c.id).where(jobs.c.source_id == sources.c.id, jobs.c.job_type.in_(list(related_job_types)))
             )
         )
     tag_cond = tag_store.match_all(SOURCE_TAG, sources.c.id, tag_filters)
@@ -179,11 +179,7 @@ def describe(
     total = int(conn.execute(select(func.count()).select_from(sources).where(where)).scalar_one())
     rows = list(
         conn.execute(
-            select(sources)
-            .where(where)
-            .order_by(sources.c.created_at.desc(), sources.c.id)
-            .offset(offset)
-            .limit(limit)
+            select(sources).where(where).order_by(sources.c.created_at.desc(), sources.c.id).offset(offset).limit(limit)
         )
     )
     return total, rows
@@ -228,9 +224,7 @@ def jobs_of(conn: Connection, account_id: str, source_id: str) -> list[Row[Any]]
     )
 
 
-def set_job_status(
-    conn: Connection, job_id: str, allowed: Sequence[tuple[str, str]], target: tuple[str, str]
-) -> int:
+def set_job_status(conn: Connection, job_id: str, allowed: Sequence[tuple[str, str]], target: tuple[str, str]) -> int:
     """A guarded job transition: only from one of the `allowed` (Status, BusinessStatus) pairs."""
     guard = or_(*(and_(jobs.c.status == s, jobs.c.business_status == b) for s, b in allowed))
     return conn.execute(
@@ -273,6 +267,4 @@ def delete_jobs(conn: Connection, job_ids: Sequence[str]) -> None:
 
 def delete_source(conn: Connection, account_id: str, source_id: str) -> int:
     conn.execute(delete(tags).where(tags.c.resource_type == SOURCE_TAG, tags.c.resource_id == source_id))
-    return conn.execute(
-        delete(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)
-    ).rowcount
+    return conn.execute(delete(sources).where(sources.c.account_id == account_id, sources.c.id == source_id)).rowcount

@@ -37,9 +37,7 @@ def put_tags(
     for key, value in pairs:
         updated = conn.execute(
             update(tags)
-            .where(
-                tags.c.resource_type == resource_type, tags.c.resource_id == resource_id, tags.c.key == key
-            )
+            .where(tags.c.resource_type == resource_type, tags.c.resource_id == resource_id, tags.c.key == key)
             .values(value=value)
         ).rowcount
         if not updated:
@@ -130,9 +128,7 @@ def list_page(
     """
     t = tags.alias("t")  # the tag filters' EXISTS subqueries use the plain table
     if resource_type == "sourceserver":
-        alive = exists(
-            select(sources.c.id).where(sources.c.id == t.c.resource_id, sources.c.account_id == account_id)
-        )
+        alive = exists(select(sources.c.id).where(sources.c.id == t.c.resource_id, sources.c.account_id == account_id))
     else:
         alive = exists(
             select(jobs.c.id).where(

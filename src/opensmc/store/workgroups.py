@@ -37,13 +37,9 @@ def lock_account(conn: Connection, account_id: str) -> None:
     conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
 
 
-def insert_workgroup(
-    conn: Connection, account_id: str, wg_id: str, name: str, description: str, now: datetime
-) -> None:
+def insert_workgroup(conn: Connection, account_id: str, wg_id: str, name: str, description: str, now: datetime) -> None:
     conn.execute(
-        insert(workgroups).values(
-            id=wg_id, account_id=account_id, name=name, description=description, created_at=now
-        )
+        insert(workgroups).values(id=wg_id, account_id=account_id, name=name, description=description, created_at=now)
     )
 
 
@@ -72,9 +68,7 @@ def count(conn: Connection, account_id: str) -> int:
 def update_attrs(conn: Connection, account_id: str, wg_id: str, values: dict[str, str]) -> None:
     if values:
         conn.execute(
-            update(workgroups)
-            .where(workgroups.c.account_id == account_id, workgroups.c.id == wg_id)
-            .values(**values)
+            update(workgroups).where(workgroups.c.account_id == account_id, workgroups.c.id == wg_id).values(**values)
         )
 
 
@@ -135,9 +129,7 @@ def sources_by_id(conn: Connection, account_id: str, ids: Sequence[str]) -> dict
     return {str(r.id): (str(r.state), str(r.workgroup_id)) for r in rows}
 
 
-def set_membership(
-    conn: Connection, account_id: str, ids: Sequence[str], *, expect: Sequence[str], to: str
-) -> int:
+def set_membership(conn: Connection, account_id: str, ids: Sequence[str], *, expect: Sequence[str], to: str) -> int:
     """Set workgroup_id for sources whose workgroup_id is one of `expect`; returns rows changed."""
     return int(
         conn.execute(

@@ -59,9 +59,7 @@ def _list(svc: Services, caller: Caller, p: Params) -> dict[str, Any]:
         try:
             status = TokenStatus(raw_status)
         except ValueError:
-            raise InvalidParameter(
-                p.wire("Status"), "Allowed values: activated, unactivated, expired."
-            ) from None
+            raise InvalidParameter(p.wire("Status"), "Allowed values: activated, unactivated, expired.") from None
     found = tokens.list_tokens(svc, caller, ids=ids, name=name, status=status)
     now = svc.clock()
     items = [

@@ -32,8 +32,7 @@ def describe_workgroups(svc: Services, caller: Caller, p: Params) -> dict[str, A
                     "Tags": {"Tag": [{"Key": k, "Value": v} for k, v in w.tags]},
                     "Warnings": {
                         "Warning": [
-                            {"WarningType": kind, "SourceIds": {"SourceId": list(ids)}}
-                            for kind, ids in w.warnings
+                            {"WarningType": kind, "SourceIds": {"SourceId": list(ids)}} for kind, ids in w.warnings
                         ]
                     },
                 }

@@ -68,9 +68,7 @@ def upgrade() -> None:
         sa.Column("secret_enc", sa.Text(), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_access_keys_account_id_accounts")
-        ),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_access_keys_account_id_accounts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_access_keys")),
     )
     op.create_table(
@@ -85,9 +83,7 @@ def upgrade() -> None:
         sa.Column("ttl_days", sa.Integer(), nullable=False),
         sa.Column("disabled", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_access_tokens_account_id_accounts")
-        ),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_access_tokens_account_id_accounts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_access_tokens")),
     )
     with op.batch_alter_table("access_tokens", schema=None) as batch_op:
@@ -224,9 +220,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("description", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_workgroups_account_id_accounts")
-        ),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_workgroups_account_id_accounts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_workgroups")),
         sa.UniqueConstraint("account_id", "name", name="uq_workgroups_account_name"),
     )
@@ -245,9 +239,7 @@ def upgrade() -> None:
         sa.Column("bytes_done", sa.BigInteger(), nullable=False),
         sa.Column("checksum_verified", sa.Boolean(), nullable=True),
         sa.Column("detail", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_job_runs_job_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_job_runs_job_id_jobs"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_job_runs")),
     )
     with op.batch_alter_table("job_runs", schema=None) as batch_op:
