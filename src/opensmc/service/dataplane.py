@@ -418,7 +418,21 @@ def _process_one(svc: Services, job_id: str) -> None:
     ti = job.transition_instance_id or staging_id(job_id)
     disks = selected_disks(job, src.disks)
     store = image_store(svc)
+    _discard_half_made(svc, store, job_id)
     image_id = new_id("m-")
+    # The row comes first (state Creating): a crash from here on leaves a record of what to clean up.
+    with svc.db.begin() as conn:
+        image_q.add_image(
+            conn,
+            image_id=image_id,
+            account_id=job.account_id,
+            job_id=job_id,
+            run_id=run_id,
+            name=_image_name(conn, job, run_id),
+            manifest="{}",
+            now=svc.clock(),
+            state=image_q.CREATING,
+        )
     volumes = [StagingVolume.open(svc.settings.staging_dir / volume_id(ti, d["index"])) for d in disks]
     try:
         try:
@@ -444,20 +458,18 @@ def _process_one(svc: Services, job_id: str) -> None:
             verified = not mismatched and report.ok
             if not verified:
                 raise ImageError(f"checksum verification failed: {len(mismatched)} chunk(s) differ, report {report}")
+    except BaseException:
+        _discard_half_made(svc, store, job_id)
+        raise
     finally:
         for v in volumes:
             v.close()
     finishing = bool(job.run_once or job.final_run)
-    now = svc.clock()
     with svc.db.begin() as conn:
-        name = _image_name(conn, job, run_id)
-        image_q.add_image(
+        image_q.set_image(
             conn,
-            image_id=image_id,
-            account_id=job.account_id,
-            job_id=job_id,
-            run_id=run_id,
-            name=name,
+            image_id,
+            state="Available",
             manifest=json.dumps(
                 {
                     "disks": [
@@ -467,7 +479,6 @@ def _process_one(svc: Services, job_id: str) -> None:
                     "checksum_verified": verified,
                 }
             ),
-            now=now,
         )
         if run_id is not None:
             conn.execute(update(job_runs).where(job_runs.c.id == run_id).values(checksum_verified=verified))
@@ -476,6 +487,20 @@ def _process_one(svc: Services, job_id: str) -> None:
     if finishing:
         release_staging(svc, job_id, ti)
     job_service.mark_cleaned(svc, job_id)
+
+
+def _discard_half_made(svc: Services, store: ImageStore, job_id: str) -> None:
+    """Remove images of this job that a failed or killed attempt left in state Creating."""
+    with svc.db.connect() as conn:
+        leftovers = image_q.creating_of_job(conn, job_id)
+    for image_id in leftovers:
+        try:
+            store.delete_image(image_id)
+        except ImageError:
+            pass  # the store never got as far as this image
+        with svc.db.begin() as conn:
+            image_q.remove_image(conn, image_id)
+        log.info("removed half-made image %s of job %s", image_id, job_id)
 
 
 def _image_name(conn: Any, job: Any, run_id: int | None) -> str:

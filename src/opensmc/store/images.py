@@ -1,11 +1,17 @@
-"""Image records: one row per image a job run made (the bytes live in the image store)."""
+"""Image records: one row per image a job run made (the bytes live in the image store).
+
+A row is written in state ``Creating`` before the image store is touched and
+becomes ``Available`` once the image is made (and verified): a process killed
+in between leaves a row that says which store entry to clean up, never an
+image nobody knows about. Readers see only finished images.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, insert, select
+from sqlalchemy import Connection, Row, delete, insert, select, update
 
 from opensmc.store.tables import images
 
@@ -27,6 +33,7 @@ def add_image(
     name: str,
     manifest: str,
     now: datetime,
+    state: str = "Available",
 ) -> None:
     conn.execute(
         insert(images).values(
@@ -35,15 +42,28 @@ def add_image(
             job_id=job_id,
             run_id=run_id,
             name=name,
-            state="Available",
+            state=state,
             created_at=now,
             manifest=manifest,
         )
     )
 
 
+CREATING = "Creating"
+
+
+def set_image(conn: Connection, image_id: str, **values: Any) -> None:
+    conn.execute(update(images).where(images.c.id == image_id).values(**values))
+
+
+def creating_of_job(conn: Connection, job_id: str) -> list[str]:
+    """Images of a job left half-made by a process that died while making them."""
+    rows = conn.execute(select(images.c.id).where(images.c.job_id == job_id, images.c.state == CREATING))
+    return [r for (r,) in rows]
+
+
 def get_image(conn: Connection, image_id: str, account_id: str | None = None) -> Row[Any] | None:
-    stmt = select(images).where(images.c.id == image_id)
+    stmt = select(images).where(images.c.id == image_id, images.c.state != CREATING)
     if account_id is not None:
         stmt = stmt.where(images.c.account_id == account_id)
     return conn.execute(stmt).first()
@@ -52,13 +72,21 @@ def get_image(conn: Connection, image_id: str, account_id: str | None = None) ->
 def images_of_job(conn: Connection, job_id: str) -> list[Row[Any]]:
     """A job's images, oldest first."""
     return list(
-        conn.execute(select(images).where(images.c.job_id == job_id).order_by(images.c.created_at, images.c.id))
+        conn.execute(
+            select(images)
+            .where(images.c.job_id == job_id, images.c.state != CREATING)
+            .order_by(images.c.created_at, images.c.id)
+        )
     )
 
 
 def list_images(conn: Connection, account_id: str) -> list[Row[Any]]:
     return list(
-        conn.execute(select(images).where(images.c.account_id == account_id).order_by(images.c.created_at, images.c.id))
+        conn.execute(
+            select(images)
+            .where(images.c.account_id == account_id, images.c.state != CREATING)
+            .order_by(images.c.created_at, images.c.id)
+        )
     )
 
 
