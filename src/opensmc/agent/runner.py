@@ -34,7 +34,7 @@ from opensmc.agent.tasks import TaskRunner
 log = logging.getLogger("opensmc.agent")
 
 BACKOFF_START = 1.0
-BACKOFF_MAX = 60.0
+BACKOFF_MAX = 15.0  # seconds: short enough to notice a restarted server well within its grace period
 #: in --once mode, give up after this many failed attempts in a row
 ONCE_ATTEMPTS = 5
 
