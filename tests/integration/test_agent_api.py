@@ -278,7 +278,7 @@ def test_heartbeat_and_liveness(
     assert ok.status_code == 200 and ok.json() == {
         "source_id": sid,
         "state": "Available",
-        "heartbeat_rate": 30,
+        "heartbeat_rate": 10,
         "tasks": [],
     }
     now[0] = T0 + timedelta(minutes=5)

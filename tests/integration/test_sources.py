@@ -193,7 +193,7 @@ def test_describe_shape(call: Any, services: Services, caller: Caller) -> None:
         515,
         "SMT",
     )
-    assert s["HeartbeatRate"] == 30 and s["CreationTime"] == "2024-05-01T08:00:00Z"
+    assert s["HeartbeatRate"] == 10 and s["CreationTime"] == "2024-05-01T08:00:00Z"
     assert isinstance(s["SystemInfo"], str) and json.loads(s["SystemInfo"])["cores"] == "4"
     assert s["SystemDiskSize"] == 21  # 20 GiB + 1 byte, rounded up
     assert s["SystemDiskParts"] == {

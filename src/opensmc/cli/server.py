@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=90.0,
         help="seconds without heartbeat before a source is Unavailable",
     )
-    p.add_argument("--heartbeat-rate", type=int, default=30, help="seconds between agent heartbeats")
+    p.add_argument("--heartbeat-rate", type=int, default=10, help="seconds between agent heartbeats")
     p.add_argument("--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes")
     p.add_argument(
         "--receiver-listen",
