@@ -53,3 +53,39 @@ def test_two_servers_share_one_database(pg_url: str, tmp_path: Path) -> None:
         stop(first.proc)
         if second is not None:
             stop(second.proc)
+
+
+def test_migration_with_two_servers_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """Two orchestrators race for one job on PostgreSQL (leases, SKIP LOCKED); it moves once, byte for byte."""
+    from tests.e2e.conftest import free_port
+    from tests.e2e.disks import MiB, build_disk, require_tools, sha256_file
+    from tests.e2e.flows import create_job, export, register, wait_status
+
+    require_tools()
+    disk = build_disk(tmp_path / "sys.img", 64 * MiB, label="gpt", parts=2, seed=51)
+    data = tmp_path / "data"  # one data dir: the receiver and both orchestrators share staging and images
+    rport = free_port()
+    common = ("--database", pg_url, "--heartbeat-rate", "1", "--orchestrator-interval", "0.2")
+    first = start_server(data, *common, "--receiver-listen", f"127.0.0.1:{rport}")
+    second: ServerProcess | None = None
+    agent = None
+    try:
+        second = start_server(
+            data, *common, "--roles", "api,orchestrator", "--receiver-endpoint", f"http://127.0.0.1:{rport}"
+        )
+        # The agent heartbeats to the second server (so its tasks come from there); both orchestrators race.
+        second_view = ServerProcess(second.proc, second.endpoint, data, second.log)
+        agent, source_id = register(second_view, [disk.path], tmp_path / "agent")
+        job_id = create_job(first, source_id, "two-servers")
+        first.call_json("StartReplicationJob", "--JobId", job_id)
+        job = wait_status(first, job_id, "Finished", timeout=90)
+        [run] = job["ReplicationJobRuns"]["ReplicationJobRun"]
+        assert run["ImageId"] == job["ImageId"]
+        out = export(first, str(job["ImageId"]), 0, tmp_path / "out.img")
+        assert sha256_file(out) == disk.sha256()
+    finally:
+        if agent:
+            agent.stop()
+        stop(first.proc)
+        if second is not None:
+            stop(second.proc)
