@@ -142,11 +142,9 @@ def test_stop_during_sync_then_start_resumes(setup: Setup) -> None:
     job_id, ti = start_limited_job(s, "stop-start")
     wait_held(s, ti, 0.2)
     s.server.call_json("StopReplicationJob", "--JobId", job_id)
-    stopped_at = time.monotonic()
     wait_status(s.server, job_id, "Stopped", timeout=5)
     # The agent learns it at its next progress report (about a second) and stops sending.
     held = settled_bytes(s, ti)
-    assert time.monotonic() - stopped_at < 10
     time.sleep(2)
     assert staging_bytes(s.server, ti) == held, "the agent kept sending after StopReplicationJob"
     assert held < s.nonzero

@@ -329,13 +329,24 @@ class RateLimitedSender:
     from any thread while a run is going; a waiting batch sees it within 0.1 s.
     """
 
-    def __init__(self, inner: Sender, mbit_per_s: float = 0.0, *, burst_seconds: float = 0.1) -> None:
+    def __init__(
+        self,
+        inner: Sender,
+        mbit_per_s: float = 0.0,
+        *,
+        burst_seconds: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._rate = 0.0  # bytes per second
         self._burst_seconds = burst_seconds
         self._tokens = 0.0
-        self._last = time.monotonic()
+        # Injectable so that tests can check the rate on a simulated clock, not a busy machine's.
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
         self.set_limit(mbit_per_s)
 
     @property
@@ -352,7 +363,7 @@ class RateLimitedSender:
             self._tokens = min(self._tokens, self._rate * self._burst_seconds)
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._rate:
             cap = self._rate * self._burst_seconds
             self._tokens = min(cap, self._tokens + (now - self._last) * self._rate)
@@ -363,10 +374,12 @@ class RateLimitedSender:
         while True:
             with self._lock:
                 self._refill()
-                if not self._rate or self._tokens >= 0:
+                # Within a byte of zero counts as paid: float rounding must not leave a
+                # waiter sleeping for ever-smaller, clock-absorbed intervals.
+                if not self._rate or self._tokens > -1.0:
                     if self._rate:
                         self._tokens -= n
                     break
                 wait = -self._tokens / self._rate
-            time.sleep(min(wait, 0.1))
+            self._sleep(min(wait, 0.1))
         self.inner.send_batch(frames)

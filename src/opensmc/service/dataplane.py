@@ -42,6 +42,7 @@ from opensmc.service import jobs as job_service
 from opensmc.service.context import Services
 from opensmc.service.jobs_params import source_disks
 from opensmc.store import images as image_q
+from opensmc.store import jobs as job_store
 from opensmc.store.tables import job_runs, jobs, sources
 
 log = logging.getLogger("opensmc.dataplane")
@@ -251,12 +252,13 @@ def _current_run(svc: Services, job_id: str) -> tuple[str, str, int | None]:
         row = conn.execute(select(jobs.c.status, jobs.c.business_status).where(jobs.c.id == job_id)).first()
         if row is None:
             return ("", "", None)
-        run = conn.execute(
-            select(job_runs.c.id)
-            .where(job_runs.c.job_id == job_id, job_runs.c.end_time.is_(None))
-            .order_by(job_runs.c.id.desc())
-        ).first()
+        run = job_store.open_run(conn, job_id)
     return (row.status, row.business_status, run.id if run else None)
+
+
+def _is_syncing_run(status: str, business: str, current: int | None, run_id: int) -> bool:
+    """Is `run_id` the job's current run, and is it Syncing? (Only then may data move.)"""
+    return status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id
 
 
 _auth_cache: dict[str, tuple[float, bool]] = {}
@@ -288,8 +290,7 @@ def _authorize(svc: Services, token: str, vid: str) -> bool:
         return False
     if job_of_volume(vid) != job_id:
         return False
-    status, business, run_id = _current_run(svc, job_id)
-    return status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and run_id == int(run_text)
+    return _is_syncing_run(*_current_run(svc, job_id), int(run_text))
 
 
 def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
@@ -354,7 +355,7 @@ def progress(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, A
     done = body.get("bytes_done")
     total = body.get("bytes_total")
     status, business, current = _current_run(svc, job_id)
-    go_on = status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id
+    go_on = _is_syncing_run(status, business, current, run_id)
     if go_on and isinstance(done, int) and isinstance(total, int) and done >= 0 and total >= 0:
         try:
             job_service.report_progress(svc, job_id, run_id, min(done, total), total)
@@ -371,7 +372,7 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
     job_id, run_id = _task_ids(body)
     _owned(svc, source_id, job_id)
     status, business, current = _current_run(svc, job_id)
-    if not (status == JobStatus.RUNNING.value and business == BusinessStatus.SYNCING.value and current == run_id):
+    if not _is_syncing_run(status, business, current, run_id):
         return {"accepted": False, "reason": f"the job is {status}({business}), not syncing run {run_id}"}
     if body.get("ok") is True:
         with svc.db.begin() as conn:
