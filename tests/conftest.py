@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, make_url, text
 
 from opensmc.params import Params
@@ -25,6 +26,11 @@ from opensmc.store.db import Database, normalize_url, sqlite_url
 from opensmc.store.migrate import upgrade
 from opensmc.store.secretbox import SecretBox
 from opensmc.store.tables import metadata
+
+# No Hypothesis deadlines anywhere: these machines are shared and noisy, and a test
+# must fail on behaviour, never on how long an example took.
+hypothesis_settings.register_profile("opensmc", deadline=None)
+hypothesis_settings.load_profile("opensmc")
 
 PG_URL = os.environ.get("OPENSMC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SECRET_KEY = b"3q2-7wEAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="  # a fixed Fernet key for tests

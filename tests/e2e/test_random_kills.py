@@ -22,7 +22,7 @@ most what the receiver did not hold before the last kill preceding its start
 margin; and less than a full send when that kill came after 30% had landed.
 
 Two more tests kill the server while the job is Processing (the image being made
-under the job's lease, ``service/dataplane.py``). The lease owner is
+under the job's lease, ``service/leases.py``). The lease owner is
 ``<hostname>:<pid>`` and ``LEASE`` is 10 minutes; a restarted server is a new owner,
 and it takes over at once only because a lease whose owner is a dead process of
 the same host counts as free (``_dead_local_owner``). A lease of another host (a

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from opensmc.domain.enums import BusinessStatus
-from opensmc.service import dataplane
+from opensmc.service import leases
 from opensmc.service.context import Caller, Services
 from opensmc.store.tables import jobs
 from tests.conftest import ActionCaller
@@ -25,11 +25,11 @@ def dead_pid() -> int:
 
 def test_dead_local_owner() -> None:
     host = os.uname().nodename
-    assert dataplane._dead_local_owner(f"{host}:{dead_pid()}")
-    assert not dataplane._dead_local_owner(f"{host}:{os.getppid()}")  # alive
-    assert not dataplane._dead_local_owner(f"{host}:{os.getpid()}")  # ourselves
-    assert not dataplane._dead_local_owner(f"some-other-host:{dead_pid()}")  # can only expire
-    assert not dataplane._dead_local_owner(None)
+    assert leases.dead_local_owner(f"{host}:{dead_pid()}")
+    assert not leases.dead_local_owner(f"{host}:{os.getppid()}")  # alive
+    assert not leases.dead_local_owner(f"{host}:{os.getpid()}")  # ourselves
+    assert not leases.dead_local_owner(f"some-other-host:{dead_pid()}")  # can only expire
+    assert not leases.dead_local_owner(None)
 
 
 def test_lease_of_a_dead_process_is_taken_over(call: ActionCaller, services: Services, caller: Caller) -> None:
@@ -44,12 +44,12 @@ def test_lease_of_a_dead_process_is_taken_over(call: ActionCaller, services: Ser
             .where(jobs.c.id == job_id)
             .values(lease_owner=held_by_dead, lease_until=services.clock() + timedelta(minutes=10))
         )
-    [(found, stale)] = dataplane._ids_in(services, BusinessStatus.PREPARING)
+    [(found, stale)] = leases.ids_in(services, BusinessStatus.PREPARING)
     assert (found, stale) == (job_id, held_by_dead)
-    assert dataplane._claim(services, job_id, BusinessStatus.PREPARING, stale)
+    assert leases.claim(services, job_id, BusinessStatus.PREPARING, stale)
     # A live lease of another process is respected.
     with services.db.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(lease_owner=f"{host}:{os.getppid()}"))
-    [(_, stale)] = dataplane._ids_in(services, BusinessStatus.PREPARING)
+    [(_, stale)] = leases.ids_in(services, BusinessStatus.PREPARING)
     assert stale is None
-    assert not dataplane._claim(services, job_id, BusinessStatus.PREPARING, stale)
+    assert not leases.claim(services, job_id, BusinessStatus.PREPARING, stale)

@@ -26,7 +26,7 @@ from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
-from opensmc.service import accounts, dataplane
+from opensmc.service import accounts, agent_tasks
 from opensmc.service.context import Services, Settings
 from opensmc.store.db import Database, sqlite_url
 from opensmc.store.migrate import upgrade
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
             svc.settings.staging_dir,
-            lambda token, vid: dataplane.authorize(svc, token, vid),
+            lambda token, vid: agent_tasks.authorize(svc, token, vid),
             r_host,
             r_port,
             ssl_context=tls,

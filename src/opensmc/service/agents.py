@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from opensmc.clock import iso, new_id
 from opensmc.domain.enums import SourceState
 from opensmc.domain.errors import SmcError
-from opensmc.service import accounts, dataplane
+from opensmc.service import accounts, agent_tasks
 from opensmc.service.context import Services
 from opensmc.service.sources import Report, parse_report
 from opensmc.service.tokens import Token, hash_secret, verify_secret
@@ -300,18 +300,18 @@ def heartbeat(svc: Services, authorization: str | None, body: Mapping[str, Any])
         "source_id": who.source_id,
         "state": state,
         "heartbeat_rate": svc.settings.heartbeat_rate,
-        # What the data plane wants this agent to do now (service/dataplane.py).
-        "tasks": dataplane.tasks_for(svc, who.source_id),
+        # What the data plane wants this agent to do now (service/agent_tasks.py).
+        "tasks": agent_tasks.tasks_for(svc, who.source_id),
     }
 
 
 def task_progress(svc: Services, authorization: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
     """`POST /agent/v1/tasks/progress`: bytes moved so far; answers whether to go on."""
     who = authenticate(svc, authorization)
-    return dataplane.progress(svc, who.source_id, dict(body))
+    return agent_tasks.progress(svc, who.source_id, dict(body))
 
 
 def task_result(svc: Services, authorization: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
     """`POST /agent/v1/tasks/result`: a task ended, with success or an error."""
     who = authenticate(svc, authorization)
-    return dataplane.task_result(svc, who.source_id, dict(body))
+    return agent_tasks.task_result(svc, who.source_id, dict(body))

@@ -1,4 +1,4 @@
-"""The replication job life cycle (DESIGN.md §4): user actions and the data-plane seam.
+"""The replication job life cycle (docs/architecture.md): user actions and the data-plane seam.
 
 User actions: Start, Stop, CutOver, Delete (Create, Modify and Describe live
 in ``jobs_create``, ``jobs_modify`` and ``jobs_describe``).
@@ -21,6 +21,7 @@ Each is one transaction: a guarded UPDATE plus a ``job_events`` row.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -204,10 +205,19 @@ def mark_synced(svc: Services, job_id: str) -> State:
     return to
 
 
-def mark_processed(svc: Services, job_id: str, image_id: str) -> State:
-    """The run's image exists: Processing → Cleaning."""
+def mark_processed(
+    svc: Services, job_id: str, image_id: str, *, also: Callable[[Connection], None] | None = None
+) -> State:
+    """The run's image exists: Processing → Cleaning.
+
+    `also` runs in the same transaction (the image row becomes Available in it),
+    so a crash leaves either an unfinished image of a job still Processing, or
+    an Available image of a job in Cleaning: never both steps half done.
+    """
     now = svc.clock()
     with svc.db.begin() as conn:
+        if also is not None:
+            also(conn)
         _frm, to = q.transition(
             conn,
             job_id,

@@ -1,0 +1,168 @@
+"""The agent's side of a job run: its task, its receiver credential, progress and result.
+
+A job in Running/Syncing is the source's task (:func:`tasks_for`): the
+receiver to send to, a credential scoped to that run (:func:`data_token`,
+checked by :func:`authorize`), the disks with the staging volume each goes to.
+The agent reports progress (:func:`progress`, whose reply says whether to go
+on and at what bandwidth) and the result (:func:`task_result`, which moves
+the job to Processing).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from opensmc.domain.errors import SmcError
+from opensmc.domain.runs import is_syncing_run
+from opensmc.service import jobs as job_service
+from opensmc.service.context import Services
+from opensmc.service.staging import CHUNK_SIZE, fail, job_of_volume, selected_disks, staging_id, volume_id
+from opensmc.store import dataplane as q
+from opensmc.store import jobs as job_store
+
+log = logging.getLogger("opensmc.dataplane")
+
+
+def replication_parameters(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def data_token(svc: Services, job_id: str, run_id: int) -> str:
+    """The receiver credential of one job run: valid only while that run is Syncing."""
+    return f"{job_id}.{run_id}.{svc.secrets.mac(f'data:{job_id}:{run_id}')}"
+
+
+def current_run(svc: Services, job_id: str) -> tuple[str, str, int | None]:
+    """(status, business status, id of the open run) of a job; empty strings if it is gone."""
+    with svc.db.connect() as conn:
+        row = q.job_status(conn, job_id)
+        if row is None:
+            return ("", "", None)
+        run = job_store.open_run(conn, job_id)
+    return (row.status, row.business_status, run.id if run else None)
+
+
+_auth_cache: dict[str, tuple[float, bool]] = {}
+_auth_lock = threading.Lock()
+
+
+def authorize(svc: Services, token: str, vid: str) -> bool:
+    """May `token` write to volume `vid`? Only the current Syncing run of the volume's job."""
+    now = time.monotonic()
+    key = f"{token}|{vid}"
+    with _auth_lock:
+        hit = _auth_cache.get(key)
+        if hit and now - hit[0] < 2.0:
+            return hit[1]
+    ok = _authorize(svc, token, vid)
+    with _auth_lock:
+        if len(_auth_cache) > 10_000:
+            _auth_cache.clear()
+        _auth_cache[key] = (now, ok)
+    return ok
+
+
+def _authorize(svc: Services, token: str, vid: str) -> bool:
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    job_id, run_text, _mac = parts
+    if not hmac.compare_digest(token, data_token(svc, job_id, int(run_text))):
+        return False
+    if job_of_volume(vid) != job_id:
+        return False
+    return is_syncing_run(*current_run(svc, job_id), int(run_text))
+
+
+def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
+    """The work a source's agent should be doing now (at most one task: one job per source)."""
+    with svc.db.connect() as conn:
+        found = q.syncing_job_of_source(conn, source_id)
+    if found is None:
+        return []
+    job, disks_json = found
+    _s, _b, run_id = current_run(svc, job.id)
+    if run_id is None:
+        return []
+    try:
+        disks = selected_disks(job, disks_json)
+    except SmcError:
+        return []
+    params = replication_parameters(job.replication_parameters)
+    ti = job.transition_instance_id or staging_id(job.id)
+    return [
+        {
+            "task_id": f"{job.id}:{run_id}",
+            "job_id": job.id,
+            "run_id": run_id,
+            "receiver": svc.settings.receiver_endpoint,
+            "token": data_token(svc, job.id, run_id),
+            "replication_parameters": {
+                "bandwidth_limit": float(params.get("bandwidth_limit") or 0),
+                "compress_level": int(params.get("compress_level") or 0),
+                "checksum": bool(params.get("checksum") or False),
+            },
+            "chunk_size": CHUNK_SIZE,
+            "disks": [{**d, "volume_id": volume_id(ti, d["index"])} for d in disks],
+        }
+    ]
+
+
+def _task_ids(body: dict[str, Any]) -> tuple[str, int]:
+    job_id = body.get("job_id")
+    run_id = body.get("run_id")
+    if not isinstance(job_id, str) or not isinstance(run_id, int):
+        raise SmcError("job_id (string) and run_id (integer) are required.", code="InvalidTask", http_status=400)
+    return job_id, run_id
+
+
+def _owned(svc: Services, source_id: str, job_id: str) -> None:
+    with svc.db.connect() as conn:
+        row = q.job_status(conn, job_id)
+    if row is None or row.source_id != source_id:
+        raise SmcError(f"Job {job_id} is not a job of this source.", code="InvalidTask", http_status=404)
+
+
+def progress(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Record progress; tell the agent whether to go on and at what bandwidth."""
+    job_id, run_id = _task_ids(body)
+    _owned(svc, source_id, job_id)
+    done = body.get("bytes_done")
+    total = body.get("bytes_total")
+    go_on = is_syncing_run(*current_run(svc, job_id), run_id)
+    if go_on and isinstance(done, int) and isinstance(total, int) and done >= 0 and total >= 0:
+        try:
+            job_service.report_progress(svc, job_id, run_id, min(done, total), total)
+        except SmcError:
+            go_on = False
+    with svc.db.connect() as conn:
+        row = q.job_status(conn, job_id)
+    params = replication_parameters(row.replication_parameters) if row else {}
+    return {"continue": go_on, "bandwidth_limit": float(params.get("bandwidth_limit") or 0)}
+
+
+def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The agent finished (or failed) a task."""
+    job_id, run_id = _task_ids(body)
+    _owned(svc, source_id, job_id)
+    status, business, current = current_run(svc, job_id)
+    if not is_syncing_run(status, business, current, run_id):
+        return {"accepted": False, "reason": f"the job is {status}({business}), not syncing run {run_id}"}
+    if body.get("ok") is True:
+        with svc.db.begin() as conn:
+            q.record_synced_run(conn, run_id, int(body.get("bytes_total") or 0), body.get("stats", {}))
+        job_service.mark_synced(svc, job_id)
+        return {"accepted": True}
+    code = str(body.get("error_code") or "Agent.SyncFailed")[:64]
+    message = str(body.get("message") or "The agent could not send the disk data.")[:1000]
+    fail(svc, job_id, code, message)
+    return {"accepted": True}
