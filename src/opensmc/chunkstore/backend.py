@@ -1,0 +1,241 @@
+"""The storage backend contract: named, immutable-once-written objects.
+
+Everything the chunk store keeps (packs, their indexes, snapshots, config)
+is an object with a ``/``-separated name. A backend only has to read, write,
+list and delete whole objects (and read a byte range of one), which any
+object store offers; :class:`LocalBackend` keeps them as files in a
+directory. ``tests/conformance`` holds the suite every backend must pass.
+
+Locks are part of the contract because garbage collection must exclude
+writers: a *shared* lock for writers and readers, an *exclusive* one for
+the collector. A lock dies with the process that holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "AbstractLock",
+    "Backend",
+    "LocalBackend",
+    "LockBusy",
+    "ObjectExists",
+    "ObjectNotFound",
+    "check_name",
+    "locked",
+]
+
+
+class ObjectNotFound(KeyError):
+    """No object of that name."""
+
+
+class ObjectExists(FileExistsError):
+    """``write(..., exclusive=True)`` of a name that exists already."""
+
+
+class LockBusy(BlockingIOError):
+    """A non-blocking lock request found the lock held."""
+
+
+def check_name(name: str) -> str:
+    """Object names: relative, ``/``-separated, no empty, ``.`` or ``..`` parts, no leading dot."""
+    parts = name.split("/")
+    if not name or any(not p or p in (".", "..") or p.startswith(".") for p in parts) or "\0" in name:
+        raise ValueError(f"bad object name {name!r}")
+    return name
+
+
+class Backend(Protocol):
+    def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        """Store ``data`` under ``name``, durably and atomically (readers see all of it or none).
+
+        With ``exclusive`` an existing object is never replaced: :class:`ObjectExists`.
+        """
+        ...
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes (``length`` from ``offset``; to the end when None). :class:`ObjectNotFound`."""
+        ...
+
+    def size(self, name: str) -> int: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Names of the objects whose name starts with ``prefix`` (a folder ends in ``/``), sorted."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove an object; removing one that is gone is not an error."""
+        ...
+
+    def lock(self, name: str, *, exclusive: bool, blocking: bool = True) -> AbstractLock:
+        """Take the named lock (:class:`LockBusy` when not ``blocking`` and it is held)."""
+        ...
+
+    def describe(self) -> str:
+        """Where the objects are, for messages."""
+        ...
+
+
+class AbstractLock(Protocol):
+    def release(self) -> None: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalBackend:
+    """Objects as files under ``root`` (directories 0700, files 0600: migrated disks are private).
+
+    Writes go to a temporary file that is fsync'ed and renamed into place, and
+    the directory is fsync'ed, so an object is either whole or absent after a
+    crash. Locks are ``flock`` on files under ``root/locks``: every process of
+    this host that opens the same root sees them, and the kernel drops them
+    when the holder dies.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._dirs: set[Path] = set()
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _parent(self, path: Path) -> None:
+        parent = path.parent
+        if parent in self._dirs:
+            return
+        if not parent.is_dir():
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _fsync_dir(parent.parent)
+        self._dirs.add(parent)
+
+    def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        path = self._path(name)
+        self._parent(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            if exclusive:
+                try:
+                    os.link(tmp, path)  # fails if the name exists: never replace
+                except FileExistsError:
+                    raise ObjectExists(f"object {name!r} exists already") from None
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFound(name) from None
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            out = os.pread(fd, length, offset)
+            while len(out) < length:  # a short read is only possible at the end of the file
+                more = os.pread(fd, length - len(out), offset + len(out))
+                if not more:
+                    raise ValueError(f"object {name!r} is shorter than {offset}+{length} bytes")
+                out += more
+            return out
+        finally:
+            os.close(fd)
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(name) from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        folder = prefix.rpartition("/")[0]
+        base = self.root / folder if folder else self.root
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "locks"]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for f in filenames:
+                if f.startswith("."):
+                    continue
+                name = f if rel == "." else f"{rel}/{f}"
+                if name.startswith(prefix):
+                    out.append(name)
+        out.sort()
+        return out
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+    def lock(self, name: str, *, exclusive: bool, blocking: bool = True) -> _FileLock:
+        path = self.root / "locks" / check_name(name)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockBusy(f"lock {name!r} is held") from None
+            raise
+        return _FileLock(fd)
+
+
+@contextmanager
+def locked(backend: Backend, name: str, *, exclusive: bool, blocking: bool = True) -> Iterator[None]:
+    held = backend.lock(name, exclusive=exclusive, blocking=blocking)
+    try:
+        yield
+    finally:
+        held.release()

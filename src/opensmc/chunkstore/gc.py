@@ -1,0 +1,117 @@
+"""Garbage collection: mark every blob a snapshot or staging index names, sweep the rest.
+
+The collector takes the ``gc`` lock exclusively (without waiting: if a run is
+writing, or an export reading, it reports ``deferred`` and the caller tries
+again later), so no writer can deduplicate against a blob while it decides
+the blob is dead. Packs with no live blob are deleted; packs whose dead bytes
+exceed ``repack_ratio`` are rewritten with their live blobs only (the new
+pack is durable before the old one goes). The ``generation`` object is bumped
+before anything is deleted, so every writer reloads its index first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from opensmc.chunkstore.backend import LockBusy, ObjectNotFound
+from opensmc.chunkstore.packs import PackBuilder, PackCorrupt, decode_blob, parse_index
+from opensmc.chunkstore.repository import GC_LOCK, Repository
+from opensmc.chunkstore.snapshots import DiskIndex, list_snapshots, load_snapshot
+
+__all__ = ["GcReport", "collect", "live_hashes"]
+
+log = logging.getLogger("opensmc.chunkstore")
+
+
+@dataclass
+class GcReport:
+    deferred: bool = False  #: a run or a reader held the store; nothing was done
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    blobs_freed: int = 0
+    bytes_freed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def live_hashes(disks: Iterable[DiskIndex]) -> set[bytes]:
+    live: set[bytes] = set()
+    for d in disks:
+        rows = d.digests[d.digests.any(axis=1)]
+        live.update(np.ascontiguousarray(rows).view(np.dtype("V16")).ravel().tolist())
+    return live
+
+
+def collect(repo: Repository, staging: Iterable[DiskIndex], *, repack_ratio: float = 0.3) -> GcReport:
+    """Delete what nothing names. ``staging``: the durable staging indexes (they are roots too)."""
+    report = GcReport()
+    backend = repo.backend
+    try:
+        held = backend.lock(GC_LOCK, exclusive=True, blocking=False)
+    except LockBusy:
+        report.deferred = True
+        return report
+    try:
+        roots = list(staging)
+        for image_id in list_snapshots(backend):
+            roots.extend(load_snapshot(backend, image_id).disks)
+        live = live_hashes(roots)
+        plans: list[tuple[str, list[int], int, int]] = []  # (pack, live entry positions, dead bytes, all bytes)
+        entries_of = {}
+        for pack in repo.packs():
+            try:
+                entries = parse_index(backend.read(f"index/{pack}"))
+            except (ObjectNotFound, PackCorrupt) as err:
+                report.errors.append(f"index of pack {pack}: {err}")
+                continue
+            keep = [i for i, e in enumerate(entries) if e.hash in live]
+            dead = sum(e.stored_length for i, e in enumerate(entries) if i not in set(keep))
+            total = sum(e.stored_length for e in entries) or 1
+            if len(keep) == len(entries):
+                continue
+            entries_of[pack] = entries
+            plans.append((pack, keep, dead, total))
+        if not plans:
+            return report
+        repo.bump_generation()
+        repo.refresh_after_gc()
+        for pack, keep, dead, total in plans:
+            entries = entries_of[pack]
+            name = f"data/{pack[:2]}/{pack}"
+            if keep and dead / total < repack_ratio:
+                continue
+            if keep:
+                builder = PackBuilder()
+                try:
+                    raw = backend.read(name)
+                    for i in keep:
+                        e = entries[i]
+                        plain = decode_blob(e, raw[e.offset : e.offset + e.stored_length])
+                        builder.add(e.hash, plain, compress=e.codec != 0)
+                except (ObjectNotFound, PackCorrupt) as err:
+                    report.errors.append(f"pack {pack} not repacked: {err}")
+                    continue
+                new, data, index = builder.finish()
+                backend.write(f"data/{new[:2]}/{new}", data)
+                backend.write(f"index/{new}", index)
+                report.packs_repacked += 1
+            else:
+                report.packs_deleted += 1
+            backend.delete(f"index/{pack}")  # the index first: no index ever names a missing pack
+            backend.delete(name)
+            report.blobs_freed += len(entries) - len(keep)
+            report.bytes_freed += dead
+        repo.reload(full=True)
+        log.info(
+            "gc: %d pack(s) deleted, %d repacked, %d blob(s) / %d bytes freed",
+            report.packs_deleted,
+            report.packs_repacked,
+            report.blobs_freed,
+            report.bytes_freed,
+        )
+        return report
+    finally:
+        held.release()

@@ -1,0 +1,167 @@
+"""Pack files: many blobs in one object, self-describing, every blob hashed.
+
+A blob is one chunk of a disk, named by the xxh3-128 of its plain bytes.
+Thousands of them share a pack (tens of MiB), so a terabyte is tens of
+thousands of objects, not hundreds of millions of files. Layout, little-endian::
+
+    "OSMPACK\\x01"                          8 bytes: magic and format version 1
+    blob*   header  hash        16          xxh3-128 of the plain bytes
+                    codec        1          0 stored plain, 1 zstd
+                    (zero)       3
+                    plain len    4
+                    stored len   4          bytes of data that follow
+            data    stored len bytes
+    index   entry*  hash 16, codec 1, (zero) 3, offset 8 (of the data), plain len 4, stored len 4
+    footer  count 4, xxh3-128 of the index entries 16, "OSMPIDX\\x01" 8
+
+The pack's name is the xxh3-128 of all its bytes. The index part (entries and
+footer) is also stored on its own as ``index/<pack name>``, so that opening
+a store reads indexes, not packs; ``check`` rebuilds and compares both.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+__all__ = [
+    "CODEC_NONE",
+    "CODEC_ZSTD",
+    "PACK_MAGIC",
+    "BlobEntry",
+    "PackBuilder",
+    "PackCorrupt",
+    "decode_blob",
+    "parse_index",
+    "parse_pack",
+]
+
+PACK_MAGIC = b"OSMPACK\x01"
+INDEX_MAGIC = b"OSMPIDX\x01"
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+_BLOB = struct.Struct("<16sB3xII")
+_ENTRY = struct.Struct("<16sB3xQII")
+_FOOTER = struct.Struct("<I16s8s")
+
+
+class PackCorrupt(ValueError):
+    """A pack or index does not parse or does not match its hashes."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    hash: bytes
+    codec: int
+    offset: int  #: of the blob's data in the pack
+    plain_length: int
+    stored_length: int
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(level=1)
+
+
+class PackBuilder:
+    """Collects blobs in memory until :meth:`finish` gives the pack's bytes and index."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray(PACK_MAGIC)
+        self.entries: list[BlobEntry] = []
+        self._zstd: zstandard.ZstdCompressor | None = None
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+    def add(self, blob_hash: bytes, plain: bytes | memoryview, *, compress: bool = False) -> None:
+        """Append a blob (its hash already checked by the caller). ``compress``: try zstd-1, keep it if smaller."""
+        data: bytes | memoryview = plain
+        codec = CODEC_NONE
+        if compress:
+            if self._zstd is None:
+                self._zstd = _zstd_compressor()
+            packed = self._zstd.compress(plain)
+            if len(packed) < len(plain) * 0.9:
+                data, codec = packed, CODEC_ZSTD
+        offset = len(self._buf) + _BLOB.size
+        self._buf += _BLOB.pack(blob_hash, codec, len(plain), len(data))
+        self._buf += data
+        self.entries.append(BlobEntry(blob_hash, codec, offset, len(plain), len(data)))
+
+    def finish(self) -> tuple[str, bytes, bytes]:
+        """(pack name, pack bytes, index bytes)."""
+        index = encode_index(self.entries)
+        self._buf += index
+        pack = bytes(self._buf)
+        return xxhash.xxh3_128_hexdigest(pack), pack, index
+
+
+def encode_index(entries: list[BlobEntry]) -> bytes:
+    body = b"".join(_ENTRY.pack(e.hash, e.codec, e.offset, e.plain_length, e.stored_length) for e in entries)
+    return body + _FOOTER.pack(len(entries), xxhash.xxh3_128_digest(body), INDEX_MAGIC)
+
+
+def parse_index(raw: bytes) -> list[BlobEntry]:
+    """The entries of an index (a pack's tail, or its ``index/`` object); :class:`PackCorrupt` if damaged."""
+    if len(raw) < _FOOTER.size:
+        raise PackCorrupt("index too short")
+    count, digest, magic = _FOOTER.unpack_from(raw, len(raw) - _FOOTER.size)
+    if magic != INDEX_MAGIC:
+        raise PackCorrupt("index magic missing (not a pack index, or a newer format)")
+    size = count * _ENTRY.size
+    if size + _FOOTER.size > len(raw):
+        raise PackCorrupt(f"index claims {count} entries, more than it holds")
+    body = raw[len(raw) - _FOOTER.size - size : len(raw) - _FOOTER.size]
+    if xxhash.xxh3_128_digest(body) != digest:
+        raise PackCorrupt("index does not match its hash")
+    return [BlobEntry(*fields) for fields in _ENTRY.iter_unpack(body)]
+
+
+def parse_pack(raw: bytes, name: str | None = None) -> list[BlobEntry]:
+    """Check a whole pack (name, magic, index, every blob header) and return its entries."""
+    if not raw.startswith(PACK_MAGIC):
+        raise PackCorrupt("pack magic missing (not a pack, or a newer format)")
+    if name is not None and xxhash.xxh3_128_hexdigest(raw) != name.rpartition("/")[2]:
+        raise PackCorrupt(f"pack {name} does not match its name")
+    entries = parse_index(raw)
+    for e in entries:
+        start = e.offset - _BLOB.size
+        if start < len(PACK_MAGIC) or e.offset + e.stored_length > len(raw):
+            raise PackCorrupt(f"blob {e.hash.hex()} lies outside the pack")
+        header = _BLOB.unpack_from(raw, start)
+        if header != (e.hash, e.codec, e.plain_length, e.stored_length):
+            raise PackCorrupt(f"blob {e.hash.hex()}: header and index disagree")
+    return entries
+
+
+_dctx = zstandard.ZstdDecompressor()
+
+
+def decode_blob(entry: BlobEntry, stored: bytes) -> bytes:
+    """The plain bytes of a blob, checked against its hash (:class:`PackCorrupt` otherwise)."""
+    if len(stored) != entry.stored_length:
+        raise PackCorrupt(f"blob {entry.hash.hex()}: {len(stored)} bytes read, {entry.stored_length} expected")
+    if entry.codec == CODEC_ZSTD:
+        try:
+            # python-zstandard trusts a frame's declared content size over max_output_size:
+            # check it first, so a damaged blob cannot make us allocate more than it covers.
+            declared = zstandard.frame_content_size(stored)
+            if declared > entry.plain_length:
+                raise PackCorrupt(f"blob {entry.hash.hex()}: declares {declared} bytes, {entry.plain_length} expected")
+            plain = _dctx.decompress(stored, max_output_size=entry.plain_length)
+        except zstandard.ZstdError as e:
+            raise PackCorrupt(f"blob {entry.hash.hex()}: {e}") from None
+    elif entry.codec == CODEC_NONE:
+        plain = stored
+    else:
+        raise PackCorrupt(f"blob {entry.hash.hex()}: unknown codec {entry.codec}")
+    if len(plain) != entry.plain_length or xxhash.xxh3_128_digest(plain) != entry.hash:
+        raise PackCorrupt(f"blob {entry.hash.hex()} does not match its hash")
+    return plain

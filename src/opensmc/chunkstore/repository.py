@@ -1,0 +1,272 @@
+"""The chunk store: deduplicated blobs in packs, behind a :class:`~.backend.Backend`.
+
+Objects (the format is ``docs/store-format.md``)::
+
+    config                 {"format": "opensmc-chunkstore", "version": 1, "chunk_size": ..., "hash": "xxh3-128"}
+    data/<aa>/<pack>       pack files (``packs.py``)
+    index/<pack>           each pack's index, stored again on its own
+    snapshots/<image id>   immutable images (``snapshots.py``)
+    generation             bumped by every garbage collection
+
+Writing: :meth:`Repository.put` adds a blob to the open pack unless the store
+has it; a full pack (``pack_size``) is written by a background thread, so
+receiving goes on while the previous pack is made durable. ``put`` returns
+the *sequence number* of the pack that holds the blob; once
+:attr:`durable_seq` has reached it the blob is on stable storage, and only
+then may an index that survives a crash name it (``staging.py`` keeps that
+rule). :meth:`flush` writes the open pack and waits for every pack.
+
+Garbage collection (``gc.py``) deletes blobs no snapshot or staging index
+names; it takes the ``gc`` lock exclusively, writers and readers hold it
+shared (:meth:`session`), and a writer that sees a new ``generation`` reloads
+the index, so it never deduplicates against a blob that is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from opensmc.chunkstore.backend import AbstractLock, Backend, ObjectExists, ObjectNotFound
+from opensmc.chunkstore.packs import BlobEntry, PackBuilder, PackCorrupt, decode_blob, parse_index
+
+__all__ = ["BlobNotFound", "Repository", "StoreError"]
+
+log = logging.getLogger("opensmc.chunkstore")
+
+FORMAT = "opensmc-chunkstore"
+VERSION = 1
+DEFAULT_CHUNK_SIZE = 16 * 1024
+PACK_SIZE = 32 * 1024 * 1024
+#: packs written but not yet durable, at most (memory: this many times PACK_SIZE)
+PACKS_IN_FLIGHT = 2
+GC_LOCK = "gc"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why."""
+
+
+class BlobNotFound(StoreError):
+    """No pack holds that blob."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack: str
+    entry: BlobEntry
+
+
+class Repository:
+    """One process's view of a chunk store. Thread-safe."""
+
+    def __init__(self, backend: Backend, *, chunk_size: int = DEFAULT_CHUNK_SIZE, pack_size: int = PACK_SIZE) -> None:
+        self.backend = backend
+        self.pack_size = pack_size
+        self.chunk_size = self._config(chunk_size)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._index: dict[bytes, Location] = {}
+        self._loaded: set[str] = set()
+        self._generation = self._read_generation()
+        # Blobs in the open pack or in packs on their way to the backend: hash -> pack seq.
+        self._pending: dict[bytes, int] = {}
+        self._open = PackBuilder()
+        self._seq = 1  # the open pack's sequence number
+        self.durable_seq = 0
+        self._queue: list[tuple[int, PackBuilder]] = []
+        self._writer_error: BaseException | None = None
+        self._writer: threading.Thread | None = None
+        self.reload()
+
+    # -- config and index -----------------------------------------------------------------------
+
+    def _config(self, chunk_size: int) -> int:
+        try:
+            doc = json.loads(self.backend.read("config"))
+        except ObjectNotFound:
+            doc = {"format": FORMAT, "version": VERSION, "chunk_size": chunk_size, "hash": "xxh3-128"}
+            try:
+                self.backend.write("config", json.dumps(doc).encode(), exclusive=True)
+            except ObjectExists:  # another process made it first
+                doc = json.loads(self.backend.read("config"))
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise StoreError(
+                f"{self.backend.describe()} holds a store of format {doc.get('format')!r} version "
+                f"{doc.get('version')!r}; this OpenSMC reads {FORMAT!r} version {VERSION}"
+            )
+        return int(doc["chunk_size"])
+
+    def _read_generation(self) -> int:
+        try:
+            return int(self.backend.read("generation"))
+        except ObjectNotFound:
+            return 0
+
+    def reload(self, *, full: bool = False) -> None:
+        """Load the indexes of packs this view has not seen (all of them again with ``full``)."""
+        names = [n.removeprefix("index/") for n in self.backend.list("index/")]
+        if full:
+            with self._lock:
+                self._index.clear()
+                self._loaded.clear()
+        for pack in names:
+            if pack in self._loaded:
+                continue
+            try:
+                entries = parse_index(self.backend.read(f"index/{pack}"))
+            except ObjectNotFound:  # collected meanwhile
+                continue
+            except PackCorrupt as err:
+                log.error("pack index %s is damaged (%s); its blobs are treated as absent", pack, err)
+                continue
+            with self._lock:
+                for e in entries:
+                    self._index.setdefault(e.hash, Location(pack, e))
+                self._loaded.add(pack)
+
+    def has(self, blob_hash: bytes) -> bool:
+        with self._lock:
+            return blob_hash in self._index or blob_hash in self._pending
+
+    def blob_count(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def packs(self) -> list[str]:
+        return [n.removeprefix("index/") for n in self.backend.list("index/")]
+
+    # -- sessions (the gc lock) -----------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the store against garbage collection (shared); reload the index if one ran."""
+        held: AbstractLock = self.backend.lock(GC_LOCK, exclusive=False)
+        try:
+            self.refresh_after_gc()
+            yield
+        finally:
+            held.release()
+
+    def refresh_after_gc(self) -> None:
+        generation = self._read_generation()
+        if generation != self._generation:
+            self.reload(full=True)
+            self._generation = generation
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def put(self, blob_hash: bytes, plain: bytes | memoryview, *, compress: bool = False) -> int:
+        """Store a blob unless the store has it; the seq of the pack that holds it (0: durable already).
+
+        ``blob_hash`` must be the xxh3-128 of ``plain`` (the caller has checked it).
+        """
+        with self._lock:
+            if blob_hash in self._index:
+                return 0
+            seq = self._pending.get(blob_hash)
+            if seq is not None:
+                return seq
+            self._raise_writer_error()
+            self._open.add(blob_hash, plain, compress=compress)
+            self._pending[blob_hash] = seq = self._seq
+            if len(self._open) >= self.pack_size:
+                self._seal_locked()
+            return seq
+
+    def _seal_locked(self) -> None:
+        if not self._open.count:
+            return
+        while len(self._queue) >= PACKS_IN_FLIGHT and self._writer_error is None:
+            self._cond.wait()
+        self._raise_writer_error()
+        self._queue.append((self._seq, self._open))
+        self._open = PackBuilder()
+        self._seq += 1
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_packs, name="opensmc-packs", daemon=True)
+            self._writer.start()
+        self._cond.notify_all()
+
+    def _write_packs(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._writer = None
+                    return
+                seq, builder = self._queue[0]
+            try:
+                name, pack, index = builder.finish()
+                # The pack first, then its index: an index never names a pack that is not there.
+                self.backend.write(f"data/{name[:2]}/{name}", pack)
+                self.backend.write(f"index/{name}", index)
+            except BaseException as err:  # the disk is full, the store is gone: every writer hears it
+                with self._lock:
+                    self._writer_error = err
+                    self._queue.clear()
+                    self._pending.clear()
+                    self._writer = None
+                    self._cond.notify_all()
+                log.error("writing a pack to %s failed: %s", self.backend.describe(), err)
+                return
+            with self._lock:
+                for e in builder.entries:
+                    self._index.setdefault(e.hash, Location(name, e))
+                    self._pending.pop(e.hash, None)
+                self._loaded.add(name)
+                self._queue.pop(0)
+                self.durable_seq = seq
+                self._cond.notify_all()
+
+    def _raise_writer_error(self) -> None:
+        if self._writer_error is not None:
+            err, self._writer_error = self._writer_error, None
+            # What was in flight is lost: start over from what is durable.
+            self._open = PackBuilder()
+            raise StoreError(f"cannot write to the store at {self.backend.describe()}: {err}") from err
+
+    def flush(self) -> int:
+        """Write the open pack and wait until every pack is durable; returns :attr:`durable_seq`."""
+        with self._lock:
+            self._seal_locked()
+            while self._queue and self._writer_error is None:
+                self._cond.wait()
+            self._raise_writer_error()
+            return self.durable_seq
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._cond.wait_for(lambda: self.durable_seq >= seq or self._writer_error is not None, timeout)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def locate(self, blob_hash: bytes) -> Location:
+        with self._lock:
+            loc = self._index.get(blob_hash)
+        if loc is None:
+            self.reload()  # written by another process since we looked
+            with self._lock:
+                loc = self._index.get(blob_hash)
+        if loc is None:
+            raise BlobNotFound(f"no pack in {self.backend.describe()} holds blob {blob_hash.hex()}")
+        return loc
+
+    def get(self, blob_hash: bytes) -> bytes:
+        """A blob's plain bytes, checked against its hash (:class:`~.packs.PackCorrupt` otherwise)."""
+        loc = self.locate(blob_hash)
+        e = loc.entry
+        try:
+            stored = self.backend.read(f"data/{loc.pack[:2]}/{loc.pack}", e.offset, e.stored_length)
+        except ObjectNotFound:
+            raise BlobNotFound(f"pack {loc.pack} holding blob {blob_hash.hex()} is missing") from None
+        return decode_blob(e, stored)
+
+    def bump_generation(self) -> int:
+        """Tell every process that blobs may be gone (gc calls this under the exclusive lock)."""
+        generation = self._read_generation() + 1
+        self.backend.write("generation", str(generation).encode())
+        return generation

@@ -1,0 +1,265 @@
+"""A staging index: the disk a run is receiving, as chunk index -> blob hash.
+
+The receiver writes incoming chunks into the chunk store (deduplicated) and
+records here which blob each chunk of the disk is. There is no second copy of
+the disk: sealing an image copies this index into a snapshot.
+
+On disk (a local file, ``<staging dir>/<volume id>.fidx``), little-endian::
+
+    "OSMFIDX\\x01"  8, size 8, chunk size 4, (zero) 44    the 64-byte header
+    digest*        16 bytes per chunk: its blob's xxh3-128, all zeros for zeros
+
+The rule that keeps it crash-safe: the file never names a blob that is not
+durable in the store. New entries wait in memory (``_pending``, with the
+sequence number of the pack that holds their blob) until the store reports
+that pack durable, and only then are written into the file. A receiver
+killed at any moment leaves a file whose every entry is a blob on stable
+storage, old or new; the next run compares hashes and sends the rest.
+
+While entries are pending the index holds the store's ``gc`` lock shared, so
+a garbage collection (which reads this file for its roots) cannot run
+between a dedup decision and the moment the entry is in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from opensmc.chunkstore.backend import AbstractLock
+from opensmc.chunkstore.repository import GC_LOCK, Repository
+from opensmc.chunkstore.snapshots import DIGEST, DiskIndex, chunks_of
+
+__all__ = ["StagingError", "StagingIndex"]
+
+MAGIC = b"OSMFIDX\x01"
+_HEADER = struct.Struct("<8sQI44x")
+HEADER_SIZE = _HEADER.size
+assert HEADER_SIZE == 64
+_ZERO = bytes(DIGEST)
+_PAGE = 4096
+
+
+class StagingError(ValueError):
+    """A write the index refuses (outside the disk, not on chunk boundaries); nothing was written."""
+
+    code = "Volume.Error"
+
+
+class OutOfRange(StagingError):
+    code = "Frame.OutOfRange"
+
+
+class Misaligned(StagingError):
+    code = "Frame.Misaligned"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagingIndex:
+    def __init__(self, path: Path, size: int, chunk_size: int, digests: np.ndarray) -> None:
+        # Use create() or open().
+        self.path = path
+        self.size = size
+        self.chunk_size = chunk_size
+        self._digests = digests  # durable state only: what the file says (or will, once written)
+        self._fd = os.open(path, os.O_RDWR)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, bytes, int]] = []  # (chunk, digest or zero, pack seq)
+        self._view: dict[int, bytes] = {}  # pending entries by chunk, for hashes()
+        self._session: AbstractLock | None = None
+
+    @property
+    def chunks(self) -> int:
+        return int(self._digests.shape[0])
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, chunk_size: int) -> StagingIndex:
+        p = Path(path)
+        if size <= 0:
+            raise ValueError(f"disk size must be > 0, got {size}")
+        if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 4 * 1024 * 1024:
+            raise ValueError(f"chunk size must be a power of two in 4 KiB..4 MiB, got {chunk_size}")
+        tmp = p.with_name(f".{p.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _HEADER.pack(MAGIC, size, chunk_size))
+            os.ftruncate(fd, HEADER_SIZE + chunks_of(size, chunk_size) * DIGEST)  # sparse: all zero chunks
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+        return cls.open(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> StagingIndex:
+        p = Path(path)
+        raw = p.read_bytes()
+        if len(raw) < HEADER_SIZE:
+            raise StagingError(f"{p}: not a staging index (too short)")
+        magic, size, chunk_size = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise StagingError(f"{p}: not a staging index of this format")
+        n = chunks_of(size, chunk_size)
+        if len(raw) != HEADER_SIZE + n * DIGEST:
+            raise StagingError(f"{p}: {len(raw)} bytes, expected {HEADER_SIZE + n * DIGEST}")
+        digests = np.frombuffer(raw, np.uint8, n * DIGEST, HEADER_SIZE).reshape(n, DIGEST).copy()
+        return cls(p, int(size), int(chunk_size), digests)
+
+    @staticmethod
+    def read_disk(path: str | os.PathLike[str]) -> DiskIndex:
+        """The durable content of an index file, without opening it for writing (sealing, gc)."""
+        idx = StagingIndex.open(path)
+        try:
+            return idx.disk()
+        finally:
+            idx.close(flush=False)
+
+    def close(self, *, flush: bool = False, repo: Repository | None = None) -> None:
+        """Close the file; with ``flush``, checkpoint first. Unflushed pending entries are dropped."""
+        if flush and repo is not None:
+            self.checkpoint(repo)
+        with self._lock:
+            self._pending.clear()
+            self._view.clear()
+            self._end_session()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def check(self, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise OutOfRange(f"range {offset}+{length} is outside the disk (size {self.size} bytes); nothing written")
+        end = offset + length
+        if offset % self.chunk_size or (end % self.chunk_size and end != self.size):
+            raise Misaligned(
+                f"range {offset}+{length} does not fall on {self.chunk_size}-byte chunk boundaries; nothing written"
+            )
+
+    def _begin_session(self, repo: Repository) -> None:
+        if self._session is None:
+            self._session = repo.backend.lock(GC_LOCK, exclusive=False)
+            repo.refresh_after_gc()
+
+    def _end_session(self) -> None:
+        if self._session is not None:
+            self._session.release()
+            self._session = None
+
+    def write(self, repo: Repository, offset: int, data: bytes | memoryview) -> None:
+        """Record ``data`` (verified plain bytes) at ``offset``: new chunks go into the store."""
+        self.check(offset, len(data))
+        cs = self.chunk_size
+        view = memoryview(data)
+        first = offset // cs
+        n = -(-len(view) // cs)
+        usable = len(view) - len(view) % 8
+        words = np.frombuffer(view[:usable], np.uint64) if usable else np.zeros(0, np.uint64)
+        per_chunk = cs // 8
+        entries: list[tuple[int, bytes, int]] = []
+        with self._lock:
+            self._begin_session(repo)
+        for k in range(n):
+            chunk = view[k * cs : (k + 1) * cs]
+            seg = words[k * per_chunk : (k + 1) * per_chunk]
+            if len(chunk) == cs and not seg.any():
+                entries.append((first + k, _ZERO, 0))
+                continue
+            if len(chunk) < cs and not any(chunk):
+                entries.append((first + k, _ZERO, 0))
+                continue
+            h = xxhash.xxh3_128_digest(chunk)
+            # A chunk with a zero page in it (a sparse file, a partly used block) is worth zstd;
+            # one without is almost always incompressible disk data, not worth the CPU.
+            pages = seg.reshape(-1, _PAGE // 8) if len(seg) == per_chunk and cs >= _PAGE else None
+            sparse = pages is not None and not pages.any(axis=1).all()
+            entries.append((first + k, h, repo.put(h, chunk, compress=sparse)))
+        self._add(entries, repo.durable_seq)
+
+    def zero(self, repo: Repository, offset: int, length: int) -> None:
+        """The range reads as zeros at the source now."""
+        self.check(offset, length)
+        cs = self.chunk_size
+        first = offset // cs
+        with self._lock:
+            self._begin_session(repo)
+        self._add([(i, _ZERO, 0) for i in range(first, first + -(-length // cs))], repo.durable_seq)
+
+    def _add(self, entries: list[tuple[int, bytes, int]], durable: int) -> None:
+        with self._lock:
+            self._pending.extend(entries)
+            for idx, h, _seq in entries:
+                self._view[idx] = h
+            self._apply_locked(durable)
+
+    def _apply_locked(self, durable: int) -> None:
+        """Write into the file the pending entries whose blobs are durable (in order, a prefix)."""
+        k = 0
+        lo, hi = self.chunks, -1
+        for idx, h, seq in self._pending:
+            if seq > durable:
+                break
+            self._digests[idx] = np.frombuffer(h, np.uint8)
+            lo, hi = min(lo, idx), max(hi, idx)
+            k += 1
+        if not k:
+            return
+        done = self._pending[:k]
+        del self._pending[:k]
+        still = {idx for idx, _h, _s in self._pending}
+        for idx, _h, _s in done:
+            if idx not in still:
+                self._view.pop(idx, None)
+        os.pwrite(self._fd, self._digests[lo : hi + 1].tobytes(), HEADER_SIZE + lo * DIGEST)
+
+    def catch_up(self, repo: Repository) -> None:
+        """Write what became durable since the last write (cheap; call it now and then)."""
+        with self._lock:
+            self._apply_locked(repo.durable_seq)
+
+    def checkpoint(self, repo: Repository) -> None:
+        """Make everything written so far durable (store and index), and let gc run again."""
+        durable = repo.flush()
+        with self._lock:
+            self._apply_locked(durable)
+            os.fsync(self._fd)
+            if not self._pending:
+                self._end_session()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def hashes(self) -> dict[int, bytes]:
+        """Chunk index -> digest of every chunk with data, as the receiver holds it now."""
+        with self._lock:
+            out = {int(i): bytes(self._digests[i]) for i in np.flatnonzero(self._digests.any(axis=1))}
+            for idx, h in self._view.items():
+                if h == _ZERO:
+                    out.pop(idx, None)
+                else:
+                    out[idx] = h
+        return out
+
+    def disk(self) -> DiskIndex:
+        """The durable content, as a snapshot's disk."""
+        with self._lock:
+            return DiskIndex(self.size, self.chunk_size, self._digests.copy())
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending)
