@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 MiB = 1 << 20
-CHUNK = 64 * 1024  # the data plane's chunk size
+CHUNK = 16 * 1024  # the data plane's chunk size (and the chunk store's dedupe unit)
 
 
 def require_tools(*extra: str) -> None:

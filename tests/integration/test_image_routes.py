@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,26 +20,18 @@ from opensmc import API_VERSION
 from opensmc.agent.pipeline import replicate
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
+from opensmc.chunkstore.snapshots import DiskIndex
+from opensmc.chunkstore.staging import StagingIndex
 from opensmc.images.store import ImageStore
-from opensmc.receiver.volume import StagingVolume
 from opensmc.service.accounts import KeyPair, create_account
 from opensmc.service.context import Services
 from opensmc.signer import sign_acs3
 from opensmc.store import images as image_q
-from opensmc.wire.frames import decode_frame
+from tests.integration.test_images import IndexSender
 from tests.live_server import running
 
 MiB = 1 << 20
 PREFIX = "/opensmc/v1/images"
-
-
-class _VolumeSender:
-    def __init__(self, vol: StagingVolume) -> None:
-        self.vol = vol
-
-    def send_batch(self, frames: Sequence[bytes]) -> None:
-        for enc in frames:
-            self.vol.apply(decode_frame(enc))
 
 
 def _disk(path: Path, size: int, seed: int) -> bytes:
@@ -54,18 +47,20 @@ def _disk(path: Path, size: int, seed: int) -> bytes:
 
 def make_image(services: Services, account_id: str, tmp: Path, image_id: str, sizes: Sequence[int]) -> list[bytes]:
     """An image with one disk per size, recorded for `account_id`; returns the disks' bytes."""
-    store = ImageStore(services.settings.images_dir)
-    volumes, contents = [], []
+    store = ImageStore(services.settings.store_dir)
+    staged: list[DiskIndex] = []
+    contents: list[bytes] = []
     for i, size in enumerate(sizes):
         src = tmp / f"{image_id}-src{i}.img"
         contents.append(_disk(src, size, seed=i + 7))
-        vol = StagingVolume.create(tmp / f"{image_id}-vol{i}", size)
-        replicate(str(src), _VolumeSender(vol))
-        vol.flush()
-        volumes.append(vol)
-    manifest = store.create_image(image_id, volumes)
-    for vol in volumes:
+        vol = StagingIndex.create(tmp / f"{image_id}-vol{i}.fidx", size, 16384)
+        replicate(str(src), IndexSender(vol, store.repo), chunk_size=16384)
+        vol.checkpoint(store.repo)
+        d = vol.disk()
+        # as a job with checksum=true records it
+        staged.append(DiskIndex(d.size, d.chunk_size, d.digests, hashlib.sha256(contents[-1]).hexdigest()))
         vol.close()
+    manifest = store.create_image(image_id, staged)
     doc = {
         "disks": [{"index": i, "size": d.size, "sha256": d.sha256, "chunk_size": d.chunk_size}
                   for i, d in enumerate(manifest.disks)],
@@ -147,13 +142,11 @@ def test_list_and_show(site: tuple[Client, Client, list[bytes]]) -> None:
     assert "Chunks" not in item["Disks"][0]
 
     shown = owner.get(f"{PREFIX}/m-test1").json()
-    import hashlib
-
     for i, disk in enumerate(shown["Disks"]):
         assert disk["Index"] == i
         assert disk["Sha256"] == hashlib.sha256(disks[i]).hexdigest()
-        assert disk["ChunkSize"] == 65536
-        assert len(disk["Chunks"]) == disk["ChunkCount"] == -(-len(disks[i]) // 65536)
+        assert disk["ChunkSize"] == 16384
+        assert len(disk["Chunks"]) == disk["ChunkCount"] == -(-len(disks[i]) // 16384)
         assert None in disk["Chunks"]  # zero chunks are holes
     assert shown["CreationTime"].endswith("Z") and shown["RunId"] == 1
     assert "Chunks" not in owner.get(f"{PREFIX}/m-test1", {"chunks": "false"}).json()["Disks"][0]
@@ -197,14 +190,16 @@ def test_tampered_chunk_aborts_the_download(
     site: tuple[Client, Client, list[bytes]], services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     owner, _other, disks = site
-    store = ImageStore(services.settings.images_dir)
+    store = ImageStore(services.settings.store_dir)
     manifest = store.get("m-test1")
-    last = [h for h in manifest.disks[0].chunks if h is not None][-1]
-    chunk = services.settings.images_dir / "chunks" / last[:2] / last[2:4] / last
-    os.chmod(chunk, 0o644)
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    others = set(manifest.disks[1].chunk_hexes())
+    last = [h for h in manifest.disks[0].chunk_hexes() if h is not None and h not in others][-1]
+    where = store.repo.locate(bytes.fromhex(last))
+    pack = services.settings.store_dir / "data" / where.pack[:2] / where.pack
+    os.chmod(pack, 0o600)
+    data = bytearray(pack.read_bytes())
+    data[where.entry.offset + where.entry.stored_length // 2] ^= 0xFF  # inside that blob's bytes
+    pack.write_bytes(bytes(data))
 
     url, headers = owner.signed(f"{PREFIX}/m-test1/disks/0")
     got = bytearray()

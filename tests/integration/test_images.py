@@ -1,4 +1,4 @@
-"""Images: dedupe across runs, export (raw, qcow2), verify, delete, and a real ext4 disk."""
+"""Images on the chunk store: dedupe across runs, export (raw, qcow2), verify, delete + gc, a real ext4 disk."""
 
 from __future__ import annotations
 
@@ -12,28 +12,38 @@ from pathlib import Path
 import pytest
 
 from opensmc.agent.pipeline import ReplicationResult, replicate
-from opensmc.images.store import ImageCorrupt, ImageExists, ImageStore, compare_with_source
-from opensmc.receiver.volume import StagingVolume
+from opensmc.chunkstore.repository import Repository
+from opensmc.chunkstore.staging import StagingIndex
+from opensmc.images.store import ImageCorrupt, ImageExists, ImageStore
 from opensmc.wire.frames import decode_frame
 
 MiB = 1024 * 1024
-CS = 64 * 1024
+CS = 16 * 1024
 
 
-class VolumeSender:
-    """The receiver without HTTP: decode and apply each frame to a staging volume."""
+class IndexSender:
+    """The receiver without HTTP: decode each frame and write it into the store and a staging index."""
 
-    def __init__(self, vol: StagingVolume) -> None:
+    def __init__(self, vol: StagingIndex, repo: Repository) -> None:
         self.vol = vol
+        self.repo = repo
 
     def send_batch(self, frames: Sequence[bytes]) -> None:
         for enc in frames:
-            self.vol.apply(decode_frame(enc))
+            frame = decode_frame(enc)
+            if frame.is_zero:
+                self.vol.zero(self.repo, frame.offset, frame.length)
+            else:
+                self.vol.write(self.repo, frame.offset, frame.data)
 
 
-def sync(src: Path, vol: StagingVolume, offset: int = 0, length: int | None = None) -> ReplicationResult:
-    res = replicate(str(src), VolumeSender(vol), offset=offset, length=length, previous=vol.hashes())
-    vol.flush()
+def sync(
+    src: Path, vol: StagingIndex, store: ImageStore, offset: int = 0, length: int | None = None
+) -> ReplicationResult:
+    res = replicate(
+        str(src), IndexSender(vol, store.repo), offset=offset, length=length, previous=vol.hashes(), chunk_size=CS
+    )
+    vol.checkpoint(store.repo)
     return res
 
 
@@ -54,26 +64,26 @@ def test_three_runs_dedupe_export_verify_delete(tmp_path: Path) -> None:
     size = 48 * MiB
     src = tmp_path / "disk.img"
     data = make_image(src, size)
-    vol = StagingVolume.create(tmp_path / "vol", size)
+    vol = StagingIndex.create(tmp_path / "vol.fidx", size, CS)
     store = ImageStore(tmp_path / "store")
     rnd = random.Random(2)
     copies: list[bytes] = []
     for run in range(3):
-        if run:  # change 1% of the disk between runs, in chunk-sized writes
-            for _ in range(size // CS // 100):
-                at = rnd.randrange(size // CS) * CS
-                data[at : at + CS] = rnd.randbytes(CS)
+        if run:  # change 1% of the disk's 4 KiB blocks, at random, between runs
+            for _ in range(size // 4096 // 100):
+                at = rnd.randrange(size // 4096) * 4096
+                data[at : at + 4096] = rnd.randbytes(4096)
             src.write_bytes(data)
-        res = sync(src, vol)
-        manifest = store.create_image(f"m-{run}", [vol])
-        assert compare_with_source(manifest.disks[0], res.hashes) == []  # checksum=true proof
+        res = sync(src, vol, store)
+        manifest = store.create_image(f"m-{run}", [vol.disk()])
+        assert manifest.disks[0].hashes() == res.hashes  # the image names exactly what the agent read
         copies.append(bytes(data))
         if run == 0:
             one_image = store.space_used()
-    assert store.space_used() <= 1.2 * one_image
+    assert store.space_used() <= 1.25 * one_image
 
     with pytest.raises(ImageExists):
-        store.create_image("m-0", [vol])
+        store.create_image("m-0", [vol.disk()])
 
     for run in range(3):
         assert store.verify(f"m-{run}").ok
@@ -88,32 +98,37 @@ def test_three_runs_dedupe_export_verify_delete(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(back)], check=True)
     assert back.read_bytes() == copies[2]
 
-    # Deleting the first image frees only what no other image uses.
+    # Deleting the first image frees only what no other image uses (at the next gc).
     store.delete_image("m-0")
+    assert not store.gc([vol.disk()]).deferred
     assert store.verify("m-1").ok and store.verify("m-2").ok
     store.delete_image("m-1")
     store.delete_image("m-2")
-    assert store.space_used() == 0 and store.list_images() == []
     vol.close()
+    assert store.gc([]).packs_deleted > 0
+    assert store.space_used() == 0 and store.list_images() == []
+    assert store.check().ok
 
 
 def test_verify_and_export_catch_corruption(tmp_path: Path) -> None:
     src = tmp_path / "disk.img"
     make_image(src, 8 * MiB)
-    vol = StagingVolume.create(tmp_path / "vol", 8 * MiB)
-    sync(src, vol)
+    vol = StagingIndex.create(tmp_path / "vol.fidx", 8 * MiB, CS)
     store = ImageStore(tmp_path / "store")
-    manifest = store.create_image("m-x", [vol])
-    first = next(h for h in manifest.disks[0].chunks if h is not None)
-    chunk = store.root / "chunks" / first[:2] / first[2:4] / first
-    raw = bytearray(chunk.read_bytes())
-    raw[0] ^= 1
-    chunk.write_bytes(raw)
+    sync(src, vol, store)
+    store.create_image("m-x", [vol.disk()])
+    [pack] = store.backend.list("data/")
+    path = store.root / pack
+    raw = bytearray(path.read_bytes())
+    raw[200] ^= 1  # inside the first blob's data
+    path.chmod(0o600)
+    path.write_bytes(raw)
     report = store.verify("m-x")
-    assert not report.ok and report.bad_chunks and report.bad_disks == [0]
+    assert not report.ok and report.bad_chunks
     with pytest.raises(ImageCorrupt):
         store.export("m-x", 0, "raw", tmp_path / "out.raw")
     assert not (tmp_path / "out.raw").exists()
+    assert not store.check().ok
     vol.close()
 
 
@@ -138,14 +153,14 @@ def test_partitioned_ext4_disk(tmp_path: Path) -> None:
         shutil.copyfileobj(fin, fout, MiB)
     source = disk.read_bytes()
 
-    whole = StagingVolume.create(tmp_path / "v-disk", size)
-    part = StagingVolume.create(tmp_path / "v-part", part_size)
-    r_whole = sync(disk, whole)
-    r_part = sync(disk, part, offset=part_start, length=part_size)
+    whole = StagingIndex.create(tmp_path / "v-disk.fidx", size, CS)
+    part = StagingIndex.create(tmp_path / "v-part.fidx", part_size, CS)
     store = ImageStore(tmp_path / "store")
-    manifest = store.create_image("m-ext4", [whole, part])
-    assert compare_with_source(manifest.disks[0], r_whole.hashes) == []
-    assert compare_with_source(manifest.disks[1], r_part.hashes) == []
+    r_whole = sync(disk, whole, store)
+    r_part = sync(disk, part, store, offset=part_start, length=part_size)
+    manifest = store.create_image("m-ext4", [whole.disk(), part.disk()])
+    assert manifest.disks[0].hashes() == r_whole.hashes
+    assert manifest.disks[1].hashes() == r_part.hashes
 
     store.export("m-ext4", 0, "raw", tmp_path / "disk.out")
     assert (tmp_path / "disk.out").read_bytes() == source

@@ -137,9 +137,10 @@ async def download_disk(request: Request) -> Response:
         headers = {
             "x-acs-request-id": request_id,
             "x-opensmc-disk-size": str(disk.size),
-            "x-opensmc-disk-sha256": disk.sha256,
             "content-disposition": f'attachment; filename="{image_id}-disk{position}.{fmt}"',
         }
+        if disk.sha256 is not None:  # known when the job ran with checksum, or once verified
+            headers["x-opensmc-disk-sha256"] = disk.sha256
         if fmt == "raw":
             log.info("image %s disk %d: raw download started (RequestId %s)", image_id, position, request_id)
             headers["content-length"] = str(disk.size)

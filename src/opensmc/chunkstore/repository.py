@@ -215,7 +215,7 @@ class Repository:
                 return
             with self._lock:
                 for e in builder.entries:
-                    self._index.setdefault(e.hash, Location(name, e))
+                    self._index[e.hash] = Location(name, e)  # the newest copy wins (see forget)
                     self._pending.pop(e.hash, None)
                 self._loaded.add(name)
                 self._queue.pop(0)
@@ -264,6 +264,15 @@ class Repository:
         except ObjectNotFound:
             raise BlobNotFound(f"pack {loc.pack} holding blob {blob_hash.hex()} is missing") from None
         return decode_blob(e, stored)
+
+    def forget(self, blob_hash: bytes) -> None:
+        """Treat a blob found damaged as absent in this view, so that it is stored again when sent.
+
+        A new copy supersedes the damaged one here; ``gc`` and ``check`` deal with the
+        damaged pack itself.
+        """
+        with self._lock:
+            self._index.pop(blob_hash, None)
 
     def bump_generation(self) -> int:
         """Tell every process that blobs may be gone (gc calls this under the exclusive lock)."""

@@ -105,20 +105,29 @@ class StagingIndex:
         _fsync_dir(p.parent)
         return cls.open(p)
 
+    @staticmethod
+    def parse_header(raw: bytes) -> tuple[int, int]:
+        """(disk size, chunk size) from the first 64 bytes of an index file."""
+        if len(raw) < HEADER_SIZE:
+            raise StagingError("not a staging index (too short)")
+        magic, size, chunk_size = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise StagingError("not a staging index of this format")
+        return int(size), int(chunk_size)
+
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> StagingIndex:
         p = Path(path)
         raw = p.read_bytes()
-        if len(raw) < HEADER_SIZE:
-            raise StagingError(f"{p}: not a staging index (too short)")
-        magic, size, chunk_size = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise StagingError(f"{p}: not a staging index of this format")
+        try:
+            size, chunk_size = cls.parse_header(raw)
+        except StagingError as e:
+            raise StagingError(f"{p}: {e}") from None
         n = chunks_of(size, chunk_size)
         if len(raw) != HEADER_SIZE + n * DIGEST:
             raise StagingError(f"{p}: {len(raw)} bytes, expected {HEADER_SIZE + n * DIGEST}")
         digests = np.frombuffer(raw, np.uint8, n * DIGEST, HEADER_SIZE).reshape(n, DIGEST).copy()
-        return cls(p, int(size), int(chunk_size), digests)
+        return cls(p, size, chunk_size, digests)
 
     @staticmethod
     def read_disk(path: str | os.PathLike[str]) -> DiskIndex:
@@ -128,6 +137,23 @@ class StagingIndex:
             return idx.disk()
         finally:
             idx.close(flush=False)
+
+    @staticmethod
+    def rewrite_without(path: str | os.PathLike[str], chunks: list[int]) -> None:
+        """Replace the file by a copy with ``chunks`` cleared (a new file: holders reopen it)."""
+        p = Path(path)
+        raw = bytearray(p.read_bytes())
+        for i in chunks:
+            raw[HEADER_SIZE + i * DIGEST : HEADER_SIZE + (i + 1) * DIGEST] = _ZERO
+        tmp = p.with_name(f".{p.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
 
     def close(self, *, flush: bool = False, repo: Repository | None = None) -> None:
         """Close the file; with ``flush``, checkpoint first. Unflushed pending entries are dropped."""

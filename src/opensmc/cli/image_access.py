@@ -138,13 +138,16 @@ class LocalImages(Images):
     """The image store under a server's data dir, read directly."""
 
     def __init__(self, data_dir: Path) -> None:
-        from opensmc.images.store import ImageStore
+        from opensmc.images.store import ImageError, ImageStore
 
-        root = data_dir / "images"
-        if not (root / "images").is_dir():
+        root = data_dir / "store"
+        if not (root / "config").is_file():
             raise CredentialsError(f"{data_dir} holds no image store (looked for {root})")
         self.data_dir = data_dir
-        self.store = ImageStore(root)
+        try:
+            self.store = ImageStore(root)
+        except ImageError as exc:
+            raise ImageCliError(str(exc)) from None
 
     def _rows(self) -> dict[str, Any]:
         """The server's image records, when its database is the SQLite file in the data dir."""

@@ -24,6 +24,7 @@ from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
+from opensmc.images.store import repository_at
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
 from opensmc.service import accounts, agent_tasks
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
             svc.settings.staging_dir,
+            repository_at(svc.settings.store_dir),
             lambda token, vid: agent_tasks.authorize(svc, token, vid),
             r_host,
             r_port,

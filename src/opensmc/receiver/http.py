@@ -6,17 +6,23 @@ than uvicorn on loopback (PERF_FLOORS.md). Every request must carry
 checked by the ``authorize(token, volume_id)`` callback the caller supplies
 (the control plane backs it with a per-job expiring credential).
 
-Frames are read from the body one at a time, verified, then written; the
-verify+write of one frame runs on a worker thread while the next is read
-off the socket. The first bad frame stops the request with 400 and nothing
-from it onward is written; the frames before it stay written (each was whole
-and verified), and replaying them later is harmless.
+Frames are read from the body one at a time, verified, then written into
+the chunk store: each chunk becomes a blob (stored once, however many disks
+or runs have it) and the disk's staging index records which blob it is
+(``opensmc.chunkstore.staging``). The verify+write of a group of frames runs
+on a worker thread while the next is read off the socket. The first bad
+frame stops the request with 400 and nothing from it onward is written; the
+frames before it stay written (each was whole and verified), and replaying
+them later is harmless. ``flush`` makes everything durable; a staging index
+idle for :data:`IDLE_CLOSE` seconds (an agent killed mid-run) is
+checkpointed and closed, which also lets garbage collection run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -24,7 +30,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from opensmc.receiver.volume import StagingVolume, VolumeError
+from opensmc.chunkstore.repository import Repository, StoreError
+from opensmc.chunkstore.staging import StagingError, StagingIndex
 from opensmc.wire.frames import (
     HEADER_SIZE,
     FrameError,
@@ -34,6 +41,8 @@ from opensmc.wire.frames import (
     encode_hash_map,
     parse_header,
 )
+
+log = logging.getLogger("opensmc.receiver")
 
 __all__ = ["HASHMAP_CONTENT_TYPE", "PROTOCOL_HEADER", "PROTOCOL_VERSION", "make_app"]
 
@@ -46,7 +55,13 @@ _VID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Authorize = Callable[[str, str], bool]
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_VOLUMES = web.AppKey("volumes", dict[str, StagingVolume])
+_VOLUMES = web.AppKey("volumes", dict[str, StagingIndex])
+_REPO = web.AppKey("repo", Repository)
+_USED = web.AppKey("used", dict[str, float])
+_SWEEPER = web.AppKey("sweeper", asyncio.Task[None])
+#: seconds without a request after which an open staging index is checkpointed and closed
+IDLE_CLOSE = 30.0
+INDEX_SUFFIX = ".fidx"
 _ROOT = web.AppKey("root", Path)
 _AUTHORIZE: web.AppKey[Authorize] = web.AppKey("authorize")
 _OPEN_LOCK = web.AppKey("open_lock", asyncio.Lock)
@@ -83,14 +98,15 @@ async def _protocol_and_auth(request: web.Request, handler: _Handler) -> web.Str
     return resp
 
 
-async def _volume(request: web.Request) -> StagingVolume | None:
+async def _volume(request: web.Request) -> StagingIndex | None:
     vid = request.match_info["vid"]
     volumes = request.app[_VOLUMES]
     idents = request.app[_IDENTS]
-    directory = request.app[_ROOT] / vid
-    ident = _identity(directory)
+    path = request.app[_ROOT] / f"{vid}{INDEX_SUFFIX}"
+    ident = _identity(path)
     vol = volumes.get(vid)
     if vol is not None and idents.get(vid) == ident:
+        request.app[_USED][vid] = asyncio.get_running_loop().time()
         return vol
     async with request.app[_OPEN_LOCK]:
         vol = volumes.get(vid)
@@ -104,17 +120,17 @@ async def _volume(request: web.Request) -> StagingVolume | None:
         if vol is None:
             if ident is None:
                 return None
-            # Opening may rebuild the map after a crash: a long read, so off the event loop.
-            vol = await asyncio.get_running_loop().run_in_executor(None, StagingVolume.open, directory)
+            vol = await asyncio.get_running_loop().run_in_executor(None, StagingIndex.open, path)
             volumes[vid] = vol
             idents[vid] = ident
+        request.app[_USED][vid] = asyncio.get_running_loop().time()
     return vol
 
 
-def _identity(directory: Path) -> tuple[int, int] | None:
-    """Which volume a directory holds now: (device, inode) of its volume.json, None if none."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which staging index a path holds now: its (device, inode), None if none."""
     try:
-        st = os.stat(directory / "volume.json")
+        st = os.stat(path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
@@ -149,16 +165,19 @@ GROUP_BYTES = 2 * 1024 * 1024
 
 
 def _verify_and_write(
-    vol: StagingVolume, group: list[tuple[FrameHeader, bytes]]
-) -> tuple[int, int, FrameError | VolumeError | None]:
+    vol: StagingIndex, repo: Repository, group: list[tuple[FrameHeader, bytes]]
+) -> tuple[int, int, FrameError | StagingError | None]:
     """Write the group's frames in order until the first bad one: (frames, plain bytes, error)."""
     frames = plain = 0
     for header, payload in group:
         try:
             vol.check(header.offset, header.plain_length)  # cheap, and before decoding
             frame = decode_payload(header, payload)
-            vol.apply(frame)
-        except (FrameError, VolumeError) as e:
+            if frame.is_zero:
+                vol.zero(repo, frame.offset, frame.length)
+            else:
+                vol.write(repo, frame.offset, frame.data)
+        except (FrameError, StagingError) as e:
             return frames, plain, e
         frames += 1
         plain += frame.length
@@ -172,8 +191,9 @@ async def post_frames(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     content = request.content
     frames = plain = 0
-    error: FrameError | VolumeError | None = None
-    pending: asyncio.Future[tuple[int, int, FrameError | VolumeError | None]] | None = None
+    repo = request.app[_REPO]
+    error: FrameError | StagingError | None = None
+    pending: asyncio.Future[tuple[int, int, FrameError | StagingError | None]] | None = None
     group: list[tuple[FrameHeader, bytes]] = []
     group_bytes = 0
     while error is None:
@@ -203,7 +223,7 @@ async def post_frames(request: web.Request) -> web.Response:
                 if err is not None:
                     error = err
                     break
-            pending = loop.run_in_executor(None, _verify_and_write, vol, group)
+            pending = loop.run_in_executor(None, _verify_and_write, vol, repo, group)
             group, group_bytes = [], 0
         if end:
             break
@@ -216,33 +236,73 @@ async def post_frames(request: web.Request) -> web.Response:
     return web.json_response({"frames": frames, "bytes": plain})
 
 
+@web.middleware
+async def _store_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """The store could not write (disk full, store unreachable): a clear 503, not a bare 500."""
+    try:
+        return await handler(request)
+    except (StoreError, OSError) as e:
+        return _error(503, "Receiver.StoreUnavailable", f"the receiver cannot write to its image store: {e}")
+
+
 async def post_flush(request: web.Request) -> web.Response:
     vol = await _volume(request)
     if vol is None:
         return _not_found(request)
-    await asyncio.get_running_loop().run_in_executor(None, vol.flush)
+    await asyncio.get_running_loop().run_in_executor(None, vol.checkpoint, request.app[_REPO])
     return web.json_response({"chunks": len(vol.hashes())})
 
 
-async def _close_volumes(app: web.Application) -> None:
-    loop = asyncio.get_running_loop()
-    for vid, vol in app[_VOLUMES].items():
-        # A volume replaced or scrubbed by the control plane is not ours to flush any more.
-        if app[_IDENTS].get(vid) == _identity(app[_ROOT] / vid):
-            await loop.run_in_executor(None, vol.flush)
+def _close(app: web.Application, vid: str) -> None:
+    """Checkpoint (if it is still the file the control plane keeps) and close one staging index."""
+    vol = app[_VOLUMES].pop(vid)
+    ident = app[_IDENTS].pop(vid, None)
+    app[_USED].pop(vid, None)
+    try:
+        if ident is not None and ident == _identity(app[_ROOT] / f"{vid}{INDEX_SUFFIX}"):
+            vol.checkpoint(app[_REPO])
+    finally:
         vol.close()
-    app[_VOLUMES].clear()
 
 
-def make_app(volumes_root: str | Path, authorize: Authorize) -> web.Application:
-    """The receiver app for the volumes under ``volumes_root`` (one directory per volume id).
+async def _sweep_idle(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(IDLE_CLOSE / 3)
+        now = loop.time()
+        async with app[_OPEN_LOCK]:
+            for vid in [v for v, t in app[_USED].items() if now - t > IDLE_CLOSE and v in app[_VOLUMES]]:
+                try:
+                    await loop.run_in_executor(None, _close, app, vid)
+                except Exception as e:  # the next request reopens it; a run resumes from what is durable
+                    app[_VOLUMES].pop(vid, None)
+                    app[_IDENTS].pop(vid, None)
+                    log.warning("closing idle staging index %s failed: %s", vid, e)
 
-    Volumes are created by the control plane (``StagingVolume.create``); this
-    app only opens existing ones. ``authorize(token, volume_id)`` must be
-    cheap and thread-safe: it runs on every request.
+
+async def _start_sweeper(app: web.Application) -> None:
+    app[_SWEEPER] = asyncio.get_running_loop().create_task(_sweep_idle(app))
+
+
+async def _close_volumes(app: web.Application) -> None:
+    app[_SWEEPER].cancel()
+    loop = asyncio.get_running_loop()
+    for vid in [*app[_VOLUMES].keys()]:
+        await loop.run_in_executor(None, _close, app, vid)
+
+
+def make_app(volumes_root: str | Path, repo: Repository, authorize: Authorize) -> web.Application:
+    """The receiver app for the staging indexes under ``volumes_root`` (``<volume id>.fidx``).
+
+    Staging indexes are created by the control plane (``StagingIndex.create``);
+    this app only opens existing ones, and writes the chunks into ``repo``.
+    ``authorize(token, volume_id)`` must be cheap and thread-safe: it runs on
+    every request.
     """
-    app = web.Application(middlewares=[_protocol_and_auth])
+    app = web.Application(middlewares=[_protocol_and_auth, _store_errors])
     app[_ROOT] = Path(volumes_root)
+    app[_REPO] = repo
+    app[_USED] = {}
     app[_AUTHORIZE] = authorize
     app[_VOLUMES] = {}
     app[_OPEN_LOCK] = asyncio.Lock()
@@ -251,5 +311,6 @@ def make_app(volumes_root: str | Path, authorize: Authorize) -> web.Application:
     app.router.add_get("/v1/volumes/{vid}/hashes", get_hashes)
     app.router.add_post("/v1/volumes/{vid}/frames", post_frames)
     app.router.add_post("/v1/volumes/{vid}/flush", post_flush)
+    app.on_startup.append(_start_sweeper)
     app.on_cleanup.append(_close_volumes)
     return app

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from opensmc.chunkstore.repository import Repository
 from opensmc.receiver.http import Authorize, make_app
 
 
@@ -21,6 +22,7 @@ class ReceiverThread:
     def __init__(
         self,
         volumes_root: Path,
+        repo: Repository,
         authorize: Authorize,
         host: str,
         port: int,
@@ -29,6 +31,7 @@ class ReceiverThread:
     ) -> None:
         self.ssl_context = ssl_context
         self.volumes_root = volumes_root
+        self.repo = repo
         self.authorize = authorize
         self.host = host
         self.port = port
@@ -59,9 +62,9 @@ class ReceiverThread:
         self._loop.close()
 
     async def _start(self) -> None:
-        self.volumes_root.mkdir(parents=True, exist_ok=True)
+        self.volumes_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # client_max_size bounds one request body: agents send batches of frames of ~8 MiB.
-        app = make_app(self.volumes_root, self.authorize)
+        app = make_app(self.volumes_root, self.repo, self.authorize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)

@@ -31,8 +31,9 @@ class Settings:
     max_workgroups_per_account: int = 50
 
     @property
-    def images_dir(self) -> Path:
-        return self.data_dir / "images"
+    def store_dir(self) -> Path:
+        """The chunk store that holds every image (docs/store-format.md)."""
+        return self.data_dir / "store"
 
     @property
     def staging_dir(self) -> Path:

@@ -8,11 +8,13 @@ Cleaning → Finished/Waiting) and ``retention`` (which images a job keeps).
 
 from __future__ import annotations
 
-from opensmc.service import sealing, staging
+from opensmc.service import retention, sealing, staging
 from opensmc.service.context import Services
 
 
 def tick(svc: Services) -> int:
     """One data-plane pass of the orchestrator; returns how many jobs moved on."""
     staging.sweep_staging(svc)
-    return staging.prepare(svc) + sealing.process(svc) + sealing.clean(svc)
+    moved = staging.prepare(svc) + sealing.process(svc) + sealing.clean(svc)
+    retention.collect_garbage(svc)
+    return moved

@@ -50,7 +50,7 @@ class ImageGone(SmcError):
 
 
 def store_of(svc: Services) -> ImageStore:
-    return ImageStore(svc.settings.images_dir)
+    return ImageStore(svc.settings.store_dir)
 
 
 # describing ---------------------------------------------------------------------------------------
@@ -63,12 +63,12 @@ def disk_doc(position: int, disk: DiskManifest, source_index: int | None, chunks
         "Size": disk.size,
         "Sha256": disk.sha256,
         "ChunkSize": disk.chunk_size,
-        "ChunkCount": len(disk.chunks),
-        "StoredChunks": sum(1 for h in disk.chunks if h is not None),
+        "ChunkCount": disk.chunk_count,
+        "StoredChunks": disk.stored_chunks,
     }
     if chunks:
-        # xxh3-128 of each chunk, null for an all-zero chunk (stored as a hole)
-        doc["Chunks"] = list(disk.chunks)
+        # xxh3-128 of each chunk's blob, null for an all-zero chunk (a hole)
+        doc["Chunks"] = disk.chunk_hexes()
     return doc
 
 
@@ -174,45 +174,40 @@ def parse_format(value: str | None) -> Format:
 def raw_blocks(store: ImageStore, manifest: Manifest, position: int) -> Iterator[tuple[int, bytes, bool]]:
     """``(offset, data, is_zero)`` blocks of a disk, in order, each verified before it is yielded.
 
-    Every stored chunk is checked against its xxh3-128 name as it is read; the
-    whole disk against its SHA-256 before the last block is yielded. On any
-    mismatch (or a missing chunk file) :class:`ImageCorrupt` is raised, so a
-    reader never receives the end of a wrong disk.
+    Every blob is checked against its xxh3-128 name as it is read; the whole
+    disk against its recorded SHA-256 (when the image has one) before the last
+    block is yielded. On any mismatch (or a missing blob) :class:`ImageCorrupt`
+    is raised, so a reader never receives the end of a wrong disk.
     """
-    disk = manifest.disks[position]
+    disk = manifest.disks[position].index
     cs = disk.chunk_size
     sha = hashlib.sha256()
     per_block = max(1, BLOCK // cs)
-    n_chunks = len(disk.chunks)
-    for first in range(0, n_chunks, per_block):
-        last = min(first + per_block, n_chunks)
-        parts: list[bytes] = []
-        zero = True
-        for idx in range(first, last):
-            n = min(cs, disk.size - idx * cs)
-            h = disk.chunks[idx]
-            if h is None:
-                parts.append(bytes(n))
-                continue
-            zero = False
-            try:
-                data = store._read_chunk(h)  # re-hashes the chunk
-            except FileNotFoundError:
-                raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx} ({h}) is missing") from None
-            except ImageCorrupt:
-                raise ImageCorrupt(
-                    f"image {manifest.image_id} disk {position}: chunk {idx} does not match its hash {h}"
-                ) from None
-            if len(data) != n:
-                raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx} has a wrong size")
-            parts.append(data)
-        block = b"".join(parts)
-        sha.update(block)
-        if last == n_chunks and sha.hexdigest() != disk.sha256:
-            raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
-        yield first * cs, block, zero
-    if n_chunks == 0 and sha.hexdigest() != disk.sha256:
-        raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
+    n_chunks = disk.chunks
+    with store.repo.session():
+        for first in range(0, n_chunks, per_block):
+            last = min(first + per_block, n_chunks)
+            parts: list[bytes] = []
+            zero = True
+            for idx in range(first, last):
+                n = disk.chunk_length(idx)
+                h = disk.hash_at(idx)
+                if h is None:
+                    parts.append(bytes(n))
+                    continue
+                zero = False
+                try:
+                    data = store.read_chunk(h)  # re-hashes the blob
+                except ImageCorrupt as exc:
+                    raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx}: {exc}") from None
+                if len(data) != n:
+                    raise ImageCorrupt(f"image {manifest.image_id} disk {position}: chunk {idx} has a wrong size")
+                parts.append(data)
+            block = b"".join(parts)
+            sha.update(block)
+            if last == n_chunks and disk.sha256 is not None and sha.hexdigest() != disk.sha256:
+                raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
+            yield first * cs, block, zero
 
 
 def _sweep_stale(tmp_dir: Path, age: float = 6 * 3600) -> None:

@@ -1,12 +1,19 @@
-"""Which images a job keeps: at most MaxNumberOfImageToKeep, the oldest go first."""
+"""Which images a job keeps, and giving the space of the others back.
+
+:func:`rotate` keeps at most MaxNumberOfImageToKeep images of an incremental
+job (the oldest go first); a deleted image only loses its snapshot, and
+:func:`collect_garbage` (each orchestrator pass, when something was deleted)
+frees the blobs that no image and no staging index names any more.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from opensmc.images.store import ImageError, ImageStore
+from opensmc.images.store import ImageNotFound, ImageStore
 from opensmc.service.context import Services
+from opensmc.service.staging import live_staging
 from opensmc.store import images as image_q
 
 log = logging.getLogger("opensmc.dataplane")
@@ -19,11 +26,29 @@ def rotate(svc: Services, job: Any) -> None:
         return
     with svc.db.connect() as conn:
         existing = image_q.images_of_job(conn, job.id)
-    store = ImageStore(svc.settings.images_dir)
+    store = ImageStore(svc.settings.store_dir)
     for row in existing[: max(0, len(existing) - keep)]:
-        with svc.db.begin() as conn:
-            image_q.remove_image(conn, row.id)
+        # The snapshot first: a crash in between leaves a row whose image is gone (shown as
+        # such, removed again next time), never a snapshot nobody knows about.
         try:
             store.delete_image(row.id)
-        except ImageError:
+        except ImageNotFound:
             log.warning("image %s was already gone from the image store", row.id)
+        with svc.db.begin() as conn:
+            image_q.remove_image(conn, row.id)
+
+
+def collect_garbage(svc: Services) -> bool:
+    """Run the store's garbage collection if an image was deleted since the last one; True if it ran.
+
+    It does not wait: while a run writes (or an export reads) it is deferred to a later pass.
+    """
+    store = ImageStore(svc.settings.store_dir)
+    if not store.gc_wanted():
+        return False
+    report = store.gc(live_staging(svc))
+    if report.deferred:
+        return False
+    for err in report.errors:
+        log.error("gc: %s", err)
+    return True

@@ -11,22 +11,31 @@ so a job found in Cleaning after a crash simply finishes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
 from sqlalchemy import Connection
 
+from opensmc.chunkstore.snapshots import DiskIndex
 from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
-from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, compare_with_source
-from opensmc.receiver.volume import StagingVolume
+from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
 from opensmc.service import jobs as job_service
 from opensmc.service import leases, retention
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
-from opensmc.service.staging import fail, release_staging, selected_disks, staging_id, volume_id
+from opensmc.service.staging import (
+    drop_staged_chunks,
+    fail,
+    read_staging,
+    release_staging,
+    selected_disks,
+    staging_id,
+    volume_id,
+)
 from opensmc.store import dataplane as q
 from opensmc.store import images as image_q
 
@@ -34,7 +43,7 @@ log = logging.getLogger("opensmc.dataplane")
 
 
 def image_store(svc: Services) -> ImageStore:
-    return ImageStore(svc.settings.images_dir)
+    return ImageStore(svc.settings.store_dir)
 
 
 def process(svc: Services) -> int:
@@ -44,6 +53,13 @@ def process(svc: Services) -> int:
         try:
             _process_one(svc, job_id)
             done += 1
+        except ImageCorrupt as err:
+            fail(
+                svc,
+                job_id,
+                "Image.ChecksumFailed",
+                f"checksum verification failed: {err}; start the job again to send the damaged data again",
+            )
         except (ImageError, OSError) as err:
             fail(svc, job_id, "Image.CreateFailed", f"Cannot create the image: {err}")
         except SmcError as err:
@@ -92,36 +108,20 @@ def _process_one(svc: Services, job_id: str) -> None:
             now=svc.clock(),
             state=image_q.CREATING,
         )
-    volumes = [StagingVolume.open(svc.settings.staging_dir / volume_id(ti, d["index"])) for d in disks]
+    checksum = bool(replication_parameters(job.replication_parameters).get("checksum"))
     try:
-        try:
-            manifest = store.create_image(image_id, volumes)
-        except ImageCorrupt as err:
-            # Staging data damaged at rest: forget the bad chunks so that the next
-            # StartReplicationJob sends them again, and say so.
-            bad = sum(len(v.scrub()) for v in volumes)
-            raise ImageError(
-                f"{err}; {bad} damaged chunk(s) were dropped from the staging volume and will be sent "
-                "again: start the job again"
-            ) from err
-        verified: bool | None = None
-        if replication_parameters(job.replication_parameters).get("checksum"):
-            # The volume maps hold the hashes the agent computed on the source and the
-            # receiver checked frame by frame; the image must match them chunk for chunk,
-            # and its stored chunks must re-hash to the manifest.
-            mismatched = [
-                i for d, v in zip(manifest.disks, volumes, strict=True) for i in compare_with_source(d, v.hashes())
-            ]
-            report = store.verify(image_id)
-            verified = not mismatched and report.ok
-            if not verified:
-                raise ImageError(f"checksum verification failed: {len(mismatched)} chunk(s) differ, report {report}")
+        # Under the store's gc lock: the blobs the staging indexes name stay until the
+        # snapshot that names them exists. No data is read or copied (without checksum).
+        with store.repo.session():
+            vids = [volume_id(ti, d["index"]) for d in disks]
+            staged = [read_staging(svc, vid) for vid in vids]
+            verified: bool | None = None
+            if checksum:
+                staged, verified = _prove(svc, store, image_id, vids, staged)
+            manifest = store.create_image(image_id, staged)
     except BaseException:
         discard_half_made(svc, store, job_id)
         raise
-    finally:
-        for v in volumes:
-            v.close()
     doc = {
         "disks": [
             {"index": d["index"], "size": m.size, "sha256": m.sha256, "chunk_size": m.chunk_size}
@@ -136,6 +136,42 @@ def _process_one(svc: Services, job_id: str) -> None:
             q.set_run_checksum(conn, run_id, verified)
 
     job_service.mark_processed(svc, job_id, image_id, also=publish)
+
+
+def _prove(
+    svc: Services, store: ImageStore, image_id: str, vids: list[str], staged: list[DiskIndex]
+) -> tuple[list[DiskIndex], bool]:
+    """``checksum``: re-read every blob the run's disks name and compute each disk's SHA-256.
+
+    Each blob must re-hash to the digest the receiver recorded for it, which is
+    the digest of bytes whose frame matched the hash the agent computed on the
+    source; the SHA-256s go into the image, so every later export and verify
+    checks the whole disk against them. A blob that fails is dropped from the
+    staging index and forgotten by the store, so the next run sends it again.
+    """
+    out: list[DiskIndex] = []
+    damaged = 0
+    for vid, disk in zip(vids, staged, strict=True):
+        sha = hashlib.sha256()
+        bad: list[int] = []
+        for i in range(disk.chunks):
+            h = disk.hash_at(i)
+            if h is None:
+                sha.update(bytes(disk.chunk_length(i)))
+                continue
+            try:
+                sha.update(store.read_chunk(h))
+            except ImageCorrupt:
+                bad.append(i)
+                store.repo.forget(h)
+        if bad:
+            drop_staged_chunks(svc, vid, bad)
+            damaged += len(bad)
+        out.append(DiskIndex(disk.size, disk.chunk_size, disk.digests, sha.hexdigest()))
+    if damaged:
+        raise ImageCorrupt(f"{damaged} chunk(s) of the run are damaged in the store and were dropped from staging")
+    log.info("image %s: every blob re-read and proven", image_id)
+    return out, True
 
 
 def discard_half_made(svc: Services, store: ImageStore, job_id: str) -> None:
