@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opensmc.chunkstore.staging import StagingError, StagingIndex
 from opensmc.cli.call import invoke
 from opensmc.cli.credentials import ClientCredentials
 from opensmc.images.store import ImageStore
@@ -178,7 +179,14 @@ def make_due(server: ServerProcess, job_id: str) -> None:
 
 
 def store(server: ServerProcess) -> ImageStore:
-    return ImageStore(server.data_dir / "images")
+    return ImageStore(server.data_dir / "store")
+
+
+def disk_shas(server: ServerProcess, image_id: str) -> list[str]:
+    """Each disk's SHA-256, computed from the image's blobs (every one re-hashed on the way)."""
+    report = store(server).verify(image_id)
+    assert report.ok, report
+    return report.sha256
 
 
 def export(server: ServerProcess, image_id: str, disk_index: int, out: Path) -> Path:
@@ -187,18 +195,21 @@ def export(server: ServerProcess, image_id: str, disk_index: int, out: Path) -> 
 
 
 def staging_dirs(server: ServerProcess, transition_instance_id: str) -> list[Path]:
+    """The job's staging index files (one per disk)."""
     root = server.data_dir / "staging"
-    return sorted(root.glob(f"{transition_instance_id}-d*")) if root.exists() else []
+    return sorted(root.glob(f"{transition_instance_id}-d*.fidx")) if root.exists() else []
 
 
 def staging_bytes(server: ServerProcess, transition_instance_id: str) -> int:
-    """Bytes allocated by the job's staging volumes: grows while the agent sends."""
-    return sum(
-        p.stat().st_blocks * 512
-        for d in staging_dirs(server, transition_instance_id)
-        for p in d.rglob("*")
-        if p.is_file()
-    )
+    """Bytes of data the receiver holds durably for the job (chunks its staging indexes name)."""
+    total = 0
+    for path in staging_dirs(server, transition_instance_id):
+        try:
+            disk = StagingIndex.read_disk(path)
+        except (FileNotFoundError, StagingError):  # released or being replaced
+            continue
+        total += int(disk.nonzero().size) * disk.chunk_size
+    return total
 
 
 __all__ = [
@@ -208,6 +219,7 @@ __all__ = [
     "create_job",
     "db",
     "describe",
+    "disk_shas",
     "export",
     "images_of",
     "make_due",

@@ -15,6 +15,7 @@ from tests.e2e.flows import (
     agent_stats,
     create_job,
     describe,
+    disk_shas,
     export,
     images_of,
     register,
@@ -60,7 +61,7 @@ def test_full_migration_system_disk(tmp_path: Path) -> None:
         assert partition_table(out) == partition_table(disk.path)
         assert fsck_partitions(out, disk) == []
         manifest = store(server).get(job["ImageId"])
-        assert [d.sha256 for d in manifest.disks] == [source_sha]
+        assert disk_shas(server, job["ImageId"]) == [source_sha]
         assert [d.size for d in manifest.disks] == [disk.size]
         # A RunOnce job releases its staging when it finishes.
         assert staging_dirs(server, job["TransitionInstanceId"]) == []
@@ -97,7 +98,7 @@ def test_system_and_two_data_disks_with_checksum(tmp_path: Path) -> None:
         job = wait_status(server, job_id, "Finished", timeout=60)
 
         manifest = store(server).get(job["ImageId"])
-        assert [d.sha256 for d in manifest.disks] == shas
+        assert [d.sha256 for d in manifest.disks] == shas  # checksum=true put them in the image
         for i, disk in enumerate(disks):
             out = export(server, job["ImageId"], i, tmp_path / f"exported{i}.img")
             assert sha256_file(out) == shas[i], f"disk {i} differs"
@@ -136,7 +137,7 @@ def _disk_error_job(tmp_path: Path) -> tuple[Disk, Disk, ServerProcess, Agent, s
 def _restart_and_finish(server: ServerProcess, job_id: str, system: Disk, shas: list[str]) -> None:
     server.call_json("StartReplicationJob", "--JobId", job_id)
     job = wait_status(server, job_id, "Finished", timeout=60)
-    assert [d.sha256 for d in store(server).get(job["ImageId"]).disks] == shas
+    assert disk_shas(server, job["ImageId"]) == shas
     first, second = runs(server, job_id)
     assert first["end_time"] is not None
     # The system disk was on the receiver already: the second run sent (about) the data disk only.

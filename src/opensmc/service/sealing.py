@@ -150,8 +150,8 @@ def _prove(
     staging index and forgotten by the store, so the next run sends it again.
     """
     out: list[DiskIndex] = []
-    damaged = 0
-    for vid, disk in zip(vids, staged, strict=True):
+    damaged: list[str] = []
+    for position, (vid, disk) in enumerate(zip(vids, staged, strict=True)):
         sha = hashlib.sha256()
         bad: list[int] = []
         for i in range(disk.chunks):
@@ -166,10 +166,13 @@ def _prove(
                 store.repo.forget(h)
         if bad:
             drop_staged_chunks(svc, vid, bad)
-            damaged += len(bad)
+            damaged.append(f"disk {position}: chunk {', '.join(map(str, bad[:5]))}{' …' if len(bad) > 5 else ''}")
         out.append(DiskIndex(disk.size, disk.chunk_size, disk.digests, sha.hexdigest()))
     if damaged:
-        raise ImageCorrupt(f"{damaged} chunk(s) of the run are damaged in the store and were dropped from staging")
+        raise ImageCorrupt(
+            f"data damaged in the image store ({'; '.join(damaged)}); the damaged chunks were dropped "
+            "from staging and will be sent again"
+        )
     log.info("image %s: every blob re-read and proven", image_id)
     return out, True
 
