@@ -105,7 +105,7 @@ def test_list_and_show(migrated: Migrated) -> None:
         shown = migrated.image("show", migrated.image_id, "--chunks", local=local)
         assert shown.returncode == 0, shown.stderr
         doc = json.loads(shown.stdout)
-        assert doc["JobId"] == item["JobId"] and len(doc["Disks"][0]["Chunks"]) == 48 * MiB // 65536
+        assert doc["JobId"] == item["JobId"] and len(doc["Disks"][0]["Chunks"]) == 48 * MiB // 16384
     table = migrated.image("list")
     assert migrated.image_id in table.stdout
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ FORMAT = "opensmc-chunkstore"
 VERSION = 1
 DEFAULT_CHUNK_SIZE = 16 * 1024
 PACK_SIZE = 32 * 1024 * 1024
+#: an open pack older than this is written out even if not full: on a slow link a crash
+#: must not lose minutes of received data (the staging index can name only durable blobs)
+SEAL_AFTER = 2.0
 #: packs written but not yet durable, at most (memory: this many times PACK_SIZE)
 PACKS_IN_FLIGHT = 2
 GC_LOCK = "gc"
@@ -76,6 +80,7 @@ class Repository:
         # Blobs in the open pack or in packs on their way to the backend: hash -> pack seq.
         self._pending: dict[bytes, int] = {}
         self._open = PackBuilder()
+        self._opened = 0.0  # monotonic time of the open pack's first blob
         self._seq = 1  # the open pack's sequence number
         self.durable_seq = 0
         self._queue: list[tuple[int, PackBuilder]] = []
@@ -172,9 +177,12 @@ class Repository:
             if seq is not None:
                 return seq
             self._raise_writer_error()
+            now = time.monotonic()
+            if not self._open.count:
+                self._opened = now
             self._open.add(blob_hash, plain, compress=compress)
             self._pending[blob_hash] = seq = self._seq
-            if len(self._open) >= self.pack_size:
+            if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
                 self._seal_locked()
             return seq
 
