@@ -135,8 +135,12 @@ class LocalBackend:
         if parent in self._dirs:
             return
         if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _fsync_dir(parent.parent)
+            # One level at a time: mkdir(parents=True) gives the parents it makes the umask's mode.
+            missing = [parent, *(p for p in parent.parents if p != self.root and self.root in p.parents)]
+            for d in reversed(missing):
+                if not d.is_dir():
+                    d.mkdir(mode=0o700, exist_ok=True)
+                    _fsync_dir(d.parent)
         self._dirs.add(parent)
 
     def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
