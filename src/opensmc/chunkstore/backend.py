@@ -149,13 +149,13 @@ class LocalBackend:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if exclusive:
                 try:
                     os.link(tmp, path)  # fails if the name exists: never replace
