@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,7 +115,7 @@ class LocalBackend:
 
     Writes go to a temporary file that is fsync'ed and renamed into place, and
     the directory is fsync'ed, so an object is either whole or absent after a
-    crash. Locks are ``flock`` on files under ``root/locks``: every process of
+    crash. Locks are ``flock`` on files under ``root/.locks``: every process of
     this host that opens the same root sees them, and the kernel drops them
     when the holder dies.
     """
@@ -173,8 +174,11 @@ class LocalBackend:
         path = self._path(name)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(name) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder opens read-only: it is not an object
+            os.close(fd)
+            raise ObjectNotFound(name)
         try:
             if length is None:
                 length = os.fstat(fd).st_size - offset
@@ -190,9 +194,12 @@ class LocalBackend:
 
     def size(self, name: str) -> int:
         try:
-            return self._path(name).stat().st_size
-        except FileNotFoundError:
+            st = self._path(name).stat()
+        except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(name) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(name)
+        return st.st_size
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
@@ -202,7 +209,7 @@ class LocalBackend:
         base = self.root / folder if folder else self.root
         out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "locks"]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for f in filenames:
                 if f.startswith("."):
@@ -222,7 +229,8 @@ class LocalBackend:
         _fsync_dir(path.parent)
 
     def lock(self, name: str, *, exclusive: bool, blocking: bool = True) -> _FileLock:
-        path = self.root / "locks" / check_name(name)
+        # Under a hidden folder: no object name can start with a dot, so none collides with a lock.
+        path = self.root / ".locks" / check_name(name)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
