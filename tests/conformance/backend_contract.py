@@ -39,9 +39,7 @@ class BackendContract:
 
     def _child(self, backend: Any, body: str) -> subprocess.Popen[str]:
         src = self.child_source(backend) + "\n" + textwrap.dedent(body)
-        return subprocess.Popen(
-            [sys.executable, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        return subprocess.Popen([sys.executable, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     # -- whole objects --------------------------------------------------------------------------
 

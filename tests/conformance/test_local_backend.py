@@ -43,7 +43,7 @@ def test_modes_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     b.write("a/b/c/d", b"nested")
     b.lock("gc", exclusive=False).release()
     seen_dirs = seen_files = 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
         seen_dirs += 1
         for f in filenames:
