@@ -7,12 +7,15 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opensmc.chunkstore.backend import LocalBackend
 from opensmc.chunkstore.repository import Repository, StoreError
@@ -256,3 +259,64 @@ def test_disk_digests_are_a_copy(tmp_path: Path, repo: Repository) -> None:
     idx.checkpoint(repo)
     assert not d.digests.any() and np.array_equal(idx.disk().digests[0], np.frombuffer(h(blob(1)), np.uint8))
     idx.close()
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("write"), st.integers(0, 9), st.lists(st.integers(0, 12), min_size=1, max_size=3)),
+            st.tuples(st.just("zero"), st.integers(0, 9), st.lists(st.just(0), min_size=1, max_size=3)),
+            st.tuples(st.sampled_from(["checkpoint", "catch_up", "reopen"]), st.just(0), st.just([0])),
+        ),
+        max_size=30,
+    )
+)
+def test_random_writes_against_a_model(ops: list[tuple[str, int, list[int]]]) -> None:
+    chunks = 12
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = LocalBackend(Path(tmp) / "s")
+        repo = Repository(backend, pack_size=PACK4)
+        p = Path(tmp) / "v.fidx"
+        idx = StagingIndex.create(p, chunks * CHUNK - 3000, CHUNK)
+        model: dict[int, bytes] = {}  # chunk -> digest, as the receiver holds it
+        ever: dict[int, set[bytes]] = {}  # every digest a chunk was given
+
+        def content(n: int, chunk: int) -> bytes:
+            length = CHUNK if chunk < chunks - 1 else CHUNK - 3000
+            return bytes(length) if n == 0 else blob(n, length)
+
+        for op, first, values in ops:
+            values = values[: chunks - first]
+            if op == "write" and values:
+                datas = [content(n, first + k) for k, n in enumerate(values)]
+                idx.write(repo, first * CHUNK, b"".join(datas))
+                for k, d in enumerate(datas):
+                    if any(d):
+                        model[first + k] = h(d)
+                        ever.setdefault(first + k, set()).add(h(d))
+                    else:
+                        model.pop(first + k, None)
+            elif op == "zero" and values:
+                length = min(len(values) * CHUNK, idx.size - first * CHUNK)
+                idx.zero(repo, first * CHUNK, length)
+                for k in range(len(values)):
+                    model.pop(first + k, None)
+            elif op == "checkpoint":
+                idx.checkpoint(repo)
+                assert on_disk(p) == model
+            elif op == "catch_up":
+                idx.catch_up(repo)
+            elif op == "reopen":
+                idx.checkpoint(repo)
+                idx.close()
+                idx = StagingIndex.open(p)
+            assert idx.hashes() == model
+            # the crash rule, at every step: the file names only durable blobs this chunk was given
+            fresh = Repository(backend)
+            for chunk, digest in on_disk(p).items():
+                assert digest in ever[chunk]
+                assert h(fresh.get(digest)) == digest
+        idx.checkpoint(repo)
+        assert on_disk(p) == model
+        idx.close()
