@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from opensmc.chunkstore.backend import LocalBackend
+from opensmc.chunkstore.backend import LocalBackend, LockBusy
 from opensmc.chunkstore.gc import collect
 from opensmc.chunkstore.packs import parse_index
 from opensmc.chunkstore.repository import BlobNotFound, Repository
@@ -174,3 +175,23 @@ def test_damaged_index_is_reported_and_its_pack_left_alone(backend: LocalBackend
     report = collect(Repository(backend), [])
     assert report.errors and p in report.errors[0]
     assert backend.exists(f"data/{p[:2]}/{p}")
+
+
+def test_staging_roots_are_read_under_the_exclusive_lock(tmp_path: Path, backend: LocalBackend) -> None:
+    """Pass a generator: it is consumed while no run can checkpoint (the shared lock is refused)."""
+    repo = Repository(backend)
+    pack_of(repo, [blob(1), blob(2)])
+    seen: list[bool] = []
+
+    def roots() -> Iterator[DiskIndex]:
+        try:
+            backend.lock("gc", exclusive=False, blocking=False).release()
+            seen.append(False)
+        except LockBusy:
+            seen.append(True)
+        yield disk_of(blob(1))
+
+    report = collect(repo, roots(), repack_ratio=0.9)
+    assert seen == [True]
+    assert report.packs_repacked == 0 and report.blobs_freed == 0  # 1 of 2 dead, under the ratio
+    assert Repository(backend).get(h(blob(1))) == blob(1)
