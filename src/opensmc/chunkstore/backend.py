@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,7 +115,7 @@ class LocalBackend:
 
     Writes go to a temporary file that is fsync'ed and renamed into place, and
     the directory is fsync'ed, so an object is either whole or absent after a
-    crash. Locks are ``flock`` on files under ``root/locks``: every process of
+    crash. Locks are ``flock`` on files under ``root/.locks``: every process of
     this host that opens the same root sees them, and the kernel drops them
     when the holder dies.
     """
@@ -135,8 +136,12 @@ class LocalBackend:
         if parent in self._dirs:
             return
         if not parent.is_dir():
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _fsync_dir(parent.parent)
+            # One level at a time: mkdir(parents=True) gives the parents it makes the umask's mode.
+            missing = [parent, *(p for p in parent.parents if p != self.root and self.root in p.parents)]
+            for d in reversed(missing):
+                if not d.is_dir():
+                    d.mkdir(mode=0o700, exist_ok=True)
+                    _fsync_dir(d.parent)
         self._dirs.add(parent)
 
     def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
@@ -145,13 +150,13 @@ class LocalBackend:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if exclusive:
                 try:
                     os.link(tmp, path)  # fails if the name exists: never replace
@@ -169,8 +174,11 @@ class LocalBackend:
         path = self._path(name)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(name) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder opens read-only: it is not an object
+            os.close(fd)
+            raise ObjectNotFound(name)
         try:
             if length is None:
                 length = os.fstat(fd).st_size - offset
@@ -186,9 +194,12 @@ class LocalBackend:
 
     def size(self, name: str) -> int:
         try:
-            return self._path(name).stat().st_size
-        except FileNotFoundError:
+            st = self._path(name).stat()
+        except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(name) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(name)
+        return st.st_size
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
@@ -198,7 +209,7 @@ class LocalBackend:
         base = self.root / folder if folder else self.root
         out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "locks"]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for f in filenames:
                 if f.startswith("."):
@@ -218,7 +229,8 @@ class LocalBackend:
         _fsync_dir(path.parent)
 
     def lock(self, name: str, *, exclusive: bool, blocking: bool = True) -> _FileLock:
-        path = self.root / "locks" / check_name(name)
+        # Under a hidden folder: no object name can start with a dot, so none collides with a lock.
+        path = self.root / ".locks" / check_name(name)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)

@@ -85,6 +85,9 @@ class Repository:
         self.durable_seq = 0
         self._queue: list[tuple[int, PackBuilder]] = []
         self._writer_error: BaseException | None = None
+        # Seqs of packs a writer error lost, as (first, last): they never become durable, even once
+        # durable_seq has passed them, and an index waiting on one must drop its entry (staging.py).
+        self._lost: list[tuple[int, int]] = []
         self._writer: threading.Thread | None = None
         self.reload()
 
@@ -215,6 +218,11 @@ class Repository:
             except BaseException as err:  # the disk is full, the store is gone: every writer hears it
                 with self._lock:
                     self._writer_error = err
+                    # This pack, the ones queued behind it and the open one are gone; the next pack
+                    # gets a new seq, so no seq means both "lost" and "durable".
+                    self._lost.append((seq, self._seq))
+                    self._seq += 1
+                    self._open = PackBuilder()
                     self._queue.clear()
                     self._pending.clear()
                     self._writer = None
@@ -233,8 +241,7 @@ class Repository:
     def _raise_writer_error(self) -> None:
         if self._writer_error is not None:
             err, self._writer_error = self._writer_error, None
-            # What was in flight is lost: start over from what is durable.
-            self._open = PackBuilder()
+            # What was in flight is lost (see lost()): start over from what is durable.
             raise StoreError(f"cannot write to the store at {self.backend.describe()}: {err}") from err
 
     def flush(self) -> int:
@@ -245,6 +252,11 @@ class Repository:
                 self._cond.wait()
             self._raise_writer_error()
             return self.durable_seq
+
+    def lost(self, seq: int) -> bool:
+        """Whether the pack of that seq was lost to a writer error (its blobs are not in the store)."""
+        with self._lock:
+            return any(first <= seq <= last for first, last in self._lost)
 
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
         with self._lock:

@@ -32,7 +32,7 @@ import numpy as np
 import xxhash
 
 from opensmc.chunkstore.backend import AbstractLock
-from opensmc.chunkstore.repository import GC_LOCK, Repository
+from opensmc.chunkstore.repository import GC_LOCK, Repository, StoreError
 from opensmc.chunkstore.snapshots import DIGEST, DiskIndex, chunks_of
 
 __all__ = ["StagingError", "StagingIndex"]
@@ -79,6 +79,7 @@ class StagingIndex:
         self._pending: list[tuple[int, bytes, int]] = []  # (chunk, digest or zero, pack seq)
         self._view: dict[int, bytes] = {}  # pending entries by chunk, for hashes()
         self._session: AbstractLock | None = None
+        self._dropped = 0  # entries dropped because their pack was lost, not yet reported by checkpoint()
 
     @property
     def chunks(self) -> int:
@@ -216,7 +217,7 @@ class StagingIndex:
             pages = seg.reshape(-1, _PAGE // 8) if len(seg) == per_chunk and cs >= _PAGE else None
             sparse = pages is not None and not pages.any(axis=1).all()
             entries.append((first + k, h, repo.put(h, chunk, compress=sparse)))
-        self._add(entries, repo.durable_seq)
+        self._add(entries, repo)
 
     def zero(self, repo: Repository, offset: int, length: int) -> None:
         """The range reads as zeros at the source now."""
@@ -225,20 +226,27 @@ class StagingIndex:
         first = offset // cs
         with self._lock:
             self._begin_session(repo)
-        self._add([(i, _ZERO, 0) for i in range(first, first + -(-length // cs))], repo.durable_seq)
+        self._add([(i, _ZERO, 0) for i in range(first, first + -(-length // cs))], repo)
 
-    def _add(self, entries: list[tuple[int, bytes, int]], durable: int) -> None:
+    def _add(self, entries: list[tuple[int, bytes, int]], repo: Repository) -> None:
         with self._lock:
             self._pending.extend(entries)
             for idx, h, _seq in entries:
                 self._view[idx] = h
-            self._apply_locked(durable)
+            self._apply_locked(repo)
 
-    def _apply_locked(self, durable: int) -> None:
-        """Write into the file the pending entries whose blobs are durable (in order, a prefix)."""
+    def _apply_locked(self, repo: Repository) -> None:
+        """Write into the file the pending entries whose blobs are durable (in order, a prefix).
+
+        An entry whose pack a writer error lost is dropped: the file keeps what it said before."""
+        durable = repo.durable_seq
         k = 0
         lo, hi = self.chunks, -1
         for idx, h, seq in self._pending:
+            if seq and repo.lost(seq):
+                self._dropped += 1
+                k += 1
+                continue
             if seq > durable:
                 break
             self._digests[idx] = np.frombuffer(h, np.uint8)
@@ -252,21 +260,28 @@ class StagingIndex:
         for idx, _h, _s in done:
             if idx not in still:
                 self._view.pop(idx, None)
-        os.pwrite(self._fd, self._digests[lo : hi + 1].tobytes(), HEADER_SIZE + lo * DIGEST)
+        if hi >= 0:
+            os.pwrite(self._fd, self._digests[lo : hi + 1].tobytes(), HEADER_SIZE + lo * DIGEST)
 
     def catch_up(self, repo: Repository) -> None:
         """Write what became durable since the last write (cheap; call it now and then)."""
         with self._lock:
-            self._apply_locked(repo.durable_seq)
+            self._apply_locked(repo)
 
     def checkpoint(self, repo: Repository) -> None:
         """Make everything written so far durable (store and index), and let gc run again."""
-        durable = repo.flush()
+        repo.flush()
         with self._lock:
-            self._apply_locked(durable)
+            self._apply_locked(repo)
             os.fsync(self._fd)
             if not self._pending:
                 self._end_session()
+            dropped, self._dropped = self._dropped, 0
+        if dropped:  # another writer of this store heard the error first; this index must hear it too
+            raise StoreError(
+                f"{self.path}: {dropped} chunk(s) were in a pack that could not be written to "
+                f"{repo.backend.describe()}; they are not recorded (send them again)"
+            )
 
     # -- reading --------------------------------------------------------------------------------
 
