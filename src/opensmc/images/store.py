@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -184,8 +184,12 @@ class ImageStore:
     def gc_wanted(self) -> bool:
         return self.backend.exists(GC_WANTED)
 
-    def gc(self, staging: Sequence[DiskIndex]) -> GcReport:
-        """Collect blobs nothing names (``staging``: every live staging index is a root)."""
+    def gc(self, staging: Iterable[DiskIndex]) -> GcReport:
+        """Collect blobs nothing names (``staging``: every live staging index is a root).
+
+        Pass a generator that reads the staging indexes: it is consumed under the
+        collector's lock, after which no run can add entries the sweep would miss.
+        """
         report = collect(self.repo, staging)
         if not report.deferred and not report.errors:
             self.backend.delete(GC_WANTED)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,18 @@ def drop_staged_chunks(svc: Services, vid: str, chunks: list[int]) -> None:
     StagingIndex.rewrite_without(index_path(svc, vid), chunks)
 
 
-def live_staging(svc: Services) -> list[DiskIndex]:
-    """Every staging index there is (the roots garbage collection must keep)."""
+def live_staging(svc: Services) -> Iterator[DiskIndex]:
+    """Every staging index there is (the roots garbage collection must keep).
+
+    A generator on purpose: the collector reads it under its exclusive lock, so
+    no run can checkpoint new entries between this read and the sweep.
+    """
     root = svc.settings.staging_dir
-    out: list[DiskIndex] = []
     for path in sorted(root.glob(f"*{INDEX_SUFFIX}")) if root.exists() else []:
         try:
-            out.append(StagingIndex.read_disk(path))
+            yield StagingIndex.read_disk(path)
         except FileNotFoundError:  # released meanwhile
             continue
-    return out
 
 
 def release_staging(svc: Services, job_id: str, transition_instance_id: str | None = None) -> None:
