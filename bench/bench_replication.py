@@ -41,8 +41,10 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 RECEIVER = """
 import sys
 from aiohttp import web
+from opensmc.chunkstore.backend import LocalBackend
+from opensmc.chunkstore.repository import Repository
 from opensmc.receiver.http import make_app
-app = make_app(sys.argv[1], lambda token, vid: token == "bench")
+app = make_app(sys.argv[1], Repository(LocalBackend(sys.argv[3])), lambda token, vid: token == "bench")
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log=None)
 """
 
@@ -54,7 +56,7 @@ url, vid, src = sys.argv[1:4]
 t0 = time.monotonic()
 with HttpSender(url, vid, "bench") as s:
     _, prev = s.fetch_hashes()
-    r = replicate(src, s, previous=prev, level=int(sys.argv[4]))
+    r = replicate(src, s, previous=prev, level=int(sys.argv[4]), chunk_size=16384)
     s.flush()
 print(json.dumps({"seconds": time.monotonic() - t0, "sent": r.chunks_sent, "bytes": r.bytes_plain,
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -124,14 +126,17 @@ def vm_hwm_mib(pid: int) -> float:
 class OpenSmc:
     def __init__(self, work: Path, size: int) -> None:
         sys.path.insert(0, str(ROOT / "src"))
-        from opensmc.receiver.volume import StagingVolume
+        from opensmc.chunkstore.staging import StagingIndex
 
         self.vols = work / "volumes"
-        shutil.rmtree(self.vols, ignore_errors=True)
+        self.store = work / "store"
+        self.work = work
+        for d in (self.vols, self.store):
+            shutil.rmtree(d, ignore_errors=True)
         self.vols.mkdir()
-        StagingVolume.create(self.vols / "bench", size).close()
+        StagingIndex.create(self.vols / "bench.fidx", size, 16384).close()
         self.port = free_port()
-        cmd = [sys.executable, "-c", RECEIVER, str(self.vols), str(self.port)]
+        cmd = [sys.executable, "-c", RECEIVER, str(self.vols), str(self.port), str(self.store)]
         self.proc = subprocess.Popen(cmd, env=ENV)
         deadline = time.monotonic() + 20
         while True:
@@ -158,7 +163,20 @@ class OpenSmc:
 
     @property
     def image(self) -> Path:
-        return self.vols / "bench" / "data.img"
+        """What the receiver holds, read back through the chunk store into a file (not timed)."""
+        from opensmc.chunkstore.backend import LocalBackend
+        from opensmc.chunkstore.repository import Repository
+        from opensmc.chunkstore.staging import StagingIndex
+
+        disk = StagingIndex.read_disk(self.vols / "bench.fidx")
+        repo = Repository(LocalBackend(self.store))
+        out = self.work / "opensmc-held.img"
+        with out.open("wb") as f:
+            f.truncate(disk.size)
+            for i in disk.nonzero():
+                f.seek(int(i) * disk.chunk_size)
+                f.write(repo.get(bytes(disk.digests[i])))
+        return out
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -1,7 +1,7 @@
 """Pack files: many blobs in one object, self-describing, every blob hashed.
 
 A blob is one chunk of a disk, named by the xxh3-128 of its plain bytes.
-Thousands of them share a pack (tens of MiB), so a terabyte is tens of
+About a thousand share a pack (16 MiB), so a terabyte is tens of
 thousands of objects, not hundreds of millions of files. Layout, little-endian::
 
     "OSMPACK\\x01"                          8 bytes: magic and format version 1
@@ -95,11 +95,11 @@ class PackBuilder:
         self._buf += data
         self.entries.append(BlobEntry(blob_hash, codec, offset, len(plain), len(data)))
 
-    def finish(self) -> tuple[str, bytes, bytes]:
-        """(pack name, pack bytes, index bytes)."""
+    def finish(self) -> tuple[str, bytearray, bytes]:
+        """(pack name, pack bytes, index bytes). The builder's buffer is handed over, not copied."""
         index = encode_index(self.entries)
         self._buf += index
-        pack = bytes(self._buf)
+        pack, self._buf = self._buf, bytearray()
         return xxhash.xxh3_128_hexdigest(pack), pack, index
 
 

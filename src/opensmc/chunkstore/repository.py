@@ -42,7 +42,7 @@ log = logging.getLogger("opensmc.chunkstore")
 FORMAT = "opensmc-chunkstore"
 VERSION = 1
 DEFAULT_CHUNK_SIZE = 16 * 1024
-PACK_SIZE = 32 * 1024 * 1024
+PACK_SIZE = 16 * 1024 * 1024
 #: an open pack older than this is written out even if not full: on a slow link a crash
 #: must not lose minutes of received data (the staging index can name only durable blobs)
 SEAL_AFTER = 2.0
@@ -252,6 +252,11 @@ class Repository:
                 self._cond.wait()
             self._raise_writer_error()
             return self.durable_seq
+
+    def lost_ranges(self) -> list[tuple[int, int]]:
+        """(first, last) seqs of packs lost to writer errors (usually none)."""
+        with self._lock:
+            return list(self._lost)
 
     def lost(self, seq: int) -> bool:
         """Whether the pack of that seq was lost to a writer error (its blobs are not in the store)."""

@@ -196,27 +196,33 @@ class StagingIndex:
         view = memoryview(data)
         first = offset // cs
         n = -(-len(view) // cs)
-        usable = len(view) - len(view) % 8
-        words = np.frombuffer(view[:usable], np.uint64) if usable else np.zeros(0, np.uint64)
-        per_chunk = cs // 8
+        full = len(view) // cs
+        # One vectorised pass over the frame: which 4 KiB pages hold data, per chunk.
+        if full and cs % _PAGE == 0:
+            words = np.frombuffer(view[: full * cs], np.uint64).reshape(full, cs // _PAGE, _PAGE // 8)
+            pages: np.ndarray = np.any(words, axis=2)
+            nonzero: list[bool] = np.any(pages, axis=1).tolist()
+            # A chunk with a zero page in it (a sparse file, a partly used block) is worth zstd;
+            # one without is almost always incompressible disk data, not worth the CPU.
+            sparse: list[bool] = np.logical_not(np.all(pages, axis=1)).tolist()
+        else:
+            nonzero = [any(view[k * cs : (k + 1) * cs]) for k in range(full)]
+            sparse = [True] * full
+        if n > full:  # the short last chunk of the disk
+            nonzero.append(any(view[full * cs :]))
+            sparse.append(True)
         entries: list[tuple[int, bytes, int]] = []
         with self._lock:
             self._begin_session(repo)
+        put = repo.put
+        digest = xxhash.xxh3_128_digest
         for k in range(n):
+            if not nonzero[k]:
+                entries.append((first + k, _ZERO, 0))
+                continue
             chunk = view[k * cs : (k + 1) * cs]
-            seg = words[k * per_chunk : (k + 1) * per_chunk]
-            if len(chunk) == cs and not seg.any():
-                entries.append((first + k, _ZERO, 0))
-                continue
-            if len(chunk) < cs and not any(chunk):
-                entries.append((first + k, _ZERO, 0))
-                continue
-            h = xxhash.xxh3_128_digest(chunk)
-            # A chunk with a zero page in it (a sparse file, a partly used block) is worth zstd;
-            # one without is almost always incompressible disk data, not worth the CPU.
-            pages = seg.reshape(-1, _PAGE // 8) if len(seg) == per_chunk and cs >= _PAGE else None
-            sparse = pages is not None and not pages.any(axis=1).all()
-            entries.append((first + k, h, repo.put(h, chunk, compress=sparse)))
+            h = digest(chunk)
+            entries.append((first + k, h, put(h, chunk, compress=sparse[k])))
         self._add(entries, repo)
 
     def zero(self, repo: Repository, offset: int, length: int) -> None:
@@ -240,27 +246,30 @@ class StagingIndex:
 
         An entry whose pack a writer error lost is dropped: the file keeps what it said before."""
         durable = repo.durable_seq
+        lost = repo.lost_ranges()
         k = 0
-        lo, hi = self.chunks, -1
+        done: dict[int, bytes] = {}  # a later entry for a chunk wins
         for idx, h, seq in self._pending:
-            if seq and repo.lost(seq):
+            if seq and lost and any(a <= seq <= b for a, b in lost):
                 self._dropped += 1
                 k += 1
                 continue
             if seq > durable:
                 break
-            self._digests[idx] = np.frombuffer(h, np.uint8)
-            lo, hi = min(lo, idx), max(hi, idx)
+            done[idx] = h
             k += 1
         if not k:
             return
-        done = self._pending[:k]
+        settled = self._pending[:k]
         del self._pending[:k]
         still = {idx for idx, _h, _s in self._pending}
-        for idx, _h, _s in done:
+        for idx, _h, _s in settled:
             if idx not in still:
                 self._view.pop(idx, None)
-        if hi >= 0:
+        if done:
+            rows = np.fromiter(done, np.int64, len(done))
+            self._digests[rows] = np.frombuffer(b"".join(done.values()), np.uint8).reshape(-1, DIGEST)
+            lo, hi = int(rows.min()), int(rows.max())
             os.pwrite(self._fd, self._digests[lo : hi + 1].tobytes(), HEADER_SIZE + lo * DIGEST)
 
     def catch_up(self, repo: Repository) -> None:
