@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opensmc.chunkstore.backend import LockBusy, ObjectNotFound
-from opensmc.chunkstore.packs import PackBuilder, PackCorrupt, decode_blob, parse_index
+from opensmc.chunkstore.packs import BlobEntry, PackBuilder, PackCorrupt, decode_blob, parse_index
 from opensmc.chunkstore.repository import GC_LOCK, Repository
 from opensmc.chunkstore.snapshots import DiskIndex, list_snapshots, load_snapshot
+from opensmc.faults import crash_point
 
 __all__ = ["GcReport", "collect", "live_hashes"]
 
@@ -59,49 +60,65 @@ def collect(repo: Repository, staging: Iterable[DiskIndex], *, repack_ratio: flo
         for image_id in list_snapshots(backend):
             roots.extend(load_snapshot(backend, image_id).disks)
         live = live_hashes(roots)
-        plans: list[tuple[str, list[int], int, int]] = []  # (pack, live entry positions, dead bytes, all bytes)
-        entries_of = {}
-        for pack in repo.packs():
+        indexes: dict[str, list[BlobEntry]] = {}
+        named = repo.packs()
+        for pack in named:
             try:
-                entries = parse_index(backend.read(f"index/{pack}"))
+                indexes[pack] = parse_index(backend.read(f"index/{pack}"))
             except (ObjectNotFound, PackCorrupt) as err:
                 report.errors.append(f"index of pack {pack}: {err}")
-                continue
-            keep = [i for i, e in enumerate(entries) if e.hash in live]
-            dead = sum(e.stored_length for i, e in enumerate(entries) if i not in set(keep))
-            total = sum(e.stored_length for e in entries) or 1
-            if len(keep) == len(entries):
-                continue
-            entries_of[pack] = entries
-            plans.append((pack, keep, dead, total))
-        if not plans:
+        # A pack is left alone when every blob in it is live and in no other pack; live blobs
+        # already held by a pack that stays are dead here (a copy left by an interrupted repack).
+        kept: set[bytes] = set()
+        plans: list[str] = []
+        for pack, entries in indexes.items():
+            if all(e.hash in live for e in entries):
+                kept.update(e.hash for e in entries)
+            else:
+                plans.append(pack)
+        # Packs that no index object names: left by a crash between writing a pack and its
+        # index. No writer is mid-pack while we hold the lock exclusively, so they are garbage.
+        # (A damaged index is another matter: that pack is reported and left alone.)
+        orphans = [n for n in backend.list("data/") if n.rpartition("/")[2] not in set(named)]
+        if not plans and not orphans:
             return report
         repo.bump_generation()
         repo.refresh_after_gc()
-        for pack, keep, dead, total in plans:
-            entries = entries_of[pack]
+        crash_point("gc.marked")
+        for name in orphans:
+            backend.delete(name)
+            report.packs_deleted += 1
+        moved: set[bytes] = set()
+        for pack in plans:
+            entries = indexes[pack]
             name = f"data/{pack[:2]}/{pack}"
+            keep = [e for e in entries if e.hash in live and e.hash not in kept and e.hash not in moved]
+            dead = sum(e.stored_length for e in entries) - sum(e.stored_length for e in keep)
+            total = sum(e.stored_length for e in entries) or 1
             if keep and dead / total < repack_ratio:
+                kept.update(e.hash for e in keep)
                 continue
             if keep:
                 builder = PackBuilder()
                 try:
                     raw = backend.read(name)
-                    for i in keep:
-                        e = entries[i]
+                    for e in keep:
                         plain = decode_blob(e, raw[e.offset : e.offset + e.stored_length])
                         builder.add(e.hash, plain, compress=e.codec != 0)
                 except (ObjectNotFound, PackCorrupt) as err:
                     report.errors.append(f"pack {pack} not repacked: {err}")
+                    kept.update(e.hash for e in keep)
                     continue
                 new, data, index = builder.finish()
                 backend.write(f"data/{new[:2]}/{new}", data)
                 backend.write(f"index/{new}", index)
+                moved.update(e.hash for e in keep)
                 report.packs_repacked += 1
             else:
                 report.packs_deleted += 1
             backend.delete(f"index/{pack}")  # the index first: no index ever names a missing pack
             backend.delete(name)
+            crash_point("gc.sweeping")
             report.blobs_freed += len(entries) - len(keep)
             report.bytes_freed += dead
         repo.reload(full=True)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from opensmc.chunkstore.backend import AbstractLock, Backend, ObjectExists, ObjectNotFound
 from opensmc.chunkstore.packs import BlobEntry, PackBuilder, PackCorrupt, decode_blob, parse_index
+from opensmc.faults import crash_point
 
 __all__ = ["BlobNotFound", "Repository", "StoreError"]
 
@@ -214,6 +215,7 @@ class Repository:
                 name, pack, index = builder.finish()
                 # The pack first, then its index: an index never names a pack that is not there.
                 self.backend.write(f"data/{name[:2]}/{name}", pack)
+                crash_point("pack.written")
                 self.backend.write(f"index/{name}", index)
             except BaseException as err:  # the disk is full, the store is gone: every writer hears it
                 with self._lock:

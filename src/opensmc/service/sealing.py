@@ -22,6 +22,7 @@ from opensmc.chunkstore.snapshots import DiskIndex
 from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
+from opensmc.faults import crash_point
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
 from opensmc.service import jobs as job_service
 from opensmc.service import leases, retention
@@ -75,8 +76,10 @@ def clean(svc: Services) -> int:
             with svc.db.connect() as conn:
                 job, _disks = q.job_with_disks(conn, job_id)
             retention.rotate(svc, job)
+            crash_point("clean.rotated")
             if job.run_once or job.final_run:
                 release_staging(svc, job_id, job.transition_instance_id)
+            crash_point("clean.released")
             job_service.mark_cleaned(svc, job_id)
             done += 1
         except SmcError as err:
@@ -108,6 +111,7 @@ def _process_one(svc: Services, job_id: str) -> None:
             now=svc.clock(),
             state=image_q.CREATING,
         )
+    crash_point("process.recorded")
     checksum = bool(replication_parameters(job.replication_parameters).get("checksum"))
     try:
         # Under the store's gc lock: the blobs the staging indexes name stay until the
@@ -122,6 +126,7 @@ def _process_one(svc: Services, job_id: str) -> None:
     except BaseException:
         discard_half_made(svc, store, job_id)
         raise
+    crash_point("process.sealed")
     doc = {
         "disks": [
             {"index": d["index"], "size": m.size, "sha256": m.sha256, "chunk_size": m.chunk_size}

@@ -25,6 +25,7 @@ from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.domain.runs import MAY_RUN_AGAIN
 from opensmc.domain.selection import copy_ranges, excluded_devices
+from opensmc.faults import crash_point
 from opensmc.service import jobs as job_service
 from opensmc.service import leases
 from opensmc.service.context import Services
@@ -116,6 +117,7 @@ def prepare(svc: Services) -> int:
             ti = job.transition_instance_id or staging_id(job_id)
             for disk in selected_disks(job, disks_json):
                 allocate_volume(svc, volume_id(ti, disk["index"]), disk["size_bytes"])
+            crash_point("prepare.allocated")
             job_service.mark_prepared(svc, job_id, ti)
             done += 1
         except SmcError as err:
