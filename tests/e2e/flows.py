@@ -49,10 +49,14 @@ def api(server: ServerProcess, action: str, **params: Any) -> dict[str, Any]:
     return dict(body)
 
 
-def start_migration_server(tmp_path: Path, *extra: str, port: int | None = None) -> ServerProcess:
+def start_migration_server(
+    tmp_path: Path, *extra: str, port: int | None = None, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
     # Heartbeats every second so tasks reach the agent fast; a grace long enough that a
     # server restart in the middle of a test does not count as the agent going silent.
-    return start_server(tmp_path / "data", "--heartbeat-grace", "30", "--heartbeat-rate", "1", *extra, port=port)
+    return start_server(
+        tmp_path / "data", "--heartbeat-grace", "30", "--heartbeat-rate", "1", *extra, port=port, extra_env=extra_env
+    )
 
 
 class Agent:

@@ -24,7 +24,7 @@ from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
-from opensmc.images.store import repository_at
+from opensmc.images.store import ImageStore, repository_at
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
 from opensmc.service import accounts, agent_tasks
@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"opensmc server: {exc}", file=sys.stderr)
             return 2
         print(f"Data receiver on {svc.settings.receiver_endpoint}", flush=True)
+    if "orchestrator" in roles:
+        # A crash may have left packs without index or an unfinished collection: the first
+        # pass after a start collects them (it costs one look at the store when there are none).
+        ImageStore(svc.settings.store_dir).want_gc()
     orchestrator = None
     if "orchestrator" in roles:
         orchestrator = Orchestrator(svc, args.orchestrator_interval)

@@ -179,6 +179,10 @@ class ImageStore:
         """Remove an image; its blobs no other image needs go at the next :meth:`gc`."""
         if not delete_snapshot(self.backend, image_id):
             raise ImageNotFound(f"no image {image_id!r}")
+        self.want_gc()
+
+    def want_gc(self) -> None:
+        """Ask for a garbage collection at the next orchestrator pass."""
         self.backend.write(GC_WANTED, b"1")
 
     def gc_wanted(self) -> bool:
