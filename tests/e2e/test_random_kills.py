@@ -357,8 +357,8 @@ def test_server_killed_after_image_written_leaves_no_orphan(tmp_path: Path) -> N
             rig.server, rig.source_id, "kill-after-manifest", "--ReplicationParameters", json.dumps({"checksum": True})
         )
         rig.server.call_json("StartReplicationJob", "--JobId", job_id)
-        manifests = rig.data / "images" / "images"
-        wait_for(lambda: list(manifests.glob("m-*.json")), 60, "the image manifest", every=0.002)
+        snapshots = rig.data / "store" / "snapshots"
+        wait_for(lambda: list(snapshots.glob("m-*")), 60, "the image's snapshot", every=0.002)
         stop(rig.server.proc, sig_kill=True)  # during the checksum verification, before the row
         if rig.job_row(job_id)["status"] != "Running":
             pytest.skip("the image row was written before the kill landed")

@@ -162,7 +162,7 @@ def test_migration_over_tls(tmp_path: Path) -> None:
             assert j["Status"] == "Running" and time.monotonic() < deadline, (j, (tmp_path / "agent.log").read_text())
             time.sleep(0.3)
         out = tmp_path / "out.img"
-        ImageStore(data / "images").export(j["ImageId"], 0, "raw", out)
+        ImageStore(data / "store").export(j["ImageId"], 0, "raw", out)
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(disk.read_bytes()).digest()
     finally:
         if agent is not None:

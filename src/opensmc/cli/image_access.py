@@ -58,7 +58,7 @@ class Images:
             except ImageCliError as exc:
                 problems.append(f"disk {disk['Index']}: {exc}")
                 continue
-            if sha.hexdigest() != disk["Sha256"]:
+            if disk.get("Sha256") is not None and sha.hexdigest() != disk["Sha256"]:
                 problems.append(f"disk {disk['Index']}: SHA-256 {sha.hexdigest()} != manifest {disk['Sha256']}")
         return problems
 
