@@ -102,7 +102,7 @@ def test_list_and_show(migrated: Migrated) -> None:
         assert item["ImageId"] == migrated.image_id
         assert item["Disks"][0]["Size"] == 48 * MiB
         assert item["ChecksumVerified"] is True
-        shown = migrated.image("show", migrated.image_id, "--chunks", local=local)
+        shown = migrated.image("show", migrated.image_id, "--json", "--chunks", local=local)
         assert shown.returncode == 0, shown.stderr
         doc = json.loads(shown.stdout)
         assert doc["JobId"] == item["JobId"] and len(doc["Disks"][0]["Chunks"]) == 48 * MiB // 65536

@@ -21,14 +21,15 @@ import httpx
 
 from opensmc import API_VERSION
 from opensmc.cli.credentials import ClientCredentials, CredentialsError, tls_verify
+from opensmc.cli.errors import CliError
 from opensmc.signer import sign_acs3
 
 PREFIX = "/opensmc/v1/images"
 PIECE = 64 * 1024
 
 
-class ImageCliError(Exception):
-    """A failure to report as ``opensmc image: …`` with exit status 1."""
+class ImageCliError(CliError):
+    """A failure to report as ``opensmc image: error: …`` with exit status 1."""
 
 
 class Images:
