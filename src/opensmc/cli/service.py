@@ -74,9 +74,9 @@ def agent_command(server: str, disks: list[str] | None, ca_cert: Path | None) ->
 
 def agent_unit(command: list[str], env_file: Path) -> str:
     return f"""# Written by `opensmc agent install`; remove with `opensmc agent uninstall`.
+# See docs/operations.md in the OpenSMC repository ("The agent as a service").
 [Unit]
 Description=OpenSMC agent: registers this server as a migration source and sends its disks
-Documentation=https://github.com/opensmc/opensmc/blob/main/docs/operations.md
 Wants=network-online.target
 After=network-online.target
 
