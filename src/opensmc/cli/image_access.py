@@ -217,8 +217,28 @@ class LocalImages(Images):
             report = self.store.verify(image_id)
         except ImageError as exc:
             raise ImageCliError(str(exc)) from None
-        return (
+        problems = (
             [f"disk {d} chunk {c}: does not match its hash" for d, c in report.bad_chunks]
             + [f"disk {d} chunk {c}: missing from the store" for d, c in report.missing_chunks]
             + [f"disk {d}: whole-disk SHA-256 mismatch" for d in report.bad_disks]
         )
+        if not problems:
+            self._record_verified(image_id, range(len(self._manifest(image_id).disks)))
+        return problems
+
+    def _record_verified(self, image_id: str, positions: range) -> None:
+        """Note the proof in the server's SQLite database here, as a verifying download does on the server."""
+        path = self.data_dir / "opensmc.db"
+        if not path.exists():
+            return
+        from datetime import UTC, datetime
+
+        from opensmc.store.db import Database, sqlite_url
+        from opensmc.store.images import mark_disks_verified
+
+        db = Database(sqlite_url(path))
+        try:
+            with db.begin() as conn:
+                mark_disks_verified(conn, image_id, positions, datetime.now(UTC))
+        finally:
+            db.dispose()
