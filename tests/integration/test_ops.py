@@ -203,3 +203,19 @@ def test_json_log_lines() -> None:
     doc = json.loads(logs.JsonFormatter().format(record))
     assert doc["message"] == "job j-1 moved" and doc["level"] == "info" and doc["logger"] == "opensmc.jobs"
     assert doc["job_id"] == "j-1" and doc["to"] == "Running/Preparing" and doc["time"].endswith("+00:00")
+
+
+# the console's files ------------------------------------------------------------------------------
+
+
+def test_console_files(client: httpx.Client) -> None:
+    page = client.get("/console")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/console/app.js">' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]  # no inline or foreign script
+    script = client.get("/console/acs3.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "ACS3-HMAC-SHA256" in script.text
+    assert client.get("/console/app.py").status_code == 404
+    assert client.get("/console/..%2Fops.py").status_code == 404
+    moved = client.get("/ui", follow_redirects=False)
+    assert moved.status_code == 308 and moved.headers["location"] == "/console"

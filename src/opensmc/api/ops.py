@@ -13,9 +13,12 @@
   no account IDs, no keys.
 - ``/healthz`` answers 200 while the process serves; ``/readyz`` answers 200
   only when the database answers, the data directory is writable and its
-  filesystem has more free space than ``Settings.ready_min_free_bytes``.
+  filesystem has more free space than :func:`min_free_bytes`.
+- ``/console`` serves the web console's static files (``api/console/``); the
+  console itself signs SMC API calls in the browser like any SDK.
 
-None of these routes is signed: a load balancer or Prometheus has no AccessKey.
+None of these routes is signed: a load balancer or Prometheus has no AccessKey,
+and the console's files hold no data.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from sqlalchemy import func, select, text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -279,6 +282,37 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+# the console ----------------------------------------------------------------------------------------
+
+CONSOLE_DIR = Path(__file__).parent / "console"
+CONSOLE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "acs3.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+#: the console runs only its own files and talks only to this origin; blob: for downloads
+CONSOLE_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+
+async def console_file(request: Request) -> Response:
+    name = request.path_params.get("name", "index.html")
+    if name not in CONSOLE_FILES:  # a fixed list: no path ever reaches the filesystem from the URL
+        return PlainTextResponse("not found\n", status_code=404)
+    body = (CONSOLE_DIR / name).read_bytes()
+    return Response(body, media_type=CONSOLE_FILES[name], headers=CONSOLE_HEADERS)
+
+
+async def to_console(_request: Request) -> Response:
+    return RedirectResponse("/console", status_code=308)
+
+
 def install(app: Starlette, services: Services) -> None:
     """Add the ops routes and the access log to the API app (one registry per app: tests stay independent)."""
     registry = CollectorRegistry()
@@ -290,6 +324,9 @@ def install(app: Starlette, services: Services) -> None:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/console", console_file, methods=["GET", "HEAD"]),
+            Route("/console/{name}", console_file, methods=["GET", "HEAD"]),
+            Route("/ui", to_console, methods=["GET"]),
         ]
     )
     app.add_middleware(AccessLog, metrics=api_metrics)
