@@ -247,3 +247,42 @@ def test_credentials_from_the_aliyun_cli(
     aliyun.write_text(json.dumps({"current": "smc", "profiles": profiles}))
     code, _out, err = run(capsys, "call", "DescribeSourceServers")
     assert code == errors.USAGE and "no AccessKey" in err and str(aliyun) in err
+
+
+# logs -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_agent_logs_json_lines(
+    server: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    code, out, err = run(capsys, "call", "CreateAccessToken", "--Name", "logged-agent")
+    assert code == 0, err
+    token = json.loads(out)
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(4 << 20)
+    code, _out, err = run(
+        capsys, "agent", "run", "--server", os.environ["OPENSMC_ENDPOINT"], "--token-id", token["AccessTokenId"],
+        "--token-code", token["AccessTokenCode"], "--disk", str(disk), "--state-dir", str(tmp_path / "state"),
+        "--once", "--log-format", "json", "--log-level", "info",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(doc) for doc in lines)
+    assert any(d["logger"] == "opensmc.agent" and "registered as migration source" in d["message"] for d in lines)
+    code, _out, err = run(
+        capsys, "agent", "run", "--server", os.environ["OPENSMC_ENDPOINT"], "--state-dir", str(tmp_path / "state"),
+        "--disk", str(disk), "--once", "--log-level", "warning",
+    )  # fmt: skip
+    assert code == 0 and "registered" not in err  # info lines are below --log-level warning
