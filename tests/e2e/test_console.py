@@ -87,6 +87,7 @@ def test_console_migrates_a_disk(tmp_path: Path) -> None:
                     break
                 page.wait_for_timeout(500)
             expect(page.locator(".state.Available")).to_have_count(1)
+            expect(page.locator(".seen")).to_contain_text("last seen")
             shot("sources")
             create.click()
             expect(page.locator("h2")).to_contain_text("Job j-")
@@ -95,6 +96,8 @@ def test_console_migrates_a_disk(tmp_path: Path) -> None:
             expect(page.locator("#job-status")).to_have_text(re.compile(r"^Running"), timeout=30_000)
             shot("job-running")
             expect(page.locator("#job-status")).to_have_text("Finished", timeout=120_000)  # live refresh
+            events = page.locator("#events tbody tr td:nth-child(2)")
+            expect(events).to_contain_text(["create", "start", "prepared", "synced", "processed", "finish"])
             shot("job")
             page.goto(f"{server.endpoint}/console#/jobs")
             expect(page.locator(f"[data-job={job_id}]")).to_have_text("Finished")

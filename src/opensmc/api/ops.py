@@ -319,8 +319,11 @@ def install(app: Starlette, services: Services) -> None:
     api_metrics = ApiMetrics(registry)
     registry.register(StateCollector(services))
     app.state.metrics_registry = registry
+    from opensmc.api import console_routes
+
     app.router.routes.extend(
         [
+            *console_routes.routes,
             Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),

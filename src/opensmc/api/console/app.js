@@ -3,6 +3,7 @@
 import { sign } from "./acs3.js";
 
 const IMAGES = "/opensmc/v1/images";
+const CONSOLE = "/opensmc/v1/console";
 const REFRESH_MS = 2000;
 const view = document.getElementById("view");
 const bar = document.getElementById("bar");
@@ -20,8 +21,8 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-function table(headers, rows) {
-  return h("table", {}, h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
+function table(headers, rows, attrs = {}) {
+  return h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
     h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c))))));
 }
 
@@ -60,6 +61,26 @@ async function imageGet(path, params = {}) {
   return fetch(url, { headers });
 }
 
+// The console routes: what no SMC action returns (events, bytes, last heartbeats).
+async function consoleGet(path, action) {
+  const { url, headers } = await sign(cred(), "GET", action, {}, `${CONSOLE}${path}`);
+  const res = await fetch(url, { headers });
+  const body = await res.json().catch(() => ({ Code: "InvalidResponse", Message: res.statusText }));
+  if (!res.ok) throw new ApiError(res.status, body);
+  return body;
+}
+
+async function runBytes() {
+  const body = await consoleGet("/progress", "DescribeJobProgress");
+  return new Map(body.Jobs.map((j) => [j.JobId, j]));
+}
+
+function ago(time) {
+  if (!time) return "never";
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(time)) / 1000));
+  return s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : time;
+}
+
 async function all(action, wrapper, item, params = {}) {
   const out = [];
   for (let page = 1; ; page++) {
@@ -89,6 +110,8 @@ function button(text, action, attrs = {}) {
 // ---- pages
 async function sourcesPage() {
   const sources = await all("DescribeSourceServers", "SourceServers", "SourceServer");
+  const seen = new Map((await consoleGet("/heartbeats", "DescribeSourceHeartbeats")).Sources
+    .map((x) => [x.SourceId, x.LastHeartbeatTime]));
   const rows = sources.map((s) => {
     const disks = [s.Disks?.System, ...(s.Disks?.Data?.Data || [])].filter(Boolean);
     const diskText = disks.map((d, i) => {
@@ -99,7 +122,8 @@ async function sourcesPage() {
     return [
       s.SourceId, s.Name, h("span", { class: `state ${s.State}` }, s.State), `${s.Platform} ${s.Architecture}`,
       h("div", {}, diskText.map((t) => h("div", {}, t))),
-      `every ${s.HeartbeatRate} s` + (s.AgentVersion ? `, agent ${s.AgentVersion}` : ""),
+      h("span", { class: "seen" }, `last seen ${ago(seen.get(s.SourceId))}, every ${s.HeartbeatRate} s` +
+        (s.AgentVersion ? `, agent ${s.AgentVersion}` : "")),
       s.JobId ? h("a", { href: `#/jobs/${s.JobId}` }, s.JobId) : "",
       s.ErrorCode ? `${s.ErrorCode}: ${s.StatusInfo}` : "",
       s.State === "Available" ? button("Create job", () => createJob(s)) : "",
@@ -107,7 +131,7 @@ async function sourcesPage() {
   });
   view.replaceChildren(
     h("h2", {}, "Sources"),
-    sources.length ? table(["SourceId", "Name", "State", "OS", "Disks and partitions", "Heartbeat", "Job", "Error", ""], rows)
+    sources.length ? table(["SourceId", "Name", "State", "OS", "Disks and partitions", "Agent", "Job", "Error", ""], rows)
       : h("p", {}, "No sources yet: create an activation code and run the agent command on a server."),
     h("h3", {}, "Add a source"),
     button("Create activation code", createToken, { id: "create-token" }),
@@ -136,31 +160,41 @@ async function createJob(source) {
   location.hash = `#/jobs/${body.JobId}`;
 }
 
-function rateAndEta(job) {
+function size(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return i ? `${n.toFixed(1)} ${units[i]}` : `${n} B`;
+}
+
+// Rate and ETA from the run's byte counts, sampled at each refresh (the last ten samples).
+function rateAndEta(job, run) {
   const now = Date.now() / 1000;
-  const list = samples.get(job.JobId) || [];
-  if (job.Status !== "Running") {
+  if (job.Status !== "Running" || !run) {
     samples.delete(job.JobId);
     return ["", ""];
   }
-  list.push({ t: now, p: job.Progress });
+  const list = (samples.get(job.JobId) || []).filter((x) => x.run === run.RunId);
+  list.push({ t: now, b: run.BytesDone, run: run.RunId });
   while (list.length > 10) list.shift();
   samples.set(job.JobId, list);
   const first = list[0];
-  const dp = job.Progress - first.p;
+  const db = run.BytesDone - first.b;
   const dt = now - first.t;
-  if (dp <= 0 || dt <= 0) return ["", ""];
-  const perSecond = dp / dt; // percent per second
-  return [`${perSecond.toFixed(2)} %/s`, `${Math.round((100 - job.Progress) / perSecond)} s`];
+  if (db <= 0 || dt <= 0) return ["", ""];
+  const perSecond = db / dt;
+  return [`${size(perSecond)}/s`, `${Math.round((run.BytesTotal - run.BytesDone) / perSecond)} s`];
 }
 
-// Rate and ETA from the Progress the API reports, sampled at each refresh (the SMC API has no byte counts;
-// /metrics has them per job as opensmc_job_bytes_done).
-function progress(job) {
-  const [rate, eta] = rateAndEta(job);
+function progress(job, run) {
+  const [rate, eta] = rateAndEta(job, run);
+  const bytes = run && run.BytesTotal ? ` (${size(run.BytesDone)} of ${size(run.BytesTotal)})` : "";
   return h("div", {},
     h("progress", { max: 100, value: job.Progress }),
-    ` ${job.Progress.toFixed(1)}%`,
+    ` ${job.Progress.toFixed(1)}%${bytes}`,
     rate ? h("div", { class: "rate" }, `rate ${rate}, ETA ${eta}`) : "");
 }
 
@@ -170,10 +204,11 @@ function stateText(job) {
 
 async function jobsPage() {
   const jobs = await all("DescribeReplicationJobs", "ReplicationJobs", "ReplicationJob");
+  const bytes = await runBytes();
   const rows = jobs.map((j) => [
     h("a", { href: `#/jobs/${j.JobId}` }, j.JobId), j.Name, j.SourceId,
     h("span", { class: `state ${j.Status}`, "data-job": j.JobId }, stateText(j)),
-    progress(j),
+    progress(j, bytes.get(j.JobId)),
     j.ImageId ? h("a", { href: "#/images" }, j.ImageId) : "",
     j.ErrorCode,
   ]);
@@ -187,6 +222,8 @@ async function jobPage(jobId) {
   const body = await call("DescribeReplicationJobs", { "JobId.1": jobId });
   const job = body.ReplicationJobs.ReplicationJob[0];
   if (!job) throw new Error(`no replication job ${jobId}`);
+  const history = await consoleGet(`/jobs/${jobId}`, "DescribeJobHistory");
+  const open = history.Runs.filter((r) => !r.EndTime).pop();
   const act = (label, action, params = {}) =>
     button(label, async () => {
       await call(action, { JobId: jobId, ...params });
@@ -211,14 +248,13 @@ async function jobPage(jobId) {
     params = {};
   }
   const bandwidth = h("input", { type: "number", min: 0, id: "bandwidth", value: params.bandwidth_limit ?? 0 });
-  const runs = job.ReplicationJobRuns?.ReplicationJobRun || [];
   const fields = ["Name", "SourceId", "RegionId", "JobType", "TargetType", "RunOnce", "Frequency",
     "MaxNumberOfImageToKeep", "ReplicationParameters", "NetMode", "CreationTime", "StartTime", "EndTime",
     "ScheduledStartTime", "ValidTime", "TransitionInstanceId", "ImageId"];
   view.replaceChildren(
     h("h2", {}, `Job ${jobId}`),
     h("p", {}, h("span", { class: `state ${job.Status}`, id: "job-status" }, stateText(job)), " ",
-      progress(job)),
+      progress(job, open && job.Status === "Running" ? open : undefined)),
     job.ErrorCode ? h("p", { class: "error" }, `${job.ErrorCode}: ${job.StatusInfo}`) : (job.StatusInfo ? h("p", {}, job.StatusInfo) : ""),
     h("div", { class: "actions" }, actions),
     job.Status === "Running" ? h("p", {}, "Bandwidth limit (Mbit/s, 0 = none): ", bandwidth, " ",
@@ -230,8 +266,14 @@ async function jobPage(jobId) {
     h("h3", {}, "Parameters"),
     table(["Parameter", "Value"], fields.map((f) => [f, String(job[f] ?? "")])),
     h("h3", {}, "Runs"),
-    runs.length ? table(["Type", "Start", "End", "Image"], runs.map((r) => [r.Type, r.StartTime, r.EndTime, r.ImageId]))
-      : h("p", {}, "No run yet."),
+    history.Runs.length ? table(["Run", "Type", "Start", "End", "Bytes", "Image", "Checksum"], history.Runs.map((r) => [
+      r.RunId, r.Type, r.StartTime, r.EndTime, `${size(r.BytesDone)} of ${size(r.BytesTotal)}`, r.ImageId,
+      r.ChecksumVerified === true ? "verified" : r.ChecksumVerified === false ? "FAILED" : "-",
+    ])) : h("p", {}, "No run yet."),
+    h("h3", {}, "Events"),
+    table(["Time", "Event", "From", "To", "Detail"], history.Events.map((e) => [
+      e.Time, e.Event, e.From, e.To, Object.entries(e.Detail || {}).map(([k, v]) => `${k}=${v}`).join(" "),
+    ]), { id: "events" }),
     h("h3", {}, "Tags"),
     h("p", {}, (job.Tags?.Tag || []).map((t) => `${t.Key}=${t.Value}`).join(", ") || "none"),
   );
