@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import OPENSMC, clean_env, stop
-from tests.e2e.flows import start_migration_server
+from tests.e2e.flows import api, start_migration_server
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def test_console_migrates_a_disk(tmp_path: Path) -> None:
     with disk.open("wb") as f:
         f.truncate(24 * MiB)
         f.seek(3 * MiB)
-        f.write(os.urandom(2 * MiB))
+        f.write(os.urandom(12 * MiB))
     shots = os.environ.get("OPENSMC_CONSOLE_SCREENSHOTS")
     server = start_migration_server(tmp_path)
     agent: subprocess.Popen[str] | None = None
@@ -92,9 +92,20 @@ def test_console_migrates_a_disk(tmp_path: Path) -> None:
             create.click()
             expect(page.locator("h2")).to_contain_text("Job j-")
             job_id = page.locator("h2").inner_text().split()[-1]
+            # 1 Mbit/s: the 12 MiB of data take tens of seconds: time to watch it sync and lift the limit
+            api(server, "ModifyReplicationJobAttribute", JobId=job_id, ReplicationParameters='{"bandwidth_limit": 1}')
+            page.reload()
             page.click("[data-action=StartReplicationJob]")
-            expect(page.locator("#job-status")).to_have_text(re.compile(r"^Running"), timeout=30_000)
+            expect(page.locator("#job-status")).to_have_text("Running/Syncing", timeout=30_000)
+            expect(page.locator(".rate")).to_contain_text("ETA", timeout=15_000)  # bytes move, sampled live
             shot("job-running")
+            page.fill("#bandwidth", "0")
+            page.wait_for_timeout(3000)  # longer than a refresh: the page must not re-render under the user's typing
+            expect(page.locator("#bandwidth")).to_have_value("0")
+            page.click("#apply-bandwidth")
+            expect(page.locator("#bar")).to_contain_text("bandwidth limit set to 0 Mbit/s")
+            params = api(server, "DescribeReplicationJobs", JobId__1=job_id)["ReplicationJobs"]["ReplicationJob"][0]
+            assert json.loads(params["ReplicationParameters"]) == {"bandwidth_limit": 0}
             expect(page.locator("#job-status")).to_have_text("Finished", timeout=120_000)  # live refresh
             events = page.locator("#events tbody tr td:nth-child(2)")
             expect(events).to_contain_text(["create", "start", "prepared", "synced", "processed", "finish"])

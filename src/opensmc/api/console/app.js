@@ -356,7 +356,7 @@ async function show() {
     if (!m) continue;
     try {
       const live = await page(...m.slice(1));
-      if (live) timer = setTimeout(show, REFRESH_MS); // live progress: poll while something can change
+      if (live) timer = setTimeout(refresh, REFRESH_MS); // live progress: poll while something can change
     } catch (err) {
       say(err.message, "error");
       if (err.code && err.code.startsWith("InvalidAccessKeyId")) signOut();
@@ -364,6 +364,16 @@ async function show() {
     return;
   }
   location.hash = "#/jobs";
+}
+
+// A refresh re-renders the page: not while the user is typing into one of its fields.
+function refresh() {
+  const active = document.activeElement;
+  if (active && active.tagName === "INPUT" && view.contains(active)) {
+    timer = setTimeout(refresh, REFRESH_MS);
+    return;
+  }
+  show();
 }
 
 function signIn() {
