@@ -82,3 +82,17 @@ def test_console_routes_are_signed(base: str, services: Services) -> None:
                             key.access_key_id, key.access_key_secret, path=f"{PREFIX}/heartbeats")  # fmt: skip
     moved = httpx.get(f"{base}{PREFIX}/progress", headers=headers, timeout=30)  # signed for another path
     assert moved.json()["Code"] == "SignatureDoesNotMatch"
+
+
+def test_console_reads_are_in_the_access_log(base: str, services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    key = create_account(services, "audited")
+    caplog.set_level(logging.INFO, logger="opensmc.api.access")
+    answer = get(base, key, f"{PREFIX}/heartbeats", "DescribeSourceHeartbeats")
+    assert answer.status_code == 200
+    httpx.get(f"{base}/healthz")  # at DEBUG only: a load balancer asks every few seconds
+    (record,) = [r for r in caplog.records if r.name == "opensmc.api.access"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["method"], fields["path"], fields["http_status"]) == ("GET", f"{PREFIX}/heartbeats", 200)
+    assert fields["account_id"] == key.account_id and fields["request_id"] == answer.headers["x-acs-request-id"]

@@ -62,7 +62,9 @@ async def signed_caller(request: Request, action: str) -> Caller:
         body=body,
     )
     services: Services = request.app.state.services
-    return await run_in_threadpool(authenticate, services, signed)
+    caller = await run_in_threadpool(authenticate, services, signed)
+    request.state.caller = caller  # for the access log (api/ops.py)
+    return caller
 
 
 def _route(action: str, answer: Callable[[Services, Caller, Request], dict[str, Any]]) -> Callable[..., Any]:

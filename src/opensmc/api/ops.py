@@ -81,15 +81,20 @@ class ApiMetrics:
         )
 
 
+#: request paths logged at INFO besides the SMC API: image downloads and the console's data (who read what);
+#: the agent API (a heartbeat every few seconds per agent), health checks, scrapes and static files at DEBUG
+LOGGED_PREFIXES = ("/opensmc/",)
+
+
 class AccessLog:
-    """ASGI middleware: logs and counts each SMC API call once, when its answer starts."""
+    """ASGI middleware: logs and counts each SMC API call once, when it is answered; logs other requests too."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") != "/":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -106,7 +111,33 @@ class AccessLog:
         try:
             await self.app(scope, receive, noting_send)
         finally:
-            self._record(scope.get("state") or {}, answer, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if scope.get("path") == "/":
+                self._record(scope.get("state") or {}, answer, seconds)
+            else:
+                self._other(scope, answer, seconds)
+
+    def _other(self, scope: Scope, answer: dict[str, Any], seconds: float) -> None:
+        path = str(scope.get("path", ""))
+        level = logging.INFO if path.startswith(LOGGED_PREFIXES) else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        caller = (scope.get("state") or {}).get("caller")
+        fields = {
+            "method": scope.get("method", ""),
+            "path": path,
+            "request_id": answer["request_id"],
+            "account_id": getattr(caller, "account_id", ""),
+            "access_key_id": getattr(caller, "access_key_id", ""),
+            "http_status": int(answer["status"]),
+            "duration_ms": round(seconds * 1000, 1),
+        }
+        log.log(
+            level, "http %s %s status=%d account=%s RequestId=%s %.1f ms",
+            fields["method"], path, fields["http_status"], fields["account_id"] or "-",
+            fields["request_id"] or "-", fields["duration_ms"],
+            extra={"fields": fields},
+        )  # fmt: skip
 
     def _record(self, state: dict[str, Any], answer: dict[str, Any], seconds: float) -> None:
         action = str(state.get("action") or "")
