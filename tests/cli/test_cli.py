@@ -286,3 +286,9 @@ def test_agent_logs_json_lines(
         "--disk", str(disk), "--once", "--log-level", "warning",
     )  # fmt: skip
     assert code == 0 and "registered" not in err  # info lines are below --log-level warning
+
+
+def test_db_upgrade_failure_hides_the_password(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run(capsys, "db", "upgrade", "--database", "postgresql://smc:hunter2@127.0.0.1:9/smc")
+    assert code == errors.FAILED and err.startswith("opensmc db: error: cannot upgrade postgresql")
+    assert "hunter2" not in err and "***" in err

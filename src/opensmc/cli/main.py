@@ -210,11 +210,22 @@ def _main(argv: list[str]) -> int:
             db = Database(args.database)
             upgrade(db)
         except Exception as exc:  # SQLAlchemy's errors name the URL problem well enough in one line
-            raise CliError(f"cannot upgrade {args.database}: {str(exc).splitlines()[0]}") from None
+            raise CliError(f"cannot upgrade {_safe_url(args.database)}: {str(exc).splitlines()[0]}") from None
         print(f"schema at revision {current(db)}")
         return 0
     parser.print_help()
     return errors.USAGE
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for an error message."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the database URL"
 
 
 def _split_call(argv: list[str]) -> tuple[list[str], list[str]]:
