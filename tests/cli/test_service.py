@@ -110,3 +110,23 @@ def test_contrib_units_verify(tmp_path: Path, name: str) -> None:
     unit.write_text(text.replace("/opt/opensmc/.venv/bin/opensmc", str(opensmc)))
     os.chmod(unit, 0o644)
     verify(unit)
+
+
+def test_install_without_permission(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opensmc.cli import service
+
+    def denied(*_args: object) -> None:  # what a non-root user gets for /etc (the tests run as root)
+        raise PermissionError(13, "Permission denied", "/etc/opensmc")
+
+    monkeypatch.setattr(service, "_write", denied)
+    assert install(tmp_path, "--token-id", "at-1", "--token-code", "c") == errors.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("opensmc agent: error: /etc/opensmc: permission denied (run it as root")
+    monkeypatch.undo()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    code = main(["agent", "install", "--server", "http://10.0.0.5:8080", "--token-id", "at-1", "--token-code", "c",
+                 "--unit-dir", str(blocked / "units"), "--env-file", str(tmp_path / "agent.env"), "--no-start"])
+    assert code == errors.FAILED and "Traceback" not in capsys.readouterr().err

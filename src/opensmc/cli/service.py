@@ -154,6 +154,21 @@ def install(args: argparse.Namespace) -> int:
         return 0
     if not args.no_start and shutil.which("systemctl") is None:
         raise UsageError("systemctl not found: is this a systemd system? (--no-start writes the files only)")
+    try:
+        _write(args, unit)
+    except PermissionError as exc:
+        hint = "run it as root, or give --unit-dir and --env-file"
+        raise UsageError(f"{exc.filename}: permission denied ({hint})") from None
+    if args.no_start:
+        print(f"start it with: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}")
+        return 0
+    _systemctl("daemon-reload")
+    _systemctl("enable", "--now", UNIT_NAME)
+    print(f"{UNIT_NAME} enabled and started; follow it with: journalctl -u {UNIT_NAME} -f")
+    return 0
+
+
+def _write(args: argparse.Namespace, unit: str) -> None:
     args.env_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -164,13 +179,6 @@ def install(args: argparse.Namespace) -> int:
     unit_path.write_text(unit)
     unit_path.chmod(0o644)
     print(f"wrote {unit_path} and {args.env_file} (mode 0600)")
-    if args.no_start:
-        print(f"start it with: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}")
-        return 0
-    _systemctl("daemon-reload")
-    _systemctl("enable", "--now", UNIT_NAME)
-    print(f"{UNIT_NAME} enabled and started; follow it with: journalctl -u {UNIT_NAME} -f")
-    return 0
 
 
 def uninstall(args: argparse.Namespace) -> int:
