@@ -239,7 +239,7 @@ class StateCollector(Collector):
         size = GaugeMetricFamily(
             "opensmc_image_store_bytes", f"Bytes on disk under the image store (re-measured every {STORE_SIZE_TTL:g} s)"
         )
-        size.add_metric([], self._image_store_bytes(data_dir / "images"))
+        size.add_metric([], self._image_store_bytes(self.services.settings.images_dir))
         yield from (free, size)
 
     def _image_store_bytes(self, root: Path) -> int:
