@@ -63,7 +63,7 @@ def render() -> str:
     lines.append("")
     lines.append(
         "Every action also accepts and ignores `OwnerId`, `ResourceOwnerAccount` and, where it is not "
-        "a parameter of its own, `RegionId` (spec/API.md §0)."
+        "a parameter of its own, `RegionId`, as SMC does."
     )
     return "\n".join(lines) + "\n"
 

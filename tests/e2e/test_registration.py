@@ -107,8 +107,8 @@ def test_agent_registers_goes_offline_and_comes_back(server: ServerProcess, tmp_
 def test_call_prints_errors_and_exits_non_zero(server: ServerProcess) -> None:
     result = server.call("StartReplicationJob", "--JobId", "j-doesnotexist", check=False)
     assert result.returncode == 1
-    assert "Code: InvalidJobId.NotFound" in result.stderr
-    assert "RequestId:" in result.stderr
+    assert result.stderr.startswith("opensmc call: error: InvalidJobId.NotFound: ")
+    assert "RequestId " in result.stderr
 
 
 def test_wrong_region_is_refused(server: ServerProcess) -> None:

@@ -111,7 +111,7 @@ def test_migration_over_tls(tmp_path: Path) -> None:
         assert json.loads(creds.read_text())["endpoint"] == endpoint
         # Without trusting the CA, the client refuses the certificate.
         refused = call(creds, None, "ListAccessTokens")
-        assert refused.returncode == 2 and "cannot reach" in refused.stderr
+        assert refused.returncode == 3 and "cannot reach" in refused.stderr  # exit 3: server unreachable
         token = call_json(creds, cert, "CreateAccessToken", "--Name", "tls")
 
         disk = tmp_path / "disk.img"

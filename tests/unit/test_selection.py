@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opensmc.domain.selection import copy_ranges, excluded_devices
@@ -40,6 +40,7 @@ def test_excluded_devices_from_every_shape() -> None:
     assert excluded_devices({}, 0, PARTS) == set()
 
 
+@settings(deadline=None)  # no time limits in tests: a busy machine must not fail them
 @given(
     st.lists(st.tuples(st.integers(0, 4000), st.integers(1, 600), st.booleans()), max_size=6),
 )

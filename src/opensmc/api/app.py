@@ -96,6 +96,7 @@ async def handle_rpc(request: Request) -> Response:
             body=body,
         )
         caller = await run_in_threadpool(authenticate, services, signed)
+        request.state.caller = caller  # for the access log (api/ops.py)
         for key, value in values.items():
             # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
             if "\x00" in key or "\x00" in value:
@@ -106,10 +107,14 @@ async def handle_rpc(request: Request) -> Response:
         data, ctype = render(payload, f"{action_name}Response", fmt)
         return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)
     except SmcError as err:
+        request.state.error_code = err.code  # for the access log (api/ops.py)
         return _error(err, request_id, fmt)
     except Exception:
         log.exception("internal error in %s (RequestId %s)", action_name, request_id)
+        request.state.error_code = InternalError().code
         return _error(InternalError(), request_id, fmt)
+    finally:
+        request.state.action = action_name  # for the access log (api/ops.py)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -135,4 +140,8 @@ def _error(err: SmcError, request_id: str, fmt: str) -> Response:
 def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     app = Starlette(routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes])
     app.state.services = services
+    # --- operations: /metrics, /healthz, /readyz and the access log (api/ops.py) ---
+    from opensmc.api import ops
+
+    ops.install(app, services)
     return app

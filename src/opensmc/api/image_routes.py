@@ -24,7 +24,7 @@ that looks complete. The server logs which chunk failed.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -144,8 +144,10 @@ async def download_disk(request: Request) -> Response:
         if fmt == "raw":
             log.info("image %s disk %d: raw download started (RequestId %s)", image_id, position, request_id)
             headers["content-length"] = str(disk.size)
+            # A raw download read to its end proved the disk: `opensmc image list` shows it verified.
+            proved = lambda: image_service.record_verified(services, image_id, [position])  # noqa: E731
             return StreamingResponse(
-                _raw_body(store, manifest, position, request_id),
+                _raw_body(store, manifest, position, request_id, proved),
                 media_type="application/octet-stream",
                 headers=headers,
             )
@@ -171,9 +173,11 @@ async def download_disk(request: Request) -> Response:
         return _error(InternalError(), request_id)
 
 
-async def _raw_body(store: ImageStore, manifest: Manifest, position: int, request_id: str) -> AsyncIterator[bytes]:
+async def _raw_body(
+    store: ImageStore, manifest: Manifest, position: int, request_id: str, on_verified: Callable[[], None]
+) -> AsyncIterator[bytes]:
     def blocks() -> Iterator[bytes]:
-        for _offset, data, _zero in image_service.raw_blocks(store, manifest, position):
+        for _offset, data, _zero in image_service.raw_blocks(store, manifest, position, on_verified):
             yield data
 
     try:

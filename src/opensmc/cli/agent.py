@@ -1,22 +1,70 @@
-"""`opensmc agent run`: register this machine as a migration source and keep it online."""
+"""`opensmc agent run|install|uninstall`: the agent on a source server, in the foreground or as a service."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+from opensmc import logs
+from opensmc.cli.errors import UsageError
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def add_subcommands(sub: Any) -> None:
+    add_arguments(
+        sub.add_parser(
+            "run",
+            help="register this machine and keep heartbeating (foreground)",
+            formatter_class=RAW,
+            epilog="examples:\n"
+            "  opensmc agent run --server http://10.0.0.5:8080 --token-id at-… --token-code …\n"
+            "  opensmc agent run --server http://10.0.0.5:8080 --disk /dev/vda --state-dir ./agent-state",
+        )
+    )
+    from opensmc.cli import service
+
+    service.add_install_arguments(
+        sub.add_parser(
+            "install",
+            help="install the agent as a systemd service and start it",
+            formatter_class=RAW,
+            epilog="examples:\n"
+            "  sudo opensmc agent install --server https://smc.example:8080 --token-id at-… --token-code …\n"
+            "  opensmc agent install --server http://10.0.0.5:8080 --print     # only show the unit",
+        )
+    )
+    service.add_uninstall_arguments(sub.add_parser("uninstall", help="stop and remove the agent's systemd service"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="the OpenSMC server URL, e.g. http://10.0.0.5:8080")
-    p.add_argument("--token-id", default=None, help="activation code ID (at-…) from CreateAccessToken")
-    p.add_argument("--token-code", default=None, help="activation code from CreateAccessToken (shown once)")
-    p.add_argument("--access-key-id", default=os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID"))
-    p.add_argument("--access-key-secret", default=os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET"))
+    p.add_argument(
+        "--token-id",
+        default=os.environ.get("OPENSMC_TOKEN_ID"),
+        help="activation code ID (at-…) from CreateAccessToken (or $OPENSMC_TOKEN_ID)",
+    )
+    p.add_argument(
+        "--token-code",
+        default=os.environ.get("OPENSMC_TOKEN_CODE"),
+        help="activation code from CreateAccessToken, shown once (or $OPENSMC_TOKEN_CODE)",
+    )
+    p.add_argument(
+        "--access-key-id",
+        default=os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID"),
+        help="register with an AccessKey instead (or $ALIBABA_CLOUD_ACCESS_KEY_ID)",
+    )
+    p.add_argument(
+        "--access-key-secret",
+        default=os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
+        help="the AccessKey secret (or $ALIBABA_CLOUD_ACCESS_KEY_SECRET)",
+    )
     p.add_argument(
         "--disk",
         action="append",
@@ -28,23 +76,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
     p.add_argument("--ca-cert", type=Path, default=None, help="PEM CA bundle to trust for the server's TLS certificate")
     p.add_argument("--once", action="store_true", help="register and send one heartbeat, then exit")
+    logs.add_arguments(p)
+
+
+def check_disks(disks: list[str] | None) -> None:
+    """A --disk must be a regular file or a block device; anything else is a usage error, not a warning."""
+    for path in disks or ():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise UsageError(f"--disk {path}: no such file or device") from None
+        except OSError as exc:
+            raise UsageError(f"--disk {path}: {exc.strerror}") from None
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"--disk {path}: is a directory; give a disk image file or a block device")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UsageError(f"--disk {path}: neither a regular file nor a block device")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"--disk {path}: not readable by this user")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.agent_command == "run":
+        return run(args)
+    from opensmc.cli import service
+
+    if args.agent_command == "install":
+        return service.install(args)
+    return service.uninstall(args)
 
 
 def run(args: argparse.Namespace) -> int:
     from opensmc.agent.runner import AgentError, run_agent
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    check_disks(args.disk)
     has_token = bool(args.token_id and args.token_code)
     has_key = bool(args.access_key_id and args.access_key_secret)
     state_file_exists = (args.state_dir / "agent.json").exists()
     if not (has_token or has_key or state_file_exists):
-        print(
-            "opensmc agent run: give --token-id and --token-code (from CreateAccessToken), "
-            "or --access-key-id and --access-key-secret",
-            file=sys.stderr,
+        raise UsageError(
+            "give --token-id and --token-code (from CreateAccessToken), or --access-key-id and --access-key-secret"
         )
-        return 2
+    logs.configure(args.log_level, args.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -62,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
             ca_cert=args.ca_cert,
         )
     except AgentError as exc:
-        print(f"opensmc agent: {exc}", file=sys.stderr)
+        print(f"opensmc agent: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -2,13 +2,17 @@
 
 Parameters are written as on the wire, repeat lists included
 (`--DataDisk.1.Size 40`, `--Tag.1.Key env`). The request is signed with
-ACS3-HMAC-SHA256, as the Tea SDK does.
+ACS3-HMAC-SHA256, as the Tea SDK does. Actions and their parameters come from
+the server's own action registry, so a misspelt action or parameter is
+refused here, with a suggestion, instead of being sent (the server ignores
+parameters it does not read, as SMC does, which would hide the typo).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-import sys
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,11 +20,88 @@ import httpx
 
 from opensmc import API_VERSION
 from opensmc.cli.credentials import ClientCredentials, tls_verify
+from opensmc.cli.errors import ApiError, UnreachableError, UsageError
 from opensmc.signer import sign_acs3
 
+__all__ = ["UsageError", "action_help", "actions_epilog", "call_ok", "check_params", "invoke", "parse_pairs", "run"]
 
-class UsageError(Exception):
-    pass
+
+def _actions() -> dict[str, tuple[str, ...]]:
+    # Imported late: the registry pulls in every service module, which `opensmc --help` does not need.
+    from opensmc.api.actions import ACTIONS
+
+    return {name: action.params for name, action in ACTIONS.items()}
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    lowered = {c.lower(): c for c in choices}
+    if word.lower() in lowered:  # --JobID for JobId: only the case is wrong
+        return lowered[word.lower()]
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    found = _closest(word, choices)
+    return f"; did you mean {found}?" if found else ""
+
+
+def _wire(pattern: str) -> str:
+    """``JobId.N`` → ``JobId.1``: a suggestion the user can paste."""
+    return ".".join("1" if part in ("N", "M") else part for part in pattern.split("."))
+
+
+def check_action(action: str) -> tuple[str, ...]:
+    """The parameters of ``action``; UsageError (with a suggestion) for an unknown one."""
+    table = _actions()
+    if action not in table:
+        raise UsageError(
+            f"unknown action {action!r}{_suggest(action, list(table))} (`opensmc call --help` lists every action)"
+        )
+    return table[action]
+
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _pattern(name: str) -> str:
+    """``DataDisk.2.Part.1.Device`` → ``DataDisk.N.Part.M.Device``, the registry's spelling of repeat lists."""
+    letters = iter("NM")
+    return _INDEX.sub(lambda _m: next(letters, "K"), name)
+
+
+def check_params(action: str, params: dict[str, str]) -> None:
+    known = check_action(action)
+    for name in params:
+        if _pattern(name) not in known:
+            # `--JobID j-1` for a list parameter `JobId.N` is still JobId: compare without the index part.
+            bare = {p.split(".N", 1)[0] if p.endswith(".N") else p: p for p in known}
+            found = _closest(_pattern(name), list(known)) or (
+                bare[hit] if (hit := _closest(name, list(bare))) else None
+            )
+            hint = f"did you mean --{_wire(found)}?" if found else f"`opensmc call {action} --help` lists them"
+            raise UsageError(f"{action} has no parameter --{name}; {hint}")
+
+
+def action_help(action: str) -> str:
+    params = check_action(action)
+    lines = [f"usage: opensmc call {action} [--Param value …] [--credentials FILE] [--endpoint URL]", ""]
+    lines.append(f"Parameters of {action} (N, M: repeat-list numbers from 1):")
+    lines += [f"  --{p}" for p in params] or ["  (none)"]
+    return "\n".join(lines)
+
+
+def actions_epilog() -> str:
+    names = list(_actions())
+    rows = [", ".join(names[i : i + 4]) for i in range(0, len(names), 4)]
+    return (
+        "examples:\n"
+        "  opensmc call DescribeSourceServers\n"
+        "  opensmc call CreateReplicationJob --RegionId local --SourceId s-… --Name first\n"
+        "  opensmc call StartReplicationJob --JobId j-…\n"
+        "  opensmc call CreateReplicationJob --help     # the parameters of one action\n\n"
+        "actions:\n  " + ",\n  ".join(rows)
+    )
 
 
 def parse_pairs(args: list[str]) -> dict[str, str]:
@@ -45,11 +126,14 @@ def parse_pairs(args: list[str]) -> dict[str, str]:
 
 
 def invoke(creds: ClientCredentials, action: str, params: dict[str, str], timeout: float = 60.0) -> tuple[int, Any]:
-    """(HTTP status, decoded JSON body) of one signed call."""
+    """(HTTP status, decoded JSON body) of one signed call; UnreachableError when no answer came."""
     url = urlsplit(creds.endpoint)
     host = url.netloc
     query, headers = sign_acs3("POST", host, action, API_VERSION, params, creds.access_key_id, creds.access_key_secret)
-    response = httpx.post(f"{url.scheme}://{host}/?{query}", headers=headers, timeout=timeout, verify=tls_verify())
+    try:
+        response = httpx.post(f"{url.scheme}://{host}/?{query}", headers=headers, timeout=timeout, verify=tls_verify())
+    except httpx.TransportError as exc:
+        raise UnreachableError(f"cannot reach {creds.endpoint}: {exc}") from None
     try:
         body = response.json()
     except ValueError:
@@ -57,18 +141,16 @@ def invoke(creds: ClientCredentials, action: str, params: dict[str, str], timeou
     return response.status_code, body
 
 
+def call_ok(creds: ClientCredentials, action: str, params: dict[str, str]) -> dict[str, Any]:
+    """The body of a successful call; ApiError for an SMC error answer."""
+    status, body = invoke(creds, action, params)
+    if status >= 400 or not isinstance(body, dict):
+        raise ApiError(status, body if isinstance(body, dict) else {})
+    return body
+
+
 def run(creds: ClientCredentials, action: str, args: list[str]) -> int:
     params = parse_pairs(args)
-    try:
-        status, body = invoke(creds, action, params)
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach {creds.endpoint}: {exc}", file=sys.stderr)
-        return 2
-    if status >= 400:
-        print(f"Code: {body.get('Code', '')}", file=sys.stderr)
-        print(f"Message: {body.get('Message', '')}", file=sys.stderr)
-        print(f"RequestId: {body.get('RequestId', '')}", file=sys.stderr)
-        print(f"HTTP status: {status}", file=sys.stderr)
-        return 1
-    print(json.dumps(body, indent=2, ensure_ascii=False))
+    check_params(action, params)
+    print(json.dumps(call_ok(creds, action, params), indent=2, ensure_ascii=False))
     return 0

@@ -87,10 +87,11 @@ class SmcClient:
         import httpx
 
         from opensmc.cli.call import invoke
+        from opensmc.cli.errors import UnreachableError
 
         try:
             status, body = invoke(self.creds, action, params)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, UnreachableError) as exc:
             raise DemoError(f"{action} failed: cannot reach {self.creds.endpoint}: {exc}") from None
         if status >= 400:
             raise DemoError(f"{action} failed: {body.get('Code')}: {body.get('Message')}")

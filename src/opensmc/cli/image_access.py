@@ -21,14 +21,15 @@ import httpx
 
 from opensmc import API_VERSION
 from opensmc.cli.credentials import ClientCredentials, CredentialsError, tls_verify
+from opensmc.cli.errors import CliError
 from opensmc.signer import sign_acs3
 
 PREFIX = "/opensmc/v1/images"
 PIECE = 64 * 1024
 
 
-class ImageCliError(Exception):
-    """A failure to report as ``opensmc image: …`` with exit status 1."""
+class ImageCliError(CliError):
+    """A failure to report as ``opensmc image: error: …`` with exit status 1."""
 
 
 class Images:
@@ -219,8 +220,28 @@ class LocalImages(Images):
             report = self.store.verify(image_id)
         except ImageError as exc:
             raise ImageCliError(str(exc)) from None
-        return (
+        problems = (
             [f"disk {d} chunk {c}: does not match its hash" for d, c in report.bad_chunks]
             + [f"disk {d} chunk {c}: missing from the store" for d, c in report.missing_chunks]
             + [f"disk {d}: whole-disk SHA-256 mismatch" for d in report.bad_disks]
         )
+        if not problems:
+            self._record_verified(image_id, range(len(self._manifest(image_id).disks)))
+        return problems
+
+    def _record_verified(self, image_id: str, positions: range) -> None:
+        """Note the proof in the server's SQLite database here, as a verifying download does on the server."""
+        path = self.data_dir / "opensmc.db"
+        if not path.exists():
+            return
+        from datetime import UTC, datetime
+
+        from opensmc.store.db import Database, sqlite_url
+        from opensmc.store.images import mark_disks_verified
+
+        db = Database(sqlite_url(path))
+        try:
+            with db.begin() as conn:
+                mark_disks_verified(conn, image_id, positions, datetime.now(UTC))
+        finally:
+            db.dispose()

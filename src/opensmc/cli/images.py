@@ -23,11 +23,12 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-import httpx
-
-from opensmc.cli.credentials import CredentialsError, load
+from opensmc.cli.credentials import load
+from opensmc.cli.errors import UsageError
 from opensmc.cli.image_access import PIECE, ImageCliError, Images, LocalImages, RemoteImages
+from opensmc.cli.output import id_columns, plain_console
 
 _ZERO = bytes(PIECE)
 
@@ -38,17 +39,19 @@ _ZERO = bytes(PIECE)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
 
+    from opensmc.cli.main import add_client_options
+
     def common(q: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        q.add_argument("--credentials", default=None, help="credentials file (as for `opensmc call`)")
-        q.add_argument("--endpoint", default=None, help="API endpoint, e.g. http://127.0.0.1:8080")
+        add_client_options(q)
         q.add_argument("--data-dir", type=Path, default=None, help="read the server's image store here instead of HTTP")
         return q
 
     q = common(sub.add_parser("list", help="list your images"))
-    q.add_argument("--json", action="store_true", help="print JSON")
-    q = common(sub.add_parser("show", help="show an image's manifest"))
+    q.add_argument("--json", action="store_true", help="print the images as a JSON list")
+    q = common(sub.add_parser("show", help="show an image: its disks, sizes and SHA-256"))
     q.add_argument("image_id")
-    q.add_argument("--chunks", action="store_true", help="include the per-chunk hashes")
+    q.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    q.add_argument("--chunks", action="store_true", help="with --json: include the per-chunk hashes")
     q = common(sub.add_parser("export", help="write one disk of an image to a file"))
     q.add_argument("image_id")
     q.add_argument("--disk", type=int, default=0, help="disk number in the image (0 = system disk)")
@@ -59,33 +62,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors propagate to :func:`opensmc.cli.main.main`, which reports them in the one CLI format."""
     if not args.image_command:
-        print("opensmc image: give a subcommand: list, show, export or verify", file=sys.stderr)
-        return 2
-    try:
-        source: Images = (
-            LocalImages(args.data_dir) if args.data_dir else RemoteImages(load(args.credentials, args.endpoint))
-        )
-    except CredentialsError as exc:
-        print(f"opensmc image: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.image_command == "list":
-            return cmd_list(source, args.json)
-        if args.image_command == "show":
-            print(json.dumps(source.show(args.image_id, args.chunks), indent=2))
-            return 0
-        if args.image_command == "export":
-            sha = export(source, args.image_id, args.disk, args.format, args.output)
-            print(f"sha256 {sha}  {args.output}")
-            return 0
-        return cmd_verify(source, args.image_id)
-    except ImageCliError as exc:
-        print(f"opensmc image: {exc}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as exc:
-        print(f"opensmc image: talking to the server failed: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError("give a subcommand: list, show, export or verify")
+    if args.image_command == "export":
+        _check_output(args.output)  # before any download: a 40 GiB transfer must not end in "no such directory"
+    if args.data_dir and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir}: no such directory")
+    source: Images = (
+        LocalImages(args.data_dir) if args.data_dir else RemoteImages(load(args.credentials, args.endpoint))
+    )
+    if args.image_command == "list":
+        return cmd_list(source, args.json)
+    if args.image_command == "show":
+        doc = source.show(args.image_id, args.chunks and args.json)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print_image(doc)
+        return 0
+    if args.image_command == "export":
+        sha = export(source, args.image_id, args.disk, args.format, args.output)
+        print(f"sha256 {sha}  {args.output}")
+        return 0
+    return cmd_verify(source, args.image_id)
+
+
+def _check_output(out: Path) -> None:
+    parent = out.parent
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a directory; give a file name")
+    if not parent.is_dir():
+        raise UsageError(f"-o {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"-o {out}: directory {parent} is not writable")
+
+
+def _checksum(item: dict[str, Any]) -> str:
+    return {True: "verified", False: "FAILED", None: "-"}[item.get("ChecksumVerified")]
+
+
+def print_image(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = plain_console()
+    for key in ("ImageId", "Name", "JobId", "RunId", "State", "CreationTime"):
+        console.print(f"{key + ':':<14}{doc.get(key) or '-'}", highlight=False)
+    console.print(f"{'Checksum:':<14}{_checksum(doc)}", highlight=False)
+    table = Table("Disk", "Size", "Bytes", "SHA-256")
+    for d in doc.get("Disks", []):
+        table.add_row(str(d["Index"]), _size(d["Size"]), str(d["Size"]), str(d.get("Sha256", "")))
+    id_columns(table, "SHA-256", "Bytes")
+    console.print(table)
 
 
 def cmd_list(source: Images, as_json: bool) -> int:
@@ -96,24 +124,17 @@ def cmd_list(source: Images, as_json: bool) -> int:
     if not items:
         print("No images yet: a finished replication job run makes one.")
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped: do not cut IDs to 80 columns
-        console = Console(width=200)
+    console = plain_console()
     table = Table("ImageId", "Name", "JobId", "Created", "Disks", "Checksum")
-    for column in table.columns:
-        if column.header in ("ImageId", "JobId", "Created"):
-            column.no_wrap = True
-            column.min_width = len("m-xxxxxxxxxxxxxxxxxxxx")
     for item in items:
         disks = ", ".join(f"{d['Index']}: {_size(d['Size'])}" for d in item.get("Disks", []))
-        verified = {True: "verified", False: "FAILED", None: "-"}[item.get("ChecksumVerified")]
         table.add_row(
             item["ImageId"], item.get("Name") or "", item.get("JobId") or "", item["CreationTime"], disks,
-            verified,
+            _checksum(item),
         )  # fmt: skip
+    id_columns(table, "ImageId", "JobId", "Created")
     console.print(table)
     return 0
 

@@ -1,47 +1,105 @@
-"""The `opensmc` command: server, agent, call, and friendly views."""
+"""The `opensmc` command: server, agent, call, and friendly views.
+
+Every command reports a failure the same way (see :mod:`opensmc.cli.errors`):
+one line ``opensmc COMMAND: error: …`` on stderr and a documented exit code,
+never a Python traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+import httpx
+
 from opensmc import __version__
+from opensmc.cli import errors
+from opensmc.cli.errors import CliError
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+EXIT_CODES = """exit codes:
+  0 success; 1 the server or the operation said no; 2 usage or configuration error;
+  3 server unreachable; 70 internal error; 130 interrupted; 141 output pipe closed"""
+
+CREDENTIALS_HELP = (
+    "JSON file with access_key_id, access_key_secret and endpoint, as `opensmc server` writes it "
+    "(default: $OPENSMC_CREDENTIALS, ./opensmc-data/admin-credentials.json, ~/.config/opensmc/credentials.json, "
+    "then the aliyun CLI's ~/.aliyun/config.json)"
+)
+ENDPOINT_HELP = "the OpenSMC API URL, e.g. http://127.0.0.1:8080 (default: $OPENSMC_ENDPOINT or the credentials file)"
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--credentials", default=None, metavar="FILE", help=CREDENTIALS_HELP)
+    p.add_argument("--endpoint", default=None, metavar="URL", help=ENDPOINT_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opensmc", description="OpenSMC: a self-hosted Server Migration Center")
+    parser = argparse.ArgumentParser(
+        prog="opensmc",
+        description="OpenSMC: a self-hosted Server Migration Center",
+        formatter_class=RAW,
+        epilog="examples:\n"
+        "  opensmc demo                     # a whole migration on this machine\n"
+        "  opensmc server                   # API on 127.0.0.1:8080, data in ./opensmc-data\n"
+        "  opensmc call DescribeSourceServers\n"
+        "  opensmc jobs --json\n\n" + EXIT_CODES,
+    )
     parser.add_argument("--version", action="version", version=f"opensmc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     from opensmc.cli import server
 
-    p_server = sub.add_parser("server", help="run the API, agent API and orchestrator")
+    p_server = sub.add_parser(
+        "server",
+        help="run the API, agent API, orchestrator and data receiver",
+        description="Run OpenSMC's control plane and data plane (all roles in one process by default).",
+        formatter_class=RAW,
+        epilog="examples:\n"
+        "  opensmc server\n"
+        "  opensmc server --listen 0.0.0.0:8080 --tls-cert cert.pem --tls-key key.pem\n"
+        "  opensmc server --roles api --database postgresql://smc@db/smc --log-format json",
+    )
     server.add_arguments(p_server)
+
+    from opensmc.cli import call
 
     p_call = sub.add_parser(
         "call",
         help="call any SMC action, signed: opensmc call ACTION --Param value …",
-        description="Call any SMC action. Parameters as on the wire: --JobId j-… --DataDisk.1.Size 40",
+        description="Call any SMC action, signed with your AccessKey. Parameters as on the wire: "
+        "--JobId j-… --DataDisk.1.Size 40. Prints the JSON answer.",
+        formatter_class=RAW,
+        epilog=call.actions_epilog() + "\n\n" + EXIT_CODES,
     )
-    p_call.add_argument("action")
-    p_call.add_argument(
-        "--credentials", default=None, help="credentials file (default: <data-dir>/admin-credentials.json)"
-    )
-    p_call.add_argument("--endpoint", default=None, help="API endpoint, e.g. http://127.0.0.1:8080")
+    p_call.add_argument("action", help="the SMC action, e.g. DescribeReplicationJobs")
+    add_client_options(p_call)
 
     p_agent = sub.add_parser("agent", help="the agent that runs on a source server")
     agent_sub = p_agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND")
     from opensmc.cli import agent as agent_cli
 
-    agent_cli.add_arguments(agent_sub.add_parser("run", help="register this machine and keep heartbeating"))
+    agent_cli.add_subcommands(agent_sub)
 
     from opensmc.cli import images as images_cli
     from opensmc.cli import views
 
     views.add_arguments(sub)
 
-    images_cli.add_arguments(sub.add_parser("image", help="list, show, export and verify migrated images"))
+    images_cli.add_arguments(
+        sub.add_parser(
+            "image",
+            help="list, show, export and verify migrated images",
+            formatter_class=RAW,
+            epilog="examples:\n"
+            "  opensmc image list\n"
+            "  opensmc image export m-… --disk 0 --format qcow2 -o disk.qcow2\n"
+            "  opensmc image verify m-…",
+        )
+    )
 
     from opensmc.cli import demo
 
@@ -50,17 +108,68 @@ def build_parser() -> argparse.ArgumentParser:
     p_db = sub.add_parser("db", help="database maintenance")
     db_sub = p_db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
     p_up = db_sub.add_parser("upgrade", help="apply schema migrations")
-    p_up.add_argument("--database", required=True)
+    p_up.add_argument("--database", required=True, help="database URL, e.g. postgresql://user@host/db")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is caught below
+        return code
+    except CliError as exc:
+        return _fail(command, str(exc), exc.exit_code)
+    except httpx.TransportError as exc:
+        try:
+            where = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
+        except RuntimeError:  # raised before a request existed
+            where = "the server"
+        return _fail(command, f"cannot reach {where}: {exc}", errors.UNREACHABLE)
+    except httpx.HTTPError as exc:
+        return _fail(command, f"talking to the server failed: {exc}", errors.FAILED)
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted", errors.INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`… | head`): say nothing more, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return errors.BROKEN_PIPE
+    except OSError as exc:
+        return _fail(command, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), errors.FAILED)
+    except Exception as exc:
+        if os.environ.get("OPENSMC_DEBUG"):
+            raise
+        return _fail(
+            command,
+            f"internal error {type(exc).__name__}: {exc} "
+            "(a bug: please report it; OPENSMC_DEBUG=1 shows the traceback)",
+            errors.INTERNAL,
+        )
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    prog = f"opensmc {command}" if command else "opensmc"
+    try:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+    except (BrokenPipeError, OSError):
+        pass
+    return code
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     # `call` takes free-form --Param pairs, which argparse cannot know in advance.
     extra: list[str] = []
     if argv and argv[0] == "call":
         known, extra = _split_call(argv)
+        if len(known) >= 2 and not known[1].startswith("-") and any(a in ("-h", "--help") for a in known):
+            from opensmc.cli import call
+
+            print(call.action_help(known[1]))
+            return 0
         args = parser.parse_args(known)
     else:
         args = parser.parse_args(argv)
@@ -70,18 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server.run(args)
     if args.command == "call":
         from opensmc.cli import call
-        from opensmc.cli.credentials import CredentialsError, load
+        from opensmc.cli.credentials import load
 
-        try:
-            creds = load(args.credentials, args.endpoint)
-            return call.run(creds, args.action, extra)
-        except (CredentialsError, call.UsageError) as exc:
-            print(f"opensmc call: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "agent" and args.agent_command == "run":
+        params = call.parse_pairs(extra)
+        call.check_params(args.action, params)  # a typo is reported before credentials are even looked for
+        return call.run(load(args.credentials, args.endpoint), args.action, extra)
+    if args.command == "agent":
         from opensmc.cli import agent as agent_cli
 
-        return agent_cli.run(args)
+        if not args.agent_command:
+            raise errors.UsageError("give a subcommand: run, install or uninstall")
+        return agent_cli.run_command(args)
     if args.command in ("jobs", "sources", "watch"):
         from opensmc.cli import views
 
@@ -98,12 +206,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from opensmc.store.db import Database
         from opensmc.store.migrate import current, upgrade
 
-        db = Database(args.database)
-        upgrade(db)
+        try:
+            db = Database(args.database)
+            upgrade(db)
+        except Exception as exc:  # SQLAlchemy's errors name the URL problem well enough in one line
+            raise CliError(f"cannot upgrade {_safe_url(args.database)}: {str(exc).splitlines()[0]}") from None
         print(f"schema at revision {current(db)}")
         return 0
     parser.print_help()
-    return 2
+    return errors.USAGE
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for an error message."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the database URL"
 
 
 def _split_call(argv: list[str]) -> tuple[list[str], list[str]]:

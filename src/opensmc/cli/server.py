@@ -20,10 +20,12 @@ from pathlib import Path
 
 import uvicorn
 
+from opensmc import logs
 from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
+from opensmc.cli.errors import UsageError
 from opensmc.images.store import ImageStore, repository_at
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
@@ -86,12 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
+    logs.add_arguments(p)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
-        raise SystemExit(f"opensmc server: --listen must be HOST:PORT, got {listen!r}")
+        raise UsageError(f"--listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
 
 
@@ -139,21 +142,21 @@ def roles_of(args: argparse.Namespace) -> set[str]:
     roles = {r.strip() for r in str(args.roles).split(",") if r.strip()}
     unknown = roles - set(ROLES)
     if unknown or not roles:
-        raise SystemExit(f"opensmc server: --roles takes {', '.join(ROLES)}; got {args.roles!r}")
+        raise UsageError(f"--roles takes {', '.join(ROLES)}; got {args.roles!r}")
     if args.no_receiver:
         roles.discard("receiver")
     if args.no_orchestrator:
         roles.discard("orchestrator")
     if not roles:
-        raise SystemExit("opensmc server: no role left to run")
+        raise UsageError("no role left to run")
     return roles
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     roles = roles_of(args)
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("opensmc server: --tls-cert and --tls-key go together", file=sys.stderr)
+        print("opensmc server: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     tls: ssl.SSLContext | None = None
     if args.tls_cert:
@@ -161,12 +164,14 @@ def run(args: argparse.Namespace) -> int:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            print(f"opensmc server: cannot load the TLS certificate: {exc}", file=sys.stderr)
+            print(f"opensmc server: error: cannot load the TLS certificate: {exc}", file=sys.stderr)
             return 2
     try:
         svc = build_services(args)
+    except UsageError:
+        raise
     except Exception as exc:
-        print(f"opensmc server: cannot open the database: {exc}", file=sys.stderr)
+        print(f"opensmc server: error: cannot open the database: {exc}", file=sys.stderr)
         return 2
     host, port = parse_listen(args.listen)
     if tls is None and not _is_loopback(host) and roles & {"api", "receiver"}:
@@ -200,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             receiver.start()
         except RuntimeError as exc:
-            print(f"opensmc server: {exc}", file=sys.stderr)
+            print(f"opensmc server: error: {exc}", file=sys.stderr)
             return 2
         print(f"Data receiver on {svc.settings.receiver_endpoint}", flush=True)
     if "orchestrator" in roles:

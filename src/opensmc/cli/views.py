@@ -8,35 +8,51 @@ with a live progress bar until it stops running.
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 import time
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from opensmc.cli.call import invoke
-from opensmc.cli.credentials import ClientCredentials, CredentialsError, load
+from opensmc.cli.credentials import ClientCredentials, load
+from opensmc.cli.errors import CliError
+from opensmc.cli.output import id_columns, plain_console
 
 #: statuses after which `watch` stops following a job
 SETTLED = ("Finished", "InError", "Stopped", "Waiting", "Expired", "Ready")
 
 
-class ViewError(Exception):
+class ViewError(CliError):
     pass
 
 
 def add_arguments(sub: Any) -> None:
-    for name, text in (("jobs", "list replication jobs"), ("sources", "list migration sources")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--credentials", default=None)
-        p.add_argument("--endpoint", default=None)
-    p = sub.add_parser("watch", help="follow a replication job with a live progress bar")
-    p.add_argument("job_id")
-    p.add_argument("--credentials", default=None)
-    p.add_argument("--endpoint", default=None)
+    from opensmc.cli.main import RAW, add_client_options
+
+    for name, text, action in (
+        ("jobs", "list replication jobs", "DescribeReplicationJobs"),
+        ("sources", "list migration sources", "DescribeSourceServers"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]} ({action}, every page). Full IDs when piped.",
+            formatter_class=RAW,
+            epilog=f"examples:\n  opensmc {name}\n  opensmc {name} --json | jq '.[].Status'",
+        )
+        p.add_argument("--json", action="store_true", help=f"print the {action} items as a JSON list")
+        add_client_options(p)
+    p = sub.add_parser(
+        "watch",
+        help="follow a replication job with a live progress bar",
+        formatter_class=RAW,
+        epilog="examples:\n  opensmc watch j-…\n  opensmc watch j-… --interval 5",
+    )
+    p.add_argument("job_id", help="the job to follow, j-…")
+    add_client_options(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
 
 
@@ -68,24 +84,34 @@ def _state(job: dict[str, Any]) -> str:
     return f"{job['Status']}/{job['BusinessStatus']}" if job.get("BusinessStatus") else str(job["Status"])
 
 
-def show_jobs(creds: ClientCredentials, console: Console) -> None:
+def show_jobs(creds: ClientCredentials, console: Console, as_json: bool = False) -> None:
+    items = _all(creds, "DescribeReplicationJobs", "ReplicationJobs", "ReplicationJob")
+    if as_json:
+        print(json.dumps(items, indent=2, ensure_ascii=False))
+        return
     table = Table("JobId", "Name", "SourceId", "Status", "Progress", "ImageId", "Error")
-    for j in _all(creds, "DescribeReplicationJobs", "ReplicationJobs", "ReplicationJob"):
+    for j in items:
         table.add_row(
             j["JobId"], j["Name"], j["SourceId"], _state(j), f"{j['Progress']:.1f}%", j["ImageId"], j["ErrorCode"]
         )
+    id_columns(table, "JobId", "SourceId", "ImageId")
     console.print(table)
 
 
-def show_sources(creds: ClientCredentials, console: Console) -> None:
+def show_sources(creds: ClientCredentials, console: Console, as_json: bool = False) -> None:
+    items = _all(creds, "DescribeSourceServers", "SourceServers", "SourceServer")
+    if as_json:
+        print(json.dumps(items, indent=2, ensure_ascii=False))
+        return
     table = Table("SourceId", "Name", "State", "Platform", "Disks", "JobId", "Error")
-    for s in _all(creds, "DescribeSourceServers", "SourceServers", "SourceServer"):
+    for s in items:
         disks = s.get("Disks") or {}
         sizes = [str((disks.get("System") or {}).get("Size", "?"))]
         sizes += [str(d.get("Size", "?")) for d in ((disks.get("Data") or {}).get("Data") or [])]
         table.add_row(
             s["SourceId"], s["Name"], s["State"], s["Platform"], " + ".join(sizes) + " GiB", s["JobId"], s["ErrorCode"]
         )
+    id_columns(table, "SourceId", "JobId")
     console.print(table)
 
 
@@ -113,19 +139,12 @@ def watch(creds: ClientCredentials, job_id: str, interval: float, console: Conso
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    try:
-        creds = load(args.credentials, args.endpoint)
-        if args.command == "jobs":
-            show_jobs(creds, console)
-        elif args.command == "sources":
-            show_sources(creds, console)
-        else:
-            return watch(creds, args.job_id, args.interval, console)
-    except (CredentialsError, ViewError) as exc:
-        print(f"opensmc {args.command}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, CredentialsError) else 1
-    except httpx.HTTPError as exc:
-        print(f"opensmc {args.command}: cannot reach the server: {exc}", file=sys.stderr)
-        return 2
+    """Errors propagate to :func:`opensmc.cli.main.main`, which reports them in the one CLI format."""
+    creds = load(args.credentials, args.endpoint)
+    if args.command == "jobs":
+        show_jobs(creds, plain_console(), args.json)
+    elif args.command == "sources":
+        show_sources(creds, plain_console(), args.json)
+    else:
+        return watch(creds, args.job_id, args.interval, Console())
     return 0

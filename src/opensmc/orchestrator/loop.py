@@ -55,8 +55,8 @@ class Orchestrator:
             try:
                 grace = self.svc.settings.heartbeat_grace.total_seconds()
                 changed = tick(self.svc, judge_liveness=time.monotonic() - self._started >= grace)
-                if changed:
-                    log.info("orchestrator: %d change(s)", changed)
+                if changed:  # each job transition is logged on its own, naming the job (store.jobs)
+                    log.debug("orchestrator: %d change(s)", changed)
             except Exception:  # a bad pass must not kill the loop; the next pass retries
                 log.exception("orchestrator pass failed")
             self._stop.wait(self.interval)

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -88,12 +88,28 @@ def image_doc(manifest: Manifest, row: Any | None = None, *, chunks: bool = Fals
         "RunId": row.run_id if row is not None else None,
         "State": row.state if row is not None else "Available",
         "CreationTime": iso(as_utc(row.created_at)) if row is not None else _iso_epoch(manifest.created),
-        "ChecksumVerified": recorded.get("checksum_verified"),
+        "ChecksumVerified": _checksum_state(recorded, len(manifest.disks)),
+        "VerifiedTime": recorded.get("verified_at"),
         "Disks": [
             disk_doc(i, d, sources[i] if i < len(sources) else None, chunks) for i, d in enumerate(manifest.disks)
         ],
     }
     return doc
+
+
+def _checksum_state(recorded: dict[str, Any], n_disks: int) -> bool | None:
+    """The run's own check (``checksum`` replication parameter), else whether every disk was since read back
+    whole and matched (``opensmc image verify``, a complete raw download): None while neither happened."""
+    run = recorded.get("checksum_verified")
+    if run is not None:
+        return bool(run)
+    verified = set(recorded.get("verified_disks") or [])
+    return True if n_disks and verified >= set(range(n_disks)) else None
+
+
+def record_verified(svc: Services, image_id: str, positions: Iterable[int]) -> None:
+    with svc.db.begin() as conn:
+        image_q.mark_disks_verified(conn, image_id, positions, svc.clock())
 
 
 def _iso_epoch(stamp: float) -> str:
@@ -171,13 +187,17 @@ def parse_format(value: str | None) -> Format:
 # reading back -------------------------------------------------------------------------------------
 
 
-def raw_blocks(store: ImageStore, manifest: Manifest, position: int) -> Iterator[tuple[int, bytes, bool]]:
+def raw_blocks(
+    store: ImageStore, manifest: Manifest, position: int, on_verified: Callable[[], None] | None = None
+) -> Iterator[tuple[int, bytes, bool]]:
     """``(offset, data, is_zero)`` blocks of a disk, in order, each verified before it is yielded.
 
     Every blob is checked against its xxh3-128 name as it is read; the whole
     disk against its recorded SHA-256 (when the image has one) before the last
     block is yielded. On any mismatch (or a missing blob) :class:`ImageCorrupt`
     is raised, so a reader never receives the end of a wrong disk.
+    ``on_verified`` runs once the reader has taken every block: the disk was
+    proved whole.
     """
     disk = manifest.disks[position].index
     cs = disk.chunk_size
@@ -208,6 +228,8 @@ def raw_blocks(store: ImageStore, manifest: Manifest, position: int) -> Iterator
             if last == n_chunks and disk.sha256 is not None and sha.hexdigest() != disk.sha256:
                 raise ImageCorrupt(f"image {manifest.image_id} disk {position}: SHA-256 mismatch")
             yield first * cs, block, zero
+    if on_verified is not None:
+        on_verified()
 
 
 def _sweep_stale(tmp_dir: Path, age: float = 6 * 3600) -> None:

@@ -9,6 +9,7 @@ orchestrator and the receiver can share one file.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,9 @@ class Database:
             # that a write transaction holds its lock from the start (no
             # upgrade deadlocks between concurrent starters).
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
+        # Job transitions are logged when their transaction commits, never for one rolled back.
+        event.listen(self.engine, "commit", _emit_after_commit)
+        event.listen(self.engine, "rollback", _drop_after_rollback)
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -71,6 +75,24 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+#: key in ``Connection.info`` of the log lines that wait for this transaction's commit
+PENDING_LOGS = "opensmc.pending_logs"
+
+
+def log_on_commit(conn: Connection, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+    """Log ``message`` (INFO, with structured ``fields``) once the transaction of ``conn`` commits."""
+    conn.info.setdefault(PENDING_LOGS, []).append((logger, message, fields))
+
+
+def _emit_after_commit(conn: Connection) -> None:
+    for logger, message, fields in conn.info.pop(PENDING_LOGS, ()):
+        logger.info(message, extra={"fields": fields})
+
+
+def _drop_after_rollback(conn: Connection) -> None:
+    conn.info.pop(PENDING_LOGS, None)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -8,6 +8,8 @@ image nobody knows about. Readers see only finished images.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -92,3 +94,19 @@ def list_images(conn: Connection, account_id: str) -> list[Row[Any]]:
 
 def remove_image(conn: Connection, image_id: str) -> None:
     conn.execute(delete(images).where(images.c.id == image_id))
+
+
+def mark_disks_verified(conn: Connection, image_id: str, positions: Iterable[int], now: datetime) -> None:
+    """Record in the image's manifest JSON that these disks were read back whole and matched every hash."""
+    row = conn.execute(select(images.c.manifest).where(images.c.id == image_id).with_for_update()).first()
+    if row is None:
+        return
+    try:
+        doc = json.loads(row.manifest or "{}")
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        return
+    doc["verified_disks"] = sorted(set(doc.get("verified_disks") or []) | set(positions))
+    doc["verified_at"] = now.isoformat()
+    conn.execute(update(images).where(images.c.id == image_id).values(manifest=json.dumps(doc, sort_keys=True)))

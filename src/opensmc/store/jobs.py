@@ -12,6 +12,7 @@ same way, so a job and its source never disagree after a commit.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +35,10 @@ from opensmc.domain.enums import BusinessStatus, JobStatus, ResourceType, Source
 from opensmc.domain.errors import InvalidJobStatus, NotFound
 from opensmc.domain.transitions import TRANSITIONS, JobEvent, State, describe, next_state
 from opensmc.store import tags as tagq
+from opensmc.store.db import log_on_commit
 from opensmc.store.tables import job_events, job_runs, jobs, sources
+
+log = logging.getLogger("opensmc.jobs")
 
 JOB_RTYPE = ResourceType.REPLICATION_JOB.value
 
@@ -227,6 +231,29 @@ def add_event(
             detail=detail,
         )
     )
+    reason = _reason(event, detail)
+    log_on_commit(
+        conn,
+        log,
+        f"job {job_id}: {_label(frm)} -> {_label(to)} ({reason})",
+        {"job_id": job_id, "event": event, "from": _label(frm), "to": _label(to), "reason": reason},
+    )
+
+
+def _reason(event: str, detail: str) -> str:
+    """``fail error_code=SourceServerOffline``: the event and what it carried, for the log."""
+    try:
+        carried = json.loads(detail) if detail else {}
+    except ValueError:
+        carried = {"detail": detail}
+    if not isinstance(carried, dict):
+        carried = {"detail": carried}
+    return " ".join([event, *(f"{k}={v}" for k, v in carried.items())])
+
+
+def _label(state: State) -> str:
+    status, business = state
+    return f"{status.value}/{business.value}" if business.value else status.value
 
 
 def transition(

@@ -303,7 +303,9 @@ ACTIONS: tuple[Action, ...] = (
         "(SMC's console allows it while Syncing); a running transfer picks up bandwidth_limit within a second.",
     ),
     Action("StartReplicationJob", _start, ("JobId",)),
-    Action("StopReplicationJob", _stop, ("JobId",), "Also accepted for a Waiting job (DESIGN.md §4)."),
+    Action(
+        "StopReplicationJob", _stop, ("JobId",), "Also accepted for a Waiting job (docs/architecture.md, job states)."
+    ),
     Action("CutOverReplicationJob", _cut_over, ("JobId", "SyncData")),
     Action(
         "DeleteReplicationJob",
