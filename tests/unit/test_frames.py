@@ -143,3 +143,14 @@ def test_property_any_bit_flip_is_caught(data: bytes, pos: int, bit: int) -> Non
         return
     # Only the offset field carries no check of its own; any other flip must be caught.
     assert 8 <= pos < 16 and frame.data == data
+
+
+@given(st.dictionaries(st.integers(0, 299), st.binary(min_size=16, max_size=16).filter(any), max_size=60))
+def test_hash_array_encodes_as_the_map_does(m: dict[int, bytes]) -> None:
+    import numpy as np
+
+    digests = np.zeros((300, 16), np.uint8)
+    for i, h in m.items():
+        digests[i] = np.frombuffer(h, np.uint8)
+    assert f.encode_hash_array(16384, digests) == f.encode_hash_map(16384, m)
+    assert f.decode_hash_map(f.encode_hash_array(16384, digests)) == (16384, m)

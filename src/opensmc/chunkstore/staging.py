@@ -305,6 +305,14 @@ class StagingIndex:
                     out[idx] = h
         return out
 
+    def current(self) -> np.ndarray:
+        """The digests as the receiver holds them now (pending entries included), one row per chunk."""
+        with self._lock:
+            out = self._digests.copy()
+            for idx, h in self._view.items():
+                out[idx] = np.frombuffer(h, np.uint8)
+        return out
+
     def disk(self) -> DiskIndex:
         """The durable content, as a snapshot's disk."""
         with self._lock:
