@@ -148,6 +148,8 @@ def test_state_metrics(client: httpx.Client, services: Services, key: KeyPair) -
     assert value(found, "opensmc_agent_heartbeat_age_seconds", source_id=sid) == 42
     assert (value(found, "opensmc_data_dir_free_bytes") or 0) > 0
     assert value(found, "opensmc_image_store_bytes") == 0
+    assert value(found, "opensmc_receiver_bytes_total", kind="plain") is not None  # counted by this process
+    assert value(found, "opensmc_receiver_frames_total") is not None
     assert key.account_id not in text and key.access_key_id not in text
 
 

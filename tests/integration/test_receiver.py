@@ -29,6 +29,7 @@ from opensmc.chunkstore.backend import LocalBackend
 from opensmc.chunkstore.repository import Repository
 from opensmc.chunkstore.staging import StagingIndex
 from opensmc.receiver.http import make_app
+from opensmc.receiver.stats import STATS
 from opensmc.wire.frames import encode_frame, encode_zero_frame
 
 MiB = 1024 * 1024
@@ -147,6 +148,7 @@ def test_full_and_incremental_replication(receiver: Receiver, tmp_path: Path) ->
 
 def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> None:
     create(receiver, "v2", 4 * MiB)
+    _f, plain_before, _w, rejected_before = STATS.snapshot()
     good0, good1 = encode_frame(0, os.urandom(CS)), encode_frame(CS, os.urandom(CS))
     after = encode_frame(3 * CS, os.urandom(CS))
     bad = bytearray(encode_frame(2 * CS, os.urandom(CS)))
@@ -176,6 +178,11 @@ def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> Non
     assert disk[2 * CS :] == b"\0" * (4 * MiB - 2 * CS)
     status, body = post(receiver, "/v1/volumes/v2/hashes", headers={"Accept": "application/json"})
     assert status == 200 and sorted(body["hashes"]) == ["0", "1"]
+    # /metrics counts what was taken in and what was refused, by reason
+    _f, plain_after, _w, rejected_after = STATS.snapshot()
+    assert plain_after - plain_before == 6 * CS  # 2 good frames, then 2 replays of 2
+    for _frame, code in cases:
+        assert rejected_after.get(code, 0) > rejected_before.get(code, 0), code
 
 
 def test_auth_protocol_and_unknown_volume(receiver: Receiver) -> None:

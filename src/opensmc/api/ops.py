@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from starlette.applications import Starlette
@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opensmc.api.actions import ACTIONS
 from opensmc.clock import as_utc
+from opensmc.receiver.stats import STATS
 from opensmc.service.context import Services
 from opensmc.store.tables import job_runs, jobs, sources
 
@@ -180,6 +181,23 @@ class StateCollector(Collector):
         yield from self._jobs()
         yield from self._agents()
         yield from self._storage()
+        yield from self._receiver()
+
+    def _receiver(self) -> Iterator[Metric]:
+        frames, plain, wire, rejected = STATS.snapshot()
+        got = CounterMetricFamily(
+            "opensmc_receiver_bytes", "Bytes the receiver of this process took in", labels=["kind"]
+        )
+        got.add_metric(["plain"], plain)
+        got.add_metric(["wire"], wire)
+        accepted = CounterMetricFamily("opensmc_receiver_frames", "Frames the receiver verified and stored")
+        accepted.add_metric([], frames)
+        refused = CounterMetricFamily(
+            "opensmc_receiver_frames_rejected", "Frames the receiver refused, by reason", labels=["reason"]
+        )
+        for code, n in sorted(rejected.items()):
+            refused.add_metric([code], n)
+        yield from (got, accepted, refused)
 
     def _jobs(self) -> Iterator[Metric]:
         by_status = GaugeMetricFamily(

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from opensmc.chunkstore.repository import Repository, StoreError
 from opensmc.chunkstore.staging import StagingError, StagingIndex
+from opensmc.receiver.stats import STATS
 from opensmc.wire.frames import (
     HEADER_SIZE,
     FrameError,
@@ -192,7 +193,7 @@ async def post_frames(request: web.Request) -> web.Response:
         return _not_found(request)
     loop = asyncio.get_running_loop()
     content = request.content
-    frames = plain = 0
+    frames = plain = wire = 0
     repo = request.app[_REPO]
     error: FrameError | StagingError | None = None
     pending: asyncio.Future[tuple[int, int, FrameError | StagingError | None]] | None = None
@@ -217,6 +218,7 @@ async def post_frames(request: web.Request) -> web.Response:
             else:
                 group.append((header, payload))
                 group_bytes += HEADER_SIZE + header.payload_length
+                wire += HEADER_SIZE + header.payload_length
         if group and (end or error is not None or group_bytes >= GROUP_BYTES):
             # One group on a worker thread while the next is read off the socket.
             if pending is not None:
@@ -233,7 +235,9 @@ async def post_frames(request: web.Request) -> web.Response:
         n, p, err = await pending
         frames, plain = frames + n, plain + p
         error = err or error  # a bad frame in the group came before a later parse error
+    STATS.accepted(frames, plain, wire)
     if error is not None:
+        STATS.refused(error.code)
         return _error(400, error.code, f"frame #{frames} of the body rejected: {error}", accepted=frames)
     return web.json_response({"frames": frames, "bytes": plain})
 
