@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
+    from opensmc.cli import store as store_cli
+
+    store_cli.add_arguments(
+        sub.add_parser(
+            "store",
+            help="check or garbage-collect the image store (on the server's data dir)",
+            formatter_class=RAW,
+            epilog="examples:\n"
+            "  opensmc store check --data-dir opensmc-data\n"
+            "  opensmc store gc --data-dir opensmc-data",
+        )
+    )
+
     from opensmc.cli import demo
 
     demo.add_arguments(sub.add_parser("demo", help="a complete migration on this machine, for a first look"))
@@ -198,6 +211,10 @@ def _main(argv: list[str]) -> int:
         from opensmc.cli import images as images_cli
 
         return images_cli.run(args)
+    if args.command == "store":
+        from opensmc.cli import store as store_cli
+
+        return store_cli.run(args)
     if args.command == "demo":
         from opensmc.cli import demo
 
