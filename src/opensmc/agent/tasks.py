@@ -1,20 +1,23 @@
 """Running the data plane's tasks on the agent.
 
-The server hands a task to the agent in its heartbeat reply (see
-docs/agent-api.md): a job run, the receiver to send to, a credential
-scoped to that run, and the disks with the staging volume each goes to.
-:class:`TaskRunner` runs each task once, on a thread of its own, while the
-heartbeat loop goes on: for every disk it asks the receiver which chunks it
+The server hands tasks to the agent on its task channel, a long-poll of
+``GET /agent/v1/tasks`` (agent/runner.py; docs/agent-api.md): a job run, the
+receiver to send to, a credential scoped to that run, and the disks with the
+staging volume each goes to. :class:`TaskRunner` runs each task once, on a
+thread of its own: for every disk it asks the receiver which chunks it
 already holds, sends only the chunks that differ (the pipeline in
 ``agent/pipeline.py``), and makes them durable; then it reports the result.
 
-About once a second it reports progress; the reply says whether to go on
-(a StopReplicationJob makes it stop within a second or so) and the current
-``bandwidth_limit``, which is applied at once.
+Every answer of the channel is the whole task view (:meth:`TaskRunner.apply`):
+a running task that is no longer in it stops before its next batch goes out
+(StopReplicationJob, a failure, a deletion), and one whose ``bandwidth_limit``
+changed is re-limited at once. About once a second a task also reports
+progress (bytes read *and* acknowledged by the receiver); that reply says the
+same (go on? which limit?), for a server without the channel.
 
 Losing contact with the server or the receiver (a restart, a network cut)
 does not fail the job: the attempt ends without a result and the next
-heartbeat that gets through hands the same task out again, which resumes
+task view that gets through hands the same task out again, which resumes
 from the receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
 that lose contact without moving any data end in a failure report.
 """
@@ -75,6 +78,53 @@ class _StoppableSender:
         self.inner.send_batch(frames)
 
 
+class TaskControl:
+    """What the server can change about a running task: whether it goes on, and its bandwidth limit.
+
+    Set from the channel thread (and from the task's own progress replies);
+    read by the task's pipeline threads.
+    """
+
+    def __init__(self, limit: float = 0.0) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._limit = limit
+        self._limiter: RateLimitedSender | None = None
+
+    @property
+    def limit(self) -> float:
+        with self._lock:
+            return self._limit
+
+    def attach(self, limiter: RateLimitedSender) -> None:
+        """The limiter of the disk being sent now: limit changes go to it."""
+        with self._lock:
+            self._limiter = limiter
+            limiter.set_limit(self._limit)
+
+    def set_limit(self, limit: float) -> None:
+        with self._lock:
+            changed = limit != self._limit
+            self._limit = limit
+            limiter = self._limiter
+            if limiter is not None:
+                limiter.set_limit(limit)
+        if changed:
+            log.info("bandwidth limit now %s", f"{limit:g} Mbit/s" if limit > 0 else "off")
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _limit_of(task: dict[str, Any]) -> float:
+    params = task.get("replication_parameters") or {}
+    try:
+        limit = float(params.get("bandwidth_limit") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return limit if limit > 0 else 0.0
+
+
 class TaskRunner:
     """Starts each task once and keeps track of the ones running."""
 
@@ -82,39 +132,60 @@ class TaskRunner:
         self.client = client
         self.tls = tls
         self.token = token
-        self._running: dict[str, threading.Thread] = {}
+        self._running: dict[str, tuple[threading.Thread, TaskControl]] = {}
         self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
         self._lock = threading.Lock()
 
     def handle(self, tasks: Sequence[dict[str, Any]]) -> None:
+        """Start the tasks not running yet (a heartbeat's list: it never stops one)."""
+        self._update(tasks, authoritative=False)
+
+    def apply(self, tasks: Sequence[dict[str, Any]]) -> None:
+        """The whole task view from the channel: start new tasks, stop the ones gone, re-limit the rest."""
+        self._update(tasks, authoritative=True)
+
+    def _update(self, tasks: Sequence[dict[str, Any]], *, authoritative: bool) -> None:
         with self._lock:
-            for tid in [t for t, th in self._running.items() if not th.is_alive()]:
+            for tid in [t for t, (th, _c) in self._running.items() if not th.is_alive()]:
                 del self._running[tid]
+            wanted: set[str] = set()
             for task in tasks:
                 tid = str(task.get("task_id", ""))
-                if not tid or tid in self._running:
+                if not tid:
                     continue
-                thread = threading.Thread(target=self._run, args=(task,), name=f"task-{tid}", daemon=True)
-                self._running[tid] = thread
+                wanted.add(tid)
+                running = self._running.get(tid)
+                if running is not None:
+                    if authoritative:
+                        running[1].set_limit(_limit_of(task))
+                    continue
+                control = TaskControl(_limit_of(task))
+                thread = threading.Thread(target=self._run, args=(task, control), name=f"task-{tid}", daemon=True)
+                self._running[tid] = (thread, control)
                 thread.start()
+            if authoritative:
+                for tid, (_th, control) in self._running.items():
+                    if tid not in wanted and not control.stopped.is_set():
+                        log.info("task %s: no longer wanted by the server; stopping", tid)
+                        control.stop()
 
     def busy(self) -> bool:
         with self._lock:
-            return any(th.is_alive() for th in self._running.values())
+            return any(th.is_alive() for th, _c in self._running.values())
 
     def join(self, timeout: float | None = None) -> None:
         with self._lock:
-            threads = list(self._running.values())
+            threads = [th for th, _c in self._running.values()]
         for th in threads:
             th.join(timeout)
 
-    def _run(self, task: dict[str, Any]) -> None:
+    def _run(self, task: dict[str, Any], control: TaskControl) -> None:
         job_id, run_id = task["job_id"], task["run_id"]
         log.info("task %s: sending %d disk(s) of job %s", task["task_id"], len(task["disks"]), job_id)
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report, self.tls)
+            stats = run_task(task, report, self.tls, control)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
@@ -143,7 +214,7 @@ class TaskRunner:
             )
             return
         except Exception as exc:
-            if not self._still_wanted(report):
+            if control.stopped.is_set() or not self._still_wanted(report):
                 # The job moved on meanwhile (a StopReplicationJob makes the receiver refuse the
                 # run's credential before the next progress reply says stop): not a failure.
                 log.info("task %s: stopped by the server (%s)", task["task_id"], exc)
@@ -208,17 +279,22 @@ def run_task(
     task: dict[str, Any],
     report: Callable[[int, int], tuple[bool, float]],
     tls: ssl.SSLContext | None = None,
+    control: TaskControl | None = None,
 ) -> dict[str, Any]:
-    """Send every disk of a task; returns totals. Raises TaskStopped when told to stop."""
+    """Send every disk of a task; returns totals. Raises TaskStopped when told to stop.
+
+    `control` is how the channel stops or re-limits the task while it runs; the
+    progress replies (`report`) do the same about once a second.
+    """
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
     disks = task["disks"]
     # A disk's "ranges" are the parts of it the job copies (partitions de-selected with
     # Block=false are left out); without them the whole disk moves.
     total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks)
-    stopped = threading.Event()
-    state = {"base": 0, "last": 0.0, "limit": float(params.get("bandwidth_limit") or 0)}
-    limiter: RateLimitedSender | None = None
+    ctl = control or TaskControl(_limit_of(task))
+    stopped = ctl.stopped
+    state: dict[str, float] = {"base": 0, "last": 0.0, "done": 0}
     totals: dict[str, Any] = {
         "bytes_total": total,
         "bytes_plain": 0,
@@ -229,6 +305,9 @@ def run_task(
     started = time.monotonic()
 
     def tell(done: int, force: bool = False) -> None:
+        # Reported progress never goes back within an attempt (one more guard: the server keeps it monotonic too).
+        done = max(done, int(state["done"]))
+        state["done"] = done
         now = time.monotonic()
         if not force and now - state["last"] < PROGRESS_EVERY:
             return
@@ -236,12 +315,12 @@ def run_task(
         go_on, limit = report(done, total)
         if not go_on:
             stopped.set()
-        if limiter is not None and limit != limiter.limit:
-            log.info("bandwidth limit now %s", f"{limit:g} Mbit/s" if limit > 0 else "off")
-            limiter.set_limit(limit)
+        ctl.set_limit(limit)
 
     def on_progress(p: Progress) -> None:
-        tell(int(state["base"]) + p.scanned)
+        # Only what the receiver acknowledged counts (p.acked), not what was read: with a
+        # low bandwidth_limit the reader runs far ahead of the wire.
+        tell(int(state["base"]) + p.acked)
 
     def on_batch(sent: int) -> None:
         state["sent"] = sent
@@ -264,11 +343,14 @@ def run_task(
                         "Start the job again to migrate the disk as it is now."
                     )
                 chunk_size, previous = http.fetch_hashes()
-                limiter = RateLimitedSender(_Counting(http, on_batch), float(state["limit"]))
+                # The stop check sits under the rate limiter, right before each POST: a batch
+                # that waited out the limiter while the task was stopped does not go.
+                limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
+                ctl.attach(limiter)
                 for offset, length in _ranges(disk, volume_size):
                     result = replicate(
                         disk["path"],
-                        _StoppableSender(limiter, stopped),
+                        limiter,
                         offset=offset,
                         length=length,
                         target_offset=offset,
@@ -282,7 +364,10 @@ def run_task(
                     totals["bytes_wire"] += result.bytes_wire
                     totals["chunks_sent"] += result.chunks_sent
                     totals["chunks_zeroed"] += result.chunks_zeroed
+                if stopped.is_set():
+                    raise TaskStopped("the server asked this task to stop")
                 http.flush()
+        # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
         tell(total, force=True)
     except _LOST_CONTACT as exc:
         raise LostContact(exc, int(totals["bytes_wire"]) + int(state.get("sent", 0))) from exc
