@@ -174,6 +174,7 @@ class _Runner:
                 view = self.client.tasks(st.agent_token, since, CHANNEL_WAIT)
             except Exception as exc:
                 self.channel_ok = False
+                self.tasks.channel_lost()
                 if stop.is_set():
                     break
                 since = ""  # reconnected, the first answer is the whole view at once

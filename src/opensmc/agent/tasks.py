@@ -90,6 +90,9 @@ class TaskControl:
         self._lock = threading.Lock()
         self._limit = limit
         self._limiter: RateLimitedSender | None = None
+        #: the task channel is up and speaks for this task: its answers, not the progress
+        #: replies, set the limit (two sources a second apart would flip it back and forth)
+        self.follows_channel = False
 
     @property
     def limit(self) -> float:
@@ -102,7 +105,7 @@ class TaskControl:
             self._limiter = limiter
             limiter.set_limit(self._limit)
 
-    def set_limit(self, limit: float) -> None:
+    def set_limit(self, limit: float, origin: str = "task channel") -> None:
         with self._lock:
             changed = limit != self._limit
             self._limit = limit
@@ -110,7 +113,7 @@ class TaskControl:
             if limiter is not None:
                 limiter.set_limit(limit)
         if changed:
-            log.info("bandwidth limit now %s", f"{limit:g} Mbit/s" if limit > 0 else "off")
+            log.info("bandwidth limit now %s (%s)", f"{limit:g} Mbit/s" if limit > 0 else "off", origin)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -144,6 +147,12 @@ class TaskRunner:
         """The whole task view from the channel: start new tasks, stop the ones gone, re-limit the rest."""
         self._update(tasks, authoritative=True)
 
+    def channel_lost(self) -> None:
+        """The channel is down: running tasks follow their progress replies again."""
+        with self._lock:
+            for _th, control in self._running.values():
+                control.follows_channel = False
+
     def _update(self, tasks: Sequence[dict[str, Any]], *, authoritative: bool) -> None:
         with self._lock:
             for tid in [t for t, (th, _c) in self._running.items() if not th.is_alive()]:
@@ -157,9 +166,12 @@ class TaskRunner:
                 running = self._running.get(tid)
                 if running is not None:
                     if authoritative:
+                        running[1].follows_channel = True
                         running[1].set_limit(_limit_of(task))
                     continue
                 control = TaskControl(_limit_of(task))
+                control.follows_channel = authoritative
+                log.info("task %s: starting (from the %s)", tid, "task channel" if authoritative else "heartbeat")
                 thread = threading.Thread(target=self._run, args=(task, control), name=f"task-{tid}", daemon=True)
                 self._running[tid] = (thread, control)
                 thread.start()
@@ -315,7 +327,8 @@ def run_task(
         go_on, limit = report(done, total)
         if not go_on:
             stopped.set()
-        ctl.set_limit(limit)
+        if not ctl.follows_channel:
+            ctl.set_limit(limit, "progress reply")
 
     def on_progress(p: Progress) -> None:
         # Only what the receiver acknowledged counts (p.acked), not what was read: with a
@@ -348,6 +361,7 @@ def run_task(
                 limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
                 ctl.attach(limiter)
                 for offset, length in _ranges(disk, volume_size):
+                    read, frame, batch = _batch_sizes(ctl.limit, chunk_size)
                     result = replicate(
                         disk["path"],
                         limiter,
@@ -358,6 +372,9 @@ def run_task(
                         chunk_size=chunk_size,
                         level=level,
                         progress=on_progress,
+                        read_size=read,
+                        max_frame=frame,
+                        batch_bytes=batch,
                     )
                     state["base"] = int(state["base"]) + length
                     totals["bytes_plain"] += result.bytes_plain
@@ -375,6 +392,29 @@ def run_task(
         raise TaskStopped("the server asked this task to stop")
     totals["seconds"] = round(time.monotonic() - started, 3)
     return totals
+
+
+#: under a bandwidth limit, a batch is about this many seconds of the wire
+LIMITED_BATCH_SECONDS = 0.5
+MiB = 1 << 20
+
+
+def _batch_sizes(limit_mbit: float, chunk_size: int) -> tuple[int, int, int]:
+    """(read size, max frame, batch bytes) for a send at `limit_mbit` (0 = none).
+
+    Progress counts a batch once the receiver acknowledged it, and the limiter
+    lets a whole batch go, then waits its time out: at 10 Mbit/s the default
+    8 MiB batch would be one step of progress every 7 s. Under a limit a batch
+    is about half a second of the wire (read buffers and frames at most that:
+    the sender batches whole buffers), so progress and a stop move in steps
+    that small; without one the defaults keep the link full.
+    """
+    if limit_mbit <= 0:
+        return 4 * MiB, 4 * MiB, 8 * MiB
+    per_second = limit_mbit * 1e6 / 8
+    batch = int(min(8 * MiB, max(4 * chunk_size, per_second * LIMITED_BATCH_SECONDS)))
+    frame = max(chunk_size, min(4 * MiB, batch) // chunk_size * chunk_size)
+    return frame, frame, max(batch, frame)
 
 
 def _ranges(disk: dict[str, Any], size: int | None = None) -> list[tuple[int, int]]:
