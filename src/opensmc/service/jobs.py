@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -217,6 +218,37 @@ def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, by
         )
         q.update_job(conn, job_id, {"progress": progress})
     return progress
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """What a run record says about its data: DescribeReplicationJobs shows it on each ReplicationJobRun."""
+
+    bytes_done: int
+    bytes_total: int
+    bytes_per_second: float  #: smoothed while syncing; the average once synced; 0 when unknown
+    eta_seconds: float | None  #: None when unknown (no rate yet, or the run ended unsynced)
+
+
+def run_progress(run: Row[Any]) -> RunProgress:
+    """A job_runs row's progress, from its columns and its ``detail`` JSON."""
+    done, total = int(run.bytes_done or 0), int(run.bytes_total or 0)
+    detail = _detail(run.detail)
+    sample = detail.get("progress")
+    if isinstance(sample, dict) and run.end_time is None:
+        rate = sample.get("rate")
+        eta = sample.get("eta")
+        return RunProgress(
+            done,
+            total,
+            float(rate) if isinstance(rate, (int, float)) else 0.0,
+            float(eta) if isinstance(eta, (int, float)) else None,
+        )
+    agent = detail.get("agent")
+    seconds = agent.get("seconds") if isinstance(agent, dict) else None
+    if isinstance(seconds, (int, float)) and seconds > 0:  # synced: the agent's own totals
+        return RunProgress(done, total, round(total / seconds, 1), 0.0)
+    return RunProgress(done, total, 0.0, None)
 
 
 #: weight of the newest sample in the smoothed rate: a few seconds of memory at one report a second
