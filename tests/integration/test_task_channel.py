@@ -129,3 +129,54 @@ def test_a_change_that_wakes_nothing_is_seen_by_the_re_read(
     [task] = after["tasks"]
     assert task["replication_parameters"]["bandwidth_limit"] == 0
     assert after["version"] != before["version"]
+
+
+def test_an_agent_on_a_server_without_the_channel_keeps_heartbeating(
+    services: Services, token: dict[str, str], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older server (no GET /tasks): the agent says so once and takes its tasks from heartbeats."""
+    from dataclasses import replace
+
+    from starlette.applications import Starlette
+
+    from opensmc.agent.runner import run_agent
+    from tests.integration.test_agent_api import make_report
+
+    old_routes = [r for r in agent_routes.routes if getattr(r, "path", "") != "/agent/v1/tasks"]
+    app = Starlette(routes=old_routes)
+    app.state.services = services
+    services.settings = replace(services.settings, heartbeat_rate=1)
+    beats: list[int] = []
+
+    def report() -> dict[str, Any]:
+        beats.append(1)
+        return make_report("m-old-server")
+
+    stop = threading.Event()
+    with TestClient(app) as old_server, caplog.at_level("INFO", logger="opensmc.agent"):
+        t = threading.Thread(
+            target=run_agent,
+            args=("http://testserver",),
+            kwargs={
+                "token_id": token["AccessTokenId"],
+                "token_code": token["AccessTokenCode"],
+                "state_dir": tmp_path,
+                "stop_event": stop,
+                "http": old_server,
+                "report_fn": report,
+            },
+        )
+        t.start()
+        try:
+            deadline = threading.Event()
+            for _ in range(600):  # up to 30 s, polled every 0.05 s
+                if len(beats) >= 3 and "has no task channel" in caplog.text:
+                    break
+                deadline.wait(0.05)
+        finally:
+            stop.set()
+            t.join(30)
+    assert not t.is_alive()
+    assert len(beats) >= 3 and "has no task channel" in caplog.text, caplog.text
+    assert caplog.text.count("has no task channel") == 1  # said once, then asked again only a minute later
+    assert "task channel open" not in caplog.text

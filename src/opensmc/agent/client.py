@@ -74,8 +74,9 @@ class AgentClient:
     def tasks(self, agent_token: str, since: str, wait: float) -> dict[str, Any]:
         """The task channel: a long-poll that answers when the task view is not `since`, or after `wait` s."""
         params = {"wait": f"{wait:g}", "since": since}
-        # The read may take the whole wait: allow it, plus room for a slow answer.
-        timeout = httpx.Timeout(10.0, read=wait + 15.0)
+        # The read may take the whole wait: allow it, plus room for a slow answer. A client
+        # passed in (tests: Starlette's TestClient, which refuses per-request timeouts) keeps its own.
+        timeout = httpx.Timeout(10.0, read=wait + 15.0) if self._own else None
         return self._send("GET", "/tasks", None, agent_token, params=params, timeout=timeout)
 
     def task_progress(self, agent_token: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -113,9 +113,11 @@ class _Runner:
     def loop(self, stop: threading.Event, once: bool) -> AgentState | None:
         delay = BACKOFF_START
         failures = 0
+        channel: threading.Thread | None = None
         if not once:
             # A daemon thread: it may be inside a long-poll when the agent stops, and must not hold it up.
-            threading.Thread(target=self.channel, args=(stop,), name="task-channel", daemon=True).start()
+            channel = threading.Thread(target=self.channel, args=(stop,), name="task-channel", daemon=True)
+            channel.start()
         while not stop.is_set():
             try:
                 rate = self.beat()
@@ -132,6 +134,11 @@ class _Runner:
             if once:
                 break
             stop.wait(rate)
+        if channel is not None:
+            # Give an open long-poll a moment to end (it ends at once with a short CHANNEL_WAIT),
+            # so that an embedding caller's HTTP client is idle when run_agent returns; a long
+            # one is left to die with the process.
+            channel.join(min(CHANNEL_WAIT + 1.0, 2.0))
         log.info("agent stopped")
         return self.state
 

@@ -1,0 +1,105 @@
+"""The agent's TaskRunner: the channel's task view starts, stops and re-limits tasks; a heartbeat only starts."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from opensmc.agent import tasks as agent_tasks
+from opensmc.agent.tasks import TaskControl, TaskRunner, TaskStopped
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def task_progress(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"continue": True, "bandwidth_limit": 99.0}
+
+    def task_result(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.results.append(body)
+        return {"accepted": True}
+
+
+def task(limit: float, tid: str = "j-1:1") -> dict[str, Any]:
+    job, run = tid.split(":")
+    return {"task_id": tid, "job_id": job, "run_id": int(run), "disks": [],
+            "replication_parameters": {"bandwidth_limit": limit}}  # fmt: skip
+
+
+def wait(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30  # a bound for the failure report, not a measurement
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def controls(monkeypatch: pytest.MonkeyPatch) -> list[TaskControl]:
+    """run_task replaced by one that runs until stopped, like a long send."""
+    seen: list[TaskControl] = []
+
+    def fake_run_task(
+        task: dict[str, Any],
+        report: Callable[[int, int], tuple[bool, float]],
+        tls: ssl.SSLContext | None = None,
+        control: TaskControl | None = None,
+    ) -> dict[str, Any]:
+        assert control is not None
+        seen.append(control)
+        control.stopped.wait(30)
+        raise TaskStopped("stopped")
+
+    monkeypatch.setattr(agent_tasks, "run_task", fake_run_task)
+    return seen
+
+
+def test_the_channel_view_starts_relimits_and_stops(controls: list[TaskControl]) -> None:
+    client = FakeClient()
+    runner = TaskRunner(client, lambda: "token")  # type: ignore[arg-type]
+    runner.apply([task(10)])
+    wait(lambda: len(controls) == 1, "the task to start")
+    [control] = controls
+    assert control.limit == 10 and control.follows_channel
+    runner.apply([task(10)])  # the same view again: the same attempt goes on
+    runner.apply([task(0)])  # ModifyReplicationJobAttribute: the limit is lifted in place
+    assert control.limit == 0 and not control.stopped.is_set() and len(controls) == 1
+    runner.apply([])  # StopReplicationJob: the task is gone from the view
+    assert control.stopped.is_set()
+    runner.join(30)
+    assert not runner.busy() and client.results == []  # stopped, not failed: no result report
+
+
+def test_a_heartbeat_list_only_starts_tasks(controls: list[TaskControl]) -> None:
+    runner = TaskRunner(FakeClient(), lambda: "token")  # type: ignore[arg-type]
+    runner.handle([task(5)])
+    wait(lambda: len(controls) == 1, "the task to start")
+    runner.handle([])  # a heartbeat's list is no authority on what to stop
+    assert not controls[0].stopped.is_set() and not controls[0].follows_channel
+    runner.apply([task(5)])
+    assert controls[0].follows_channel  # the channel took over
+    runner.channel_lost()
+    assert not controls[0].follows_channel  # progress replies speak for it again
+    runner.apply([])
+    runner.join(30)
+    assert not runner.busy()
+
+
+def test_control_applies_limits_to_the_attached_limiter() -> None:
+    from opensmc.agent.pipeline import RateLimitedSender
+
+    class Null:
+        def send_batch(self, frames: Any) -> None:
+            pass
+
+    control = TaskControl(8)
+    limiter = RateLimitedSender(Null(), 0)
+    control.attach(limiter)
+    assert limiter.limit == pytest.approx(8)
+    threading.Thread(target=control.set_limit, args=(2.5,)).start()
+    wait(lambda: abs(limiter.limit - 2.5) < 1e-9, "the new limit on the limiter")
