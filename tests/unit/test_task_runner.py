@@ -103,3 +103,52 @@ def test_control_applies_limits_to_the_attached_limiter() -> None:
     assert limiter.limit == pytest.approx(8)
     threading.Thread(target=control.set_limit, args=(2.5,)).start()
     wait(lambda: abs(limiter.limit - 2.5) < 1e-9, "the new limit on the limiter")
+
+
+class FlakyChannelClient(FakeClient):
+    """The channel fails twice (a server restart), then answers views; the last answer stops the agent."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+        self.calls: list[str] = []  # the `since` of each call
+
+    def tasks(self, agent_token: str, since: str, wait: float) -> dict[str, Any]:
+        import httpx
+
+        from opensmc.agent.client import ServerUnavailable
+
+        self.calls.append(since)
+        if len(self.calls) == 1:
+            raise httpx.ConnectError("connection refused")
+        if len(self.calls) == 2:
+            raise ServerUnavailable("GET /tasks: HTTP 503", 503)
+        if len(self.calls) == 4:
+            self.stop.set()
+        return {"version": f"v{len(self.calls)}", "tasks": []}
+
+
+def test_the_channel_reconnects_with_backoff_and_sends_back_its_version(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from opensmc.agent import runner
+    from opensmc.agent.state import AgentState
+
+    waits: list[float] = []
+    monkeypatch.setattr(runner, "BACKOFF_START", 0.01)
+    stop = threading.Event()
+    real_wait = stop.wait
+
+    def recorded_wait(timeout: float | None = None) -> bool:
+        waits.append(timeout or 0)
+        return real_wait(timeout)
+
+    stop.wait = recorded_wait  # type: ignore[method-assign]
+    client = FlakyChannelClient(stop)
+    r = runner._Runner(client, "http://server", {}, tmp_path, lambda: {})  # type: ignore[arg-type]
+    r.state = AgentState("http://server", "s-1", "s-1.secret", "m-1")
+    r.channel(stop)
+    # Two failures, each followed by a backoff that doubles; then views, each call sending the last version.
+    assert client.calls == ["", "", "", "v3"]
+    assert waits[:2] == [0.01, 0.02]
+    assert r.channel_ok
