@@ -152,3 +152,46 @@ def test_the_channel_reconnects_with_backoff_and_sends_back_its_version(
     assert client.calls == ["", "", "", "v3"]
     assert waits[:2] == [0.01, 0.02]
     assert r.channel_ok
+
+
+def _retries_done() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("retry-"):
+            t.join(30)
+
+
+@pytest.mark.parametrize("still_wanted", [True, False])
+def test_an_attempt_that_lost_contact_starts_again_while_the_channel_wants_it(
+    monkeypatch: pytest.MonkeyPatch, still_wanted: bool
+) -> None:
+    """A lost receiver changes no task view, so the channel says nothing: the runner retries on its own."""
+    attempts: list[TaskControl] = []
+
+    def fake_run_task(
+        task: dict[str, Any],
+        report: Callable[[int, int], tuple[bool, float]],
+        tls: ssl.SSLContext | None = None,
+        control: TaskControl | None = None,
+    ) -> dict[str, Any]:
+        assert control is not None
+        attempts.append(control)
+        if len(attempts) == 1:
+            raise agent_tasks.LostContact(ConnectionError("receiver gone"), 0)
+        control.stopped.wait(30)
+        raise TaskStopped("stopped")
+
+    monkeypatch.setattr(agent_tasks, "run_task", fake_run_task)
+    runner = TaskRunner(FakeClient(), lambda: "token")  # type: ignore[arg-type]
+    runner.apply([task(10)])
+    wait(lambda: len(attempts) == 1 and not runner.busy(), "the first attempt to end")
+    if not still_wanted:
+        runner.apply([])  # stopped meanwhile: the retry must not bring it back
+    _retries_done()
+    if still_wanted:
+        wait(lambda: len(attempts) == 2, "the retry")
+        assert attempts[1].follows_channel and not attempts[1].stopped.is_set()
+        runner.apply([])
+        runner.join(30)
+    else:
+        assert len(attempts) == 1
+    assert not runner.busy()

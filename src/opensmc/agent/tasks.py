@@ -16,9 +16,10 @@ progress (bytes read *and* acknowledged by the receiver); that reply says the
 same (go on? which limit?), for a server without the channel.
 
 Losing contact with the server or the receiver (a restart, a network cut)
-does not fail the job: the attempt ends without a result and the next
-task view that gets through hands the same task out again, which resumes
-from the receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
+does not fail the job: the attempt ends without a result and starts again
+after a backoff while the channel still wants it (or when the channel's
+reconnection or a heartbeat hands it out again), resuming from the
+receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
 that lose contact without moving any data end in a failure report.
 """
 
@@ -44,6 +45,7 @@ log = logging.getLogger("opensmc.agent.tasks")
 
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 MAX_LOST_CONTACT = 10  # attempts in a row that lose contact without sending anything
+RETRY_MAX = 15.0  # seconds: the longest wait before an attempt that lost contact starts again
 
 #: errors that mean "cannot reach the server or the receiver right now", not "the disk is bad"
 _LOST_CONTACT = (httpx.TransportError, ServerUnavailable, ConnectionError, TimeoutError, http.client.HTTPException)
@@ -138,22 +140,58 @@ class TaskRunner:
         self._running: dict[str, tuple[threading.Thread, TaskControl]] = {}
         self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
         self._lock = threading.Lock()
+        #: the channel's last view (task id -> task), None before its first answer
+        self._view: dict[str, dict[str, Any]] | None = None
+        self._channel_up = False
 
     def handle(self, tasks: Sequence[dict[str, Any]]) -> None:
         """Start the tasks not running yet (a heartbeat's list: it never stops one)."""
-        self._update(tasks, authoritative=False)
+        self._update(tasks, authoritative=False, origin="heartbeat")
 
     def apply(self, tasks: Sequence[dict[str, Any]]) -> None:
         """The whole task view from the channel: start new tasks, stop the ones gone, re-limit the rest."""
-        self._update(tasks, authoritative=True)
+        with self._lock:
+            self._view = {str(t.get("task_id", "")): dict(t) for t in tasks}
+            self._channel_up = True
+        self._update(tasks, authoritative=True, origin="task channel")
 
     def channel_lost(self) -> None:
         """The channel is down: running tasks follow their progress replies again."""
         with self._lock:
+            self._channel_up = False
             for _th, control in self._running.values():
                 control.follows_channel = False
 
-    def _update(self, tasks: Sequence[dict[str, Any]], *, authoritative: bool) -> None:
+    def _retry_later(self, tid: str, control: TaskControl, delay: float) -> None:
+        """Start an attempt that lost contact again after `delay` s, if the server still wants it.
+
+        The channel answers only when the view changes, and a lost receiver does not
+        change it: without this the task would wait for the long-poll's next answer.
+        The retry starts the channel's latest version of the task (its limit may have changed).
+        """
+
+        def again() -> None:
+            if control.stopped.wait(delay):
+                return
+            with self._lock:
+                view, up = self._view, self._channel_up
+            # Only while the channel is up: when it is down (the server is), its reconnection or a
+            # heartbeat hands the task out again, and attempts that cannot reach a server that is
+            # down must not use up the MAX_LOST_CONTACT that fails the job.
+            if not up or view is None or tid not in view:
+                return
+            self._update([view[tid]], authoritative=False, origin="retry", follows_channel=True)
+
+        threading.Thread(target=again, name=f"retry-{tid}", daemon=True).start()
+
+    def _update(
+        self,
+        tasks: Sequence[dict[str, Any]],
+        *,
+        authoritative: bool,
+        origin: str,
+        follows_channel: bool | None = None,
+    ) -> None:
         with self._lock:
             for tid in [t for t, (th, _c) in self._running.items() if not th.is_alive()]:
                 del self._running[tid]
@@ -170,8 +208,8 @@ class TaskRunner:
                         running[1].set_limit(_limit_of(task))
                     continue
                 control = TaskControl(_limit_of(task))
-                control.follows_channel = authoritative
-                log.info("task %s: starting (from the %s)", tid, "task channel" if authoritative else "heartbeat")
+                control.follows_channel = authoritative if follows_channel is None else follows_channel
+                log.info("task %s: starting (from the %s)", tid, origin)
                 thread = threading.Thread(target=self._run, args=(task, control), name=f"task-{tid}", daemon=True)
                 self._running[tid] = (thread, control)
                 thread.start()
@@ -203,16 +241,19 @@ class TaskRunner:
             return
         except LostContact as exc:
             # A server restart or a network cut must not fail the job: end this attempt
-            # quietly, and the task comes back with the next heartbeat that gets through.
+            # quietly; it starts again after a backoff, or when the server hands it out again.
             lost = 1 if exc.sent else self._lost.get(tid, 0) + 1
             self._lost[tid] = lost
             if lost < MAX_LOST_CONTACT:
+                delay = min(2.0 ** (lost - 1), RETRY_MAX)
                 log.warning(
-                    "task %s: lost contact with the server or receiver (%s); it resumes when the "
-                    "server hands it out again",
+                    "task %s: lost contact with the server or receiver (%s); it resumes in %.0f s or "
+                    "when the server hands it out again",
                     tid,
                     exc,
+                    delay,
                 )
+                self._retry_later(tid, control, delay)
                 return
             self._post_result(
                 {
