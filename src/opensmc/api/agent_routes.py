@@ -167,6 +167,8 @@ async def tasks(request: Request) -> Response:
                 left = deadline - loop.time()
                 if version != since or left <= 0:
                     break
+                if await request.is_disconnected():  # the agent went away (restarted): stop polling for it
+                    return Response(status_code=204)
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(POLL_EVERY, left))
                 except TimeoutError:
