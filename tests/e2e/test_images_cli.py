@@ -118,6 +118,9 @@ def test_raw_export_is_byte_identical_and_sparse(migrated: Migrated, local: bool
     assert result.returncode == 0, result.stderr
     sha = subprocess.run(["sha256sum", str(migrated.disk)], capture_output=True, text=True).stdout.split()[0]
     assert f"sha256 {sha}" in result.stdout
+    # Not a terminal: no bar, one summary line with the bytes, the seconds and the rate.
+    size = migrated.disk.stat().st_size
+    assert f"export {migrated.image_id} disk 0 (raw): {size} bytes in " in result.stderr, result.stderr
     assert out.read_bytes() == migrated.disk.read_bytes()
     assert out.stat().st_blocks * 512 < 8 * MiB  # ~3.1 MiB of data; the holes stay holes
 

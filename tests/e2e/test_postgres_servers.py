@@ -89,3 +89,46 @@ def test_migration_with_two_servers_on_postgresql(pg_url: str, tmp_path: Path) -
         stop(first.proc)
         if second is not None:
             stop(second.proc)
+
+
+def test_start_through_one_server_reaches_an_agent_connected_to_the_other(pg_url: str, tmp_path: Path) -> None:
+    """The agent's task channel is on a server without an orchestrator; Start and Preparing happen on the other.
+
+    Nothing in the agent's server process makes the transitions, so no in-process
+    wake-up can answer its long-poll: only the long-poll's re-read of the database.
+    Heartbeats come once a minute, so a task that reaches the agent before the next
+    one came on the channel (the agent's log says which).
+    """
+    from tests.e2e.conftest import free_port
+    from tests.e2e.flows import create_job, export, register, wait_status
+
+    data = tmp_path / "data"
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(32 << 20)
+        f.seek(4 << 20)
+        f.write(os.urandom(4 << 20))
+    rport = free_port()
+    common = ("--database", pg_url, "--heartbeat-rate", "60", "--heartbeat-grace", "300")
+    first = start_server(data, *common, "--receiver-listen", f"127.0.0.1:{rport}")
+    second: ServerProcess | None = None
+    agent = None
+    try:
+        second = start_server(data, *common, "--roles", "api", "--receiver-endpoint", f"http://127.0.0.1:{rport}")
+        agent, source_id = register(
+            ServerProcess(second.proc, second.endpoint, data, second.log), [disk], tmp_path / "a"
+        )
+        job_id = create_job(first, source_id, "channel-two-servers")
+        first.call_json("StartReplicationJob", "--JobId", job_id)
+        job = wait_status(first, job_id, "Finished", timeout=120)
+        log = agent.log_text()
+        assert f"task {job_id}:1: starting (from the task channel)" in log, log
+        assert "(from the heartbeat)" not in log
+        out = export(first, str(job["ImageId"]), 0, tmp_path / "out.img")
+        assert out.read_bytes() == disk.read_bytes()
+    finally:
+        if agent:
+            agent.stop()
+        stop(first.proc)
+        if second is not None:
+            stop(second.proc)

@@ -143,12 +143,14 @@ def test_stop_during_sync_then_start_resumes(setup: Setup) -> None:
     wait_held(s, ti, 0.2)
     s.server.call_json("StopReplicationJob", "--JobId", job_id)
     wait_status(s.server, job_id, "Stopped", timeout=5)
-    # The agent learns it at its next progress report (about a second) and stops sending.
+    # The agent's task channel answers the Stop at once (the job's task is gone from its view),
+    # or else its next progress reply does: the task stops before its next batch goes out.
+    # Wait for that event, then check that nothing more lands.
+    wait_for(lambda: "stopped by the server" in s.agent.log_text(), timeout=30, what="the agent to stop the task")
     held = settled_bytes(s, ti)
     time.sleep(2)
     assert staging_bytes(s.server, ti) == held, "the agent kept sending after StopReplicationJob"
     assert held < s.nonzero
-    assert "stopped by the server" in s.agent.log_text()
 
     s.server.call_json("StartReplicationJob", "--JobId", job_id)
     job = wait_status(s.server, job_id, "Finished", timeout=60)
@@ -169,9 +171,13 @@ def test_bandwidth_limit_changed_while_syncing(setup: Setup) -> None:
         "ModifyReplicationJobAttribute",
         {"JobId": job_id, "ReplicationParameters": json.dumps({"bandwidth_limit": 0})},
     )
-    # ReplicationParameters may change while Syncing (issue 3); the agent re-reads them with
-    # every progress report and applies the new limit at once.
+    # ReplicationParameters may change while Syncing (issue 3); the agent's task channel
+    # answers with the new view and the running task applies the new limit at once.
     assert status == 200, body
+    wait_for(
+        lambda: "bandwidth limit now off (task channel)" in s.agent.log_text(),
+        timeout=30,
+        what="the agent to lift the limit",
+    )
     job = wait_status(s.server, job_id, "Finished", timeout=180)
-    assert "bandwidth limit now off" in s.agent.log_text()
     check_export(s, job)

@@ -42,6 +42,8 @@ def test_views_and_watch(tmp_path: Path) -> None:
         watched = cli(server, "watch", job_id, "--interval", "0.3")
         assert watched.returncode == 0, watched.stdout + watched.stderr
         assert f"{job_id}: Finished" in watched.stdout
+        # The final line has the run's bytes (all of the disk, once synced) and its average rate.
+        assert "32.0 MiB of 32.0 MiB, " in watched.stdout and "/s)" in watched.stdout, watched.stdout
         jobs = cli(server, "jobs")
         assert job_id in jobs.stdout and "Finished" in jobs.stdout
         missing = cli(server, "watch", "j-doesnotexist")

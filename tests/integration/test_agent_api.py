@@ -394,9 +394,19 @@ def test_run_agent_refused_registration_is_fatal(
 
 
 def test_run_agent_daemon_heartbeats_until_stopped(
-    client: TestClient, services: Services, call: Any, token: dict[str, str], tmp_path: Path
+    client: TestClient,
+    services: Services,
+    call: Any,
+    token: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="opensmc.agent")
     services.settings = replace(services.settings, heartbeat_rate=1)
+    # Short long-polls: Starlette's TestClient deadlocks when it closes with a request still open,
+    # and run_agent waits only briefly for its channel to end.
+    monkeypatch.setattr(runner, "CHANNEL_WAIT", 0.2)
     beats: list[int] = []
 
     def report() -> dict[str, Any]:
@@ -418,11 +428,12 @@ def test_run_agent_daemon_heartbeats_until_stopped(
     )
     t.start()
     deadline = time.monotonic() + 20
-    while len(beats) < 2 and time.monotonic() < deadline:
+    while (len(beats) < 2 or "task channel open" not in caplog.text) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
     t.join(10)
     assert not t.is_alive() and len(beats) >= 2
+    assert "task channel open" in caplog.text and "task channel to" not in caplog.text  # opened, never lost
     [s] = call("DescribeSourceServers")["SourceServers"]["SourceServer"]
     assert s["HeartbeatRate"] == 1
 

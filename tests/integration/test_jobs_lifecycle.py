@@ -75,7 +75,16 @@ def test_run_once_to_finished(call: Call, services: Services, src: str, clock: C
     assert (j["Status"], j["BusinessStatus"]) == ("Running", "Preparing")
     assert j["StartTime"] == "2030-01-01T12:00:00Z"
     assert j["ReplicationJobRuns"]["ReplicationJobRun"] == [
-        {"StartTime": "2030-01-01T12:00:00Z", "EndTime": "", "ImageId": "", "Type": "Manual"}
+        {
+            "StartTime": "2030-01-01T12:00:00Z",
+            "EndTime": "",
+            "ImageId": "",
+            "Type": "Manual",
+            "BytesDone": 0,
+            "BytesTotal": 0,
+            "BytesPerSecond": 0.0,
+            "EtaSeconds": -1,
+        }
     ]
     s = source_row(services, src)
     assert s.state == "InUse" and s.job_id == job_id
@@ -399,3 +408,34 @@ def test_replication_parameters_change_while_syncing(call: Call, services: Servi
     )
     call("StopReplicationJob", JobId=job_id)
     call("ModifyReplicationJobAttribute", JobId=job_id, ReplicationParameters='{"bandwidth_limit":0}')
+
+
+def test_progress_is_monotonic_below_100_until_synced_with_rate_and_eta(
+    call: Call, services: Services, src: str, clock: Clock
+) -> None:
+    mib = 1 << 20
+    job_id = create(call, src)
+    call("StartReplicationJob", JobId=job_id)
+    J.mark_prepared(services, job_id, "ti-p")
+    run = current_run(services, job_id)
+    assert J.report_progress(services, job_id, run, 0, 100 * mib) == 0.0
+    clock.advance(seconds=2)
+    assert J.report_progress(services, job_id, run, 20 * mib, 100 * mib) == 20.0
+    [r] = one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]
+    assert (r["BytesDone"], r["BytesTotal"], r["BytesPerSecond"], r["EtaSeconds"]) == (
+        20 * mib,
+        100 * mib,
+        10 * mib,  # 20 MiB in 2 s
+        8.0,  # 80 MiB left at 10 MiB/s
+    )
+    # A resumed attempt counts again from 0 while it skips what the receiver holds: no step back.
+    clock.advance(seconds=1)
+    assert J.report_progress(services, job_id, run, 5 * mib, 100 * mib) == 20.0
+    [r] = one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]
+    assert r["BytesDone"] == 20 * mib and r["BytesPerSecond"] < 10 * mib  # the rate drops meanwhile
+    # Every byte read is not every byte safe: 100 waits for the result (Syncing → Processing).
+    clock.advance(seconds=1)
+    assert J.report_progress(services, job_id, run, 100 * mib, 100 * mib) == 99.99
+    assert one_job(call, job_id)["Progress"] == 99.99
+    J.mark_synced(services, job_id)
+    assert one_job(call, job_id)["Progress"] == 100.0

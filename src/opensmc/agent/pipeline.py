@@ -60,6 +60,9 @@ class Progress:
     total: int  #: bytes of the source range
     to_move: int  #: plain bytes of changed chunks found so far
     sent: int  #: bytes on the wire acknowledged by the sender
+    #: bytes of the source range, from its start, whose frames the sender acknowledged; zero and
+    #: unchanged regions count once the acknowledged position moves past them. What progress shows.
+    acked: int = 0
 
 
 @dataclass(slots=True)
@@ -91,7 +94,17 @@ class _Run:
         self.result = ReplicationResult(total=total, chunk_size=chunk_size)
         self.scanned = 0
         self.to_move = 0
+        self.acked = 0
+        self._spans: dict[int, int] = {}  # acknowledged (start -> end) beyond `acked` (encoders finish out of order)
         self.progress = progress
+
+    def acknowledge(self, spans: Sequence[tuple[int, int]]) -> None:
+        """The frames of these source spans are acknowledged: move `acked` over every contiguous one."""
+        with self.lock:
+            for start, end in spans:
+                self._spans[start] = end
+            while self.acked in self._spans:
+                self.acked = self._spans.pop(self.acked)
 
     def fail(self, e: BaseException) -> None:
         with self.lock:
@@ -121,7 +134,7 @@ class _Run:
     def report(self) -> None:
         if self.progress is not None:
             r = self.result
-            self.progress(Progress(self.scanned, r.total, self.to_move, r.bytes_wire))
+            self.progress(Progress(self.scanned, r.total, self.to_move, r.bytes_wire, self.acked))
 
 
 def replicate(
@@ -169,7 +182,9 @@ def replicate(
         # cost few hops. The queue is bounded in bytes, frames queued or in the batch being
         # sent: a bound in items let an incremental run (a few hundred KiB of frames per
         # buffer) queue only ~1 MiB, so it sent hundreds of tiny batches, each a round trip.
-        out: queue.Queue[list[bytes] | None] = queue.Queue()
+        # Each item also names the span of the source it covers, so that the sender can move the
+        # acknowledged position over it once its frames (if any) are acknowledged.
+        out: queue.Queue[tuple[list[bytes], int, int] | None] = queue.Queue()
         budget = _ByteBudget(run, 2 * batch_bytes)
 
         def read_stage() -> None:
@@ -185,20 +200,25 @@ def replicate(
         def encode_stage() -> None:
             while (item := run.get(work)) is not None:
                 pos, n, buf = item
-                _encode_buffer(run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out, budget)
+                _encode_buffer(
+                    run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out, budget, (pos, pos + n)
+                )
                 pool.put(buf)
             run.put(out, None)
 
         def send_stage() -> None:
             open_encoders = encoders
             batch: list[bytes] = []
+            spans: list[tuple[int, int]] = []  # source spans whose frames are in `batch` (or none)
             size = 0
             while open_encoders:
-                frames = run.get(out)
-                if frames is None:
+                item = run.get(out)
+                if item is None:
                     open_encoders -= 1
                 else:
+                    frames, start, end = item
                     batch.extend(frames)
+                    spans.append((start, end))
                     size += sum(len(f) for f in frames)
                 # Send when the batch is full, or when nothing more is ready, to keep the link busy.
                 if batch and (size >= batch_bytes or out.empty() or not open_encoders):
@@ -206,8 +226,13 @@ def replicate(
                     budget.release(size)
                     with run.lock:
                         run.result.bytes_wire += size
+                    run.acknowledge(spans)
                     run.report()
-                    batch, size = [], 0
+                    batch, spans, size = [], [], 0
+                elif spans and not batch:  # zero or unchanged buffers only: nothing to wait for
+                    run.acknowledge(spans)
+                    run.report()
+                    spans = []
 
         stages = [read_stage] + [encode_stage] * encoders + [send_stage]
         threads = [threading.Thread(target=_guard, args=(run, s), daemon=True) for s in stages]
@@ -263,8 +288,9 @@ def _encode_buffer(
     prev: Mapping[int, bytes],
     level: int,
     max_frame: int,
-    out: queue.Queue[list[bytes] | None],
+    out: queue.Queue[tuple[list[bytes], int, int] | None],
     budget: _ByteBudget,
+    span: tuple[int, int],
 ) -> None:
     cs = run.result.chunk_size
     base = pos // cs
@@ -308,7 +334,7 @@ def _encode_buffer(
         i = j
     if encoded:
         budget.acquire(sum(len(f) for f in encoded))
-        run.put(out, encoded)
+    run.put(out, (encoded, *span))  # also when empty: the acknowledged position must pass it
     with run.lock:
         r = run.result
         r.frames += len(encoded)

@@ -2,7 +2,13 @@
 
 The loop: reuse the saved credential (agent/state.py) or register with the
 activation code or AccessKey; send a heartbeat with a fresh discovery report
-every ``heartbeat_rate`` seconds (the server says how often). When the
+every ``heartbeat_rate`` seconds (the server says how often). Heartbeats are
+for liveness: the work comes on the task channel, a thread that keeps a
+long-poll of ``GET /agent/v1/tasks`` open (:meth:`_Runner.channel`), so a
+started job begins, a stopped one stops and a bandwidth change applies within
+a fraction of a second, whatever the heartbeat rate. The channel reconnects
+on its own with the same backoff; while it is down (or the server has none)
+the heartbeat replies' task lists start tasks instead. When the
 server no longer knows the credential (401: the source was deleted, or the
 machine registered again elsewhere), register again. Network failures and
 5xx answers are retried with exponential backoff (1 s doubling to 60 s);
@@ -37,6 +43,10 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 15.0  # seconds: short enough to notice a restarted server well within its grace period
 #: in --once mode, give up after this many failed attempts in a row
 ONCE_ATTEMPTS = 5
+#: seconds a task long-poll may wait on the server before it answers with the same view
+CHANNEL_WAIT = 25.0
+#: seconds between attempts to open the channel on a server that has none (an older version)
+NO_CHANNEL_RETRY = 60.0
 
 ReportFn = Callable[[], dict[str, Any]]
 
@@ -92,6 +102,8 @@ class _Runner:
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
         self.tasks = TaskRunner(client, self._agent_token, tls)
+        #: the task channel answered last time: heartbeat replies' tasks are then ignored
+        self.channel_ok = False
 
     def _agent_token(self) -> str:
         if self.state is None:
@@ -101,6 +113,11 @@ class _Runner:
     def loop(self, stop: threading.Event, once: bool) -> AgentState | None:
         delay = BACKOFF_START
         failures = 0
+        channel: threading.Thread | None = None
+        if not once:
+            # A daemon thread: it may be inside a long-poll when the agent stops, and must not hold it up.
+            channel = threading.Thread(target=self.channel, args=(stop,), name="task-channel", daemon=True)
+            channel.start()
         while not stop.is_set():
             try:
                 rate = self.beat()
@@ -117,6 +134,11 @@ class _Runner:
             if once:
                 break
             stop.wait(rate)
+        if channel is not None:
+            # Give an open long-poll a moment to end (it ends at once with a short CHANNEL_WAIT),
+            # so that an embedding caller's HTTP client is idle when run_agent returns; a long
+            # one is left to die with the process.
+            channel.join(min(CHANNEL_WAIT + 1.0, 2.0))
         log.info("agent stopped")
         return self.state
 
@@ -140,11 +162,50 @@ class _Runner:
             except ApiRefused as again:
                 raise AgentError(f"heartbeat refused right after registering: {again}") from again
         tasks = resp.get("tasks") or []
-        if isinstance(tasks, list):
+        if isinstance(tasks, list) and not self.channel_ok:
             self.tasks.handle([t for t in tasks if isinstance(t, dict)])
         log.debug("heartbeat ok: source %s is %s", st.source_id, resp.get("state", "?"))
         rate = resp.get("heartbeat_rate")
         return rate if isinstance(rate, int) and rate > 0 else 30
+
+    def channel(self, stop: threading.Event) -> None:
+        """Keep the task long-poll open until `stop`; apply every task view it answers."""
+        since = ""
+        delay = BACKOFF_START
+        while not stop.is_set():
+            st = self.state
+            if st is None:  # the heartbeat loop registers first
+                stop.wait(0.2)
+                continue
+            try:
+                view = self.client.tasks(st.agent_token, since, CHANNEL_WAIT)
+            except Exception as exc:
+                self.channel_ok = False
+                self.tasks.channel_lost()
+                if stop.is_set():
+                    break
+                since = ""  # reconnected, the first answer is the whole view at once
+                if isinstance(exc, ServerUnavailable) and exc.status == 404:
+                    log.warning("the server has no task channel (an older version); tasks come with heartbeats")
+                    stop.wait(NO_CHANNEL_RETRY)
+                    continue
+                if isinstance(exc, ApiRefused) and exc.status == 401:
+                    stop.wait(BACKOFF_START)  # the heartbeat loop registers again; then the new token works
+                    continue
+                if not isinstance(exc, (httpx.TransportError, ServerUnavailable, ApiRefused)):
+                    log.exception("task channel failed")
+                log.warning("task channel to %s lost (%s); reconnecting in %.0f s", self.server_url, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_START
+            if not self.channel_ok:
+                log.info("task channel open")
+            self.channel_ok = True
+            since = str(view.get("version") or "")
+            tasks = view.get("tasks")
+            if isinstance(tasks, list):
+                self.tasks.apply([t for t in tasks if isinstance(t, dict)])
 
     def register(self, report: dict[str, Any]) -> AgentState:
         if not self.credentials:

@@ -1,21 +1,25 @@
 """Running the data plane's tasks on the agent.
 
-The server hands a task to the agent in its heartbeat reply (see
-docs/agent-api.md): a job run, the receiver to send to, a credential
-scoped to that run, and the disks with the staging volume each goes to.
-:class:`TaskRunner` runs each task once, on a thread of its own, while the
-heartbeat loop goes on: for every disk it asks the receiver which chunks it
+The server hands tasks to the agent on its task channel, a long-poll of
+``GET /agent/v1/tasks`` (agent/runner.py; docs/agent-api.md): a job run, the
+receiver to send to, a credential scoped to that run, and the disks with the
+staging volume each goes to. :class:`TaskRunner` runs each task once, on a
+thread of its own: for every disk it asks the receiver which chunks it
 already holds, sends only the chunks that differ (the pipeline in
 ``agent/pipeline.py``), and makes them durable; then it reports the result.
 
-About once a second it reports progress; the reply says whether to go on
-(a StopReplicationJob makes it stop within a second or so) and the current
-``bandwidth_limit``, which is applied at once.
+Every answer of the channel is the whole task view (:meth:`TaskRunner.apply`):
+a running task that is no longer in it stops before its next batch goes out
+(StopReplicationJob, a failure, a deletion), and one whose ``bandwidth_limit``
+changed is re-limited at once. About once a second a task also reports
+progress (bytes read *and* acknowledged by the receiver); that reply says the
+same (go on? which limit?), for a server without the channel.
 
 Losing contact with the server or the receiver (a restart, a network cut)
-does not fail the job: the attempt ends without a result and the next
-heartbeat that gets through hands the same task out again, which resumes
-from the receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
+does not fail the job: the attempt ends without a result and starts again
+after a backoff while the channel still wants it (or when the channel's
+reconnection or a heartbeat hands it out again), resuming from the
+receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
 that lose contact without moving any data end in a failure report.
 """
 
@@ -41,6 +45,7 @@ log = logging.getLogger("opensmc.agent.tasks")
 
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 MAX_LOST_CONTACT = 10  # attempts in a row that lose contact without sending anything
+RETRY_MAX = 15.0  # seconds: the longest wait before an attempt that lost contact starts again
 
 #: errors that mean "cannot reach the server or the receiver right now", not "the disk is bad"
 _LOST_CONTACT = (httpx.TransportError, ServerUnavailable, ConnectionError, TimeoutError, http.client.HTTPException)
@@ -75,6 +80,56 @@ class _StoppableSender:
         self.inner.send_batch(frames)
 
 
+class TaskControl:
+    """What the server can change about a running task: whether it goes on, and its bandwidth limit.
+
+    Set from the channel thread (and from the task's own progress replies);
+    read by the task's pipeline threads.
+    """
+
+    def __init__(self, limit: float = 0.0) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._limit = limit
+        self._limiter: RateLimitedSender | None = None
+        #: the task channel is up and speaks for this task: its answers, not the progress
+        #: replies, set the limit (two sources a second apart would flip it back and forth)
+        self.follows_channel = False
+
+    @property
+    def limit(self) -> float:
+        with self._lock:
+            return self._limit
+
+    def attach(self, limiter: RateLimitedSender) -> None:
+        """The limiter of the disk being sent now: limit changes go to it."""
+        with self._lock:
+            self._limiter = limiter
+            limiter.set_limit(self._limit)
+
+    def set_limit(self, limit: float, origin: str = "task channel") -> None:
+        with self._lock:
+            changed = limit != self._limit
+            self._limit = limit
+            limiter = self._limiter
+            if limiter is not None:
+                limiter.set_limit(limit)
+        if changed:
+            log.info("bandwidth limit now %s (%s)", f"{limit:g} Mbit/s" if limit > 0 else "off", origin)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _limit_of(task: dict[str, Any]) -> float:
+    params = task.get("replication_parameters") or {}
+    try:
+        limit = float(params.get("bandwidth_limit") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return limit if limit > 0 else 0.0
+
+
 class TaskRunner:
     """Starts each task once and keeps track of the ones running."""
 
@@ -82,54 +137,123 @@ class TaskRunner:
         self.client = client
         self.tls = tls
         self.token = token
-        self._running: dict[str, threading.Thread] = {}
+        self._running: dict[str, tuple[threading.Thread, TaskControl]] = {}
         self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
         self._lock = threading.Lock()
+        #: the channel's last view (task id -> task), None before its first answer
+        self._view: dict[str, dict[str, Any]] | None = None
+        self._channel_up = False
 
     def handle(self, tasks: Sequence[dict[str, Any]]) -> None:
+        """Start the tasks not running yet (a heartbeat's list: it never stops one)."""
+        self._update(tasks, authoritative=False, origin="heartbeat")
+
+    def apply(self, tasks: Sequence[dict[str, Any]]) -> None:
+        """The whole task view from the channel: start new tasks, stop the ones gone, re-limit the rest."""
         with self._lock:
-            for tid in [t for t, th in self._running.items() if not th.is_alive()]:
+            self._view = {str(t.get("task_id", "")): dict(t) for t in tasks}
+            self._channel_up = True
+        self._update(tasks, authoritative=True, origin="task channel")
+
+    def channel_lost(self) -> None:
+        """The channel is down: running tasks follow their progress replies again."""
+        with self._lock:
+            self._channel_up = False
+            for _th, control in self._running.values():
+                control.follows_channel = False
+
+    def _retry_later(self, tid: str, control: TaskControl, delay: float) -> None:
+        """Start an attempt that lost contact again after `delay` s, if the server still wants it.
+
+        The channel answers only when the view changes, and a lost receiver does not
+        change it: without this the task would wait for the long-poll's next answer.
+        The retry starts the channel's latest version of the task (its limit may have changed).
+        """
+
+        def again() -> None:
+            if control.stopped.wait(delay):
+                return
+            with self._lock:
+                view, up = self._view, self._channel_up
+            # Only while the channel is up: when it is down (the server is), its reconnection or a
+            # heartbeat hands the task out again, and attempts that cannot reach a server that is
+            # down must not use up the MAX_LOST_CONTACT that fails the job.
+            if not up or view is None or tid not in view:
+                return
+            self._update([view[tid]], authoritative=False, origin="retry", follows_channel=True)
+
+        threading.Thread(target=again, name=f"retry-{tid}", daemon=True).start()
+
+    def _update(
+        self,
+        tasks: Sequence[dict[str, Any]],
+        *,
+        authoritative: bool,
+        origin: str,
+        follows_channel: bool | None = None,
+    ) -> None:
+        with self._lock:
+            for tid in [t for t, (th, _c) in self._running.items() if not th.is_alive()]:
                 del self._running[tid]
+            wanted: set[str] = set()
             for task in tasks:
                 tid = str(task.get("task_id", ""))
-                if not tid or tid in self._running:
+                if not tid:
                     continue
-                thread = threading.Thread(target=self._run, args=(task,), name=f"task-{tid}", daemon=True)
-                self._running[tid] = thread
+                wanted.add(tid)
+                running = self._running.get(tid)
+                if running is not None:
+                    if authoritative:
+                        running[1].follows_channel = True
+                        running[1].set_limit(_limit_of(task))
+                    continue
+                control = TaskControl(_limit_of(task))
+                control.follows_channel = authoritative if follows_channel is None else follows_channel
+                log.info("task %s: starting (from the %s)", tid, origin)
+                thread = threading.Thread(target=self._run, args=(task, control), name=f"task-{tid}", daemon=True)
+                self._running[tid] = (thread, control)
                 thread.start()
+            if authoritative:
+                for tid, (_th, control) in self._running.items():
+                    if tid not in wanted and not control.stopped.is_set():
+                        log.info("task %s: no longer wanted by the server; stopping", tid)
+                        control.stop()
 
     def busy(self) -> bool:
         with self._lock:
-            return any(th.is_alive() for th in self._running.values())
+            return any(th.is_alive() for th, _c in self._running.values())
 
     def join(self, timeout: float | None = None) -> None:
         with self._lock:
-            threads = list(self._running.values())
+            threads = [th for th, _c in self._running.values()]
         for th in threads:
             th.join(timeout)
 
-    def _run(self, task: dict[str, Any]) -> None:
+    def _run(self, task: dict[str, Any], control: TaskControl) -> None:
         job_id, run_id = task["job_id"], task["run_id"]
         log.info("task %s: sending %d disk(s) of job %s", task["task_id"], len(task["disks"]), job_id)
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report, self.tls)
+            stats = run_task(task, report, self.tls, control)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
         except LostContact as exc:
             # A server restart or a network cut must not fail the job: end this attempt
-            # quietly, and the task comes back with the next heartbeat that gets through.
+            # quietly; it starts again after a backoff, or when the server hands it out again.
             lost = 1 if exc.sent else self._lost.get(tid, 0) + 1
             self._lost[tid] = lost
             if lost < MAX_LOST_CONTACT:
+                delay = min(2.0 ** (lost - 1), RETRY_MAX)
                 log.warning(
-                    "task %s: lost contact with the server or receiver (%s); it resumes when the "
-                    "server hands it out again",
+                    "task %s: lost contact with the server or receiver (%s); it resumes in %.0f s or "
+                    "when the server hands it out again",
                     tid,
                     exc,
+                    delay,
                 )
+                self._retry_later(tid, control, delay)
                 return
             self._post_result(
                 {
@@ -143,7 +267,7 @@ class TaskRunner:
             )
             return
         except Exception as exc:
-            if not self._still_wanted(report):
+            if control.stopped.is_set() or not self._still_wanted(report):
                 # The job moved on meanwhile (a StopReplicationJob makes the receiver refuse the
                 # run's credential before the next progress reply says stop): not a failure.
                 log.info("task %s: stopped by the server (%s)", task["task_id"], exc)
@@ -208,17 +332,22 @@ def run_task(
     task: dict[str, Any],
     report: Callable[[int, int], tuple[bool, float]],
     tls: ssl.SSLContext | None = None,
+    control: TaskControl | None = None,
 ) -> dict[str, Any]:
-    """Send every disk of a task; returns totals. Raises TaskStopped when told to stop."""
+    """Send every disk of a task; returns totals. Raises TaskStopped when told to stop.
+
+    `control` is how the channel stops or re-limits the task while it runs; the
+    progress replies (`report`) do the same about once a second.
+    """
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
     disks = task["disks"]
     # A disk's "ranges" are the parts of it the job copies (partitions de-selected with
     # Block=false are left out); without them the whole disk moves.
     total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks)
-    stopped = threading.Event()
-    state = {"base": 0, "last": 0.0, "limit": float(params.get("bandwidth_limit") or 0)}
-    limiter: RateLimitedSender | None = None
+    ctl = control or TaskControl(_limit_of(task))
+    stopped = ctl.stopped
+    state: dict[str, float] = {"base": 0, "last": 0.0, "done": 0}
     totals: dict[str, Any] = {
         "bytes_total": total,
         "bytes_plain": 0,
@@ -229,6 +358,9 @@ def run_task(
     started = time.monotonic()
 
     def tell(done: int, force: bool = False) -> None:
+        # Reported progress never goes back within an attempt (one more guard: the server keeps it monotonic too).
+        done = max(done, int(state["done"]))
+        state["done"] = done
         now = time.monotonic()
         if not force and now - state["last"] < PROGRESS_EVERY:
             return
@@ -236,12 +368,13 @@ def run_task(
         go_on, limit = report(done, total)
         if not go_on:
             stopped.set()
-        if limiter is not None and limit != limiter.limit:
-            log.info("bandwidth limit now %s", f"{limit:g} Mbit/s" if limit > 0 else "off")
-            limiter.set_limit(limit)
+        if not ctl.follows_channel:
+            ctl.set_limit(limit, "progress reply")
 
     def on_progress(p: Progress) -> None:
-        tell(int(state["base"]) + p.scanned)
+        # Only what the receiver acknowledged counts (p.acked), not what was read: with a
+        # low bandwidth_limit the reader runs far ahead of the wire.
+        tell(int(state["base"]) + p.acked)
 
     def on_batch(sent: int) -> None:
         state["sent"] = sent
@@ -264,11 +397,15 @@ def run_task(
                         "Start the job again to migrate the disk as it is now."
                     )
                 chunk_size, previous = http.fetch_hashes()
-                limiter = RateLimitedSender(_Counting(http, on_batch), float(state["limit"]))
+                # The stop check sits under the rate limiter, right before each POST: a batch
+                # that waited out the limiter while the task was stopped does not go.
+                limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
+                ctl.attach(limiter)
                 for offset, length in _ranges(disk, volume_size):
+                    read, frame, batch = _batch_sizes(ctl.limit, chunk_size)
                     result = replicate(
                         disk["path"],
-                        _StoppableSender(limiter, stopped),
+                        limiter,
                         offset=offset,
                         length=length,
                         target_offset=offset,
@@ -276,13 +413,19 @@ def run_task(
                         chunk_size=chunk_size,
                         level=level,
                         progress=on_progress,
+                        read_size=read,
+                        max_frame=frame,
+                        batch_bytes=batch,
                     )
                     state["base"] = int(state["base"]) + length
                     totals["bytes_plain"] += result.bytes_plain
                     totals["bytes_wire"] += result.bytes_wire
                     totals["chunks_sent"] += result.chunks_sent
                     totals["chunks_zeroed"] += result.chunks_zeroed
+                if stopped.is_set():
+                    raise TaskStopped("the server asked this task to stop")
                 http.flush()
+        # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
         tell(total, force=True)
     except _LOST_CONTACT as exc:
         raise LostContact(exc, int(totals["bytes_wire"]) + int(state.get("sent", 0))) from exc
@@ -290,6 +433,29 @@ def run_task(
         raise TaskStopped("the server asked this task to stop")
     totals["seconds"] = round(time.monotonic() - started, 3)
     return totals
+
+
+#: under a bandwidth limit, a batch is about this many seconds of the wire
+LIMITED_BATCH_SECONDS = 0.5
+MiB = 1 << 20
+
+
+def _batch_sizes(limit_mbit: float, chunk_size: int) -> tuple[int, int, int]:
+    """(read size, max frame, batch bytes) for a send at `limit_mbit` (0 = none).
+
+    Progress counts a batch once the receiver acknowledged it, and the limiter
+    lets a whole batch go, then waits its time out: at 10 Mbit/s the default
+    8 MiB batch would be one step of progress every 7 s. Under a limit a batch
+    is about half a second of the wire (read buffers and frames at most that:
+    the sender batches whole buffers), so progress and a stop move in steps
+    that small; without one the defaults keep the link full.
+    """
+    if limit_mbit <= 0:
+        return 4 * MiB, 4 * MiB, 8 * MiB
+    per_second = limit_mbit * 1e6 / 8
+    batch = int(min(8 * MiB, max(4 * chunk_size, per_second * LIMITED_BATCH_SECONDS)))
+    frame = max(chunk_size, min(4 * MiB, batch) // chunk_size * chunk_size)
+    return frame, frame, max(batch, frame)
 
 
 def _ranges(disk: dict[str, Any], size: int | None = None) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ endpoint; handlers read ``request.app.state.services``. Every failure is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from starlette.routing import Route
 
 from opensmc import __version__
 from opensmc.domain.errors import SmcError
-from opensmc.service import agents
+from opensmc.service import agents, wakeup
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.agent_api")
@@ -27,6 +28,12 @@ log = logging.getLogger("opensmc.agent_api")
 PREFIX = "/agent/v1"
 API_VERSION = 1
 MAX_BODY = 1 << 20
+#: the longest ``wait`` a task long-poll may ask for (seconds); the default when it asks none
+MAX_WAIT = 60.0
+DEFAULT_WAIT = 25.0
+#: how often an open long-poll re-reads the database: the bound on how late it sees a change
+#: made by another server process (changes of this one wake it at once, service/wakeup.py)
+POLL_EVERY = 0.25
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -114,6 +121,69 @@ async def task_result(request: Request) -> Response:
     return await _call(request, work)
 
 
+def _wait_param(request: Request) -> tuple[float, str]:
+    raw = request.query_params.get("wait", "")
+    try:
+        wait = float(raw) if raw else DEFAULT_WAIT
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT:  # also refuses nan
+        raise SmcError(
+            f"wait must be a number of seconds from 0 to {MAX_WAIT:g}, got {raw!r}.",
+            code="InvalidParameter",
+            http_status=400,
+        )
+    since = request.query_params.get("since", "")
+    if len(since) > 64:
+        raise SmcError(
+            "since must be a version from an earlier answer (at most 64 characters).",
+            code="InvalidParameter",
+            http_status=400,
+        )
+    return wait, since
+
+
+async def tasks(request: Request) -> Response:
+    """The agent's task channel: a long-poll that answers once the task view is not ``since``.
+
+    Answers at once when the version differs from ``since`` (or none is
+    given), else when the view changes, else after ``wait`` seconds with the
+    same view. Between two reads it holds neither a database connection nor a
+    worker thread: each read is one short query on the threadpool, and the
+    coroutine sleeps on an in-process wake-up (a job transition of this
+    process) with a :data:`POLL_EVERY` timeout (one of another process).
+    """
+    services: Services = request.app.state.services
+    authorization = request.headers.get("authorization")
+    loop = asyncio.get_running_loop()
+    try:
+        wait, since = _wait_param(request)
+        who = await run_in_threadpool(agents.authenticate, services, authorization)
+        deadline = loop.time() + wait
+        with wakeup.waiter() as changed:
+            while True:
+                changed.clear()  # before the read: a transition during it wakes the next wait
+                version = await run_in_threadpool(agents.task_view_version, services, who.source_id)
+                left = deadline - loop.time()
+                if version != since or left <= 0:
+                    break
+                if await request.is_disconnected():  # the agent went away (restarted): stop polling for it
+                    return Response(status_code=204)
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=min(POLL_EVERY, left))
+                except TimeoutError:
+                    pass
+        view = await run_in_threadpool(agents.task_view, services, who.source_id)
+        return JSONResponse(view)
+    except SmcError as err:
+        if err.http_status >= 500:
+            log.error("agent API %s failed: %s", request.url.path, err.message)
+        return _error(err.http_status, err.code, err.message)
+    except Exception:
+        log.exception("agent API %s: internal error", request.url.path)
+        return _error(500, "InternalError", "The server failed to handle the request; see its log.")
+
+
 async def info(request: Request) -> Response:
     """Unauthenticated: lets an agent check it reached an OpenSMC server speaking its API version."""
     return JSONResponse({"service": "opensmc", "api_version": API_VERSION, "server_version": __version__})
@@ -123,6 +193,7 @@ routes: list[Route] = [
     Route(f"{PREFIX}/info", info, methods=["GET"]),
     Route(f"{PREFIX}/register", register, methods=["POST"]),
     Route(f"{PREFIX}/heartbeat", heartbeat, methods=["POST"]),
+    Route(f"{PREFIX}/tasks", tasks, methods=["GET"]),
     Route(f"{PREFIX}/tasks/progress", task_progress, methods=["POST"]),
     Route(f"{PREFIX}/tasks/result", task_result, methods=["POST"]),
 ]

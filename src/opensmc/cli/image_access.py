@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ class Images:
         """The disk's bytes in order; raises ImageCliError if the source finds them corrupt."""
         raise NotImplementedError
 
-    def qcow2(self, image_id: str, disk: int, out: Path) -> None:
+    def qcow2(self, image_id: str, disk: int, out: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Write the disk as a qcow2 to `out`; `progress` gets the byte count of each piece written."""
         raise NotImplementedError
 
     def verify(self, image_id: str) -> list[str]:
@@ -112,12 +113,14 @@ class RemoteImages(Images):
                     "a download when the image fails verification, see its log"
                 ) from None
 
-    def qcow2(self, image_id: str, disk: int, out: Path) -> None:
+    def qcow2(self, image_id: str, disk: int, out: Path, progress: Callable[[int], None] | None = None) -> None:
         with self._stream(f"{PREFIX}/{image_id}/disks/{disk}", {"format": "qcow2"}) as response:
             try:
                 with out.open("wb") as f:
                     for block in response.iter_bytes(1 << 20):
                         f.write(block)
+                        if progress is not None:
+                            progress(len(block))
             except httpx.HTTPError as exc:
                 raise ImageCliError(f"the qcow2 download broke off: {exc}") from None
 
@@ -202,7 +205,8 @@ class LocalImages(Images):
         except ImageError as exc:
             raise ImageCliError(str(exc)) from None
 
-    def qcow2(self, image_id: str, disk: int, out: Path) -> None:
+    def qcow2(self, image_id: str, disk: int, out: Path, progress: Callable[[int], None] | None = None) -> None:
+        # The store converts in one step (qemu-img): no progress to tell until it is done.
         from opensmc.images.store import ImageError
 
         manifest = self._manifest(image_id)

@@ -8,7 +8,9 @@ server uses SQLite there).
 
 ``export`` writes a sparse raw file (all-zero chunks become holes) or a
 qcow2, prints the SHA-256 of what it wrote and checks the disk against the
-manifest's SHA-256; a failed check removes the output and exits 1.
+manifest's SHA-256; a failed check removes the output and exits 1. On a
+terminal it shows a progress bar (bytes, rate, ETA) on stderr; otherwise it
+prints one summary line there at the end (bytes, seconds, rate).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from opensmc.cli.credentials import load
@@ -160,6 +164,73 @@ def _size(n: int) -> str:
 # export -----------------------------------------------------------------------------------------
 
 
+class ExportMeter:
+    """How far an export got: a rich progress bar on a terminal, a summary line otherwise.
+
+    Both go to stderr (stdout carries the ``sha256 …`` line scripts read).
+    `total` is None when the size is not known ahead (a qcow2 download).
+    """
+
+    def __init__(self, label: str, total: int | None, *, quiet: bool = False, terminal: bool | None = None) -> None:
+        from rich.console import Console
+
+        self.label = label
+        self.total = total
+        self.quiet = quiet
+        self.done = 0
+        self.console = Console(stderr=True)
+        self.terminal = self.console.is_terminal if terminal is None else terminal
+        self._bar: Any = None
+        self._task: Any = None
+        self._started = time.monotonic()
+
+    def __enter__(self) -> ExportMeter:
+        self._started = time.monotonic()
+        if self.terminal and not self.quiet:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+
+    def summary(self) -> str:
+        seconds = max(time.monotonic() - self._started, 1e-6)
+        return f"{self.label}: {self.done} bytes in {seconds:.1f} s ({_size(int(self.done / seconds))}/s)"
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if kind is None and not self.quiet:
+            print(self.summary(), file=sys.stderr)
+
+
+def _metered(blocks: Iterable[bytes], meter: ExportMeter) -> Iterator[bytes]:
+    for block in blocks:
+        meter.advance(len(block))
+        yield block
+
+
 def export(source: Images, image_id: str, disk: int, fmt: str, out: Path, *, quiet: bool = False) -> str:
     """Write disk ``disk`` to ``out``; return the SHA-256 of the file written.
 
@@ -176,13 +247,18 @@ def export(source: Images, image_id: str, disk: int, fmt: str, out: Path, *, qui
     expected: str | None = disks[disk].get("Sha256")
     size = int(disks[disk]["Size"])
     partial = out.with_name(f".{out.name}.partial")
+    label = f"export {image_id} disk {disk} ({fmt})"
     try:
         if fmt == "raw":
-            sha = write_sparse(source.raw(image_id, disk), partial, size)
+            with ExportMeter(label, size, quiet=quiet) as meter:
+                sha = write_sparse(_metered(source.raw(image_id, disk), meter), partial, size)
             if expected is not None and sha != expected:
                 raise ImageCliError(f"the export's SHA-256 {sha} is not the manifest's {expected}")
         else:
-            source.qcow2(image_id, disk, partial)
+            with ExportMeter(label, None, quiet=quiet) as meter:
+                source.qcow2(image_id, disk, partial, meter.advance)
+                if meter.done == 0:  # written in one step (local store): count the file
+                    meter.advance(partial.stat().st_size)
             sha = file_sha256(partial)
             content = qcow2_content_sha256(partial)
             if content is None:

@@ -64,7 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds without heartbeat before a source is Unavailable",
     )
     p.add_argument("--heartbeat-rate", type=int, default=10, help="seconds between agent heartbeats")
-    p.add_argument("--orchestrator-interval", type=float, default=2.0, help="seconds between orchestrator passes")
+    p.add_argument(
+        "--orchestrator-interval",
+        type=float,
+        default=0.5,
+        help="seconds between orchestrator passes when no job change of this process wakes it",
+    )
     p.add_argument(
         "--receiver-listen",
         default=None,
@@ -241,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
         http="auto",
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+        # Agents hold a task long-poll open (up to a minute): without a bound, a stop
+        # would wait for each of them to answer. The agent reconnects on its own.
+        timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
     try:

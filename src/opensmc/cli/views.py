@@ -2,7 +2,9 @@
 
 They call the same signed SMC actions as `opensmc call` (DescribeReplicationJobs,
 DescribeSourceServers) and render tables with rich; `watch` follows one job
-with a live progress bar until it stops running.
+with a live progress bar, bytes done of total, rate and ETA (the latest
+ReplicationJobRun's BytesDone, BytesTotal, BytesPerSecond, EtaSeconds) until
+it stops running.
 """
 
 from __future__ import annotations
@@ -115,23 +117,63 @@ def show_sources(creds: ClientCredentials, console: Console, as_json: bool = Fal
     console.print(table)
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def run_line(job: dict[str, Any]) -> str:
+    """Bytes done of total, rate and ETA of the job's latest run ("" before it has bytes)."""
+    runs = (job.get("ReplicationJobRuns") or {}).get("ReplicationJobRun") or []
+    if not runs or not runs[-1].get("BytesTotal"):
+        return ""
+    run = runs[-1]
+    parts = [f"{_bytes(float(run['BytesDone']))} of {_bytes(float(run['BytesTotal']))}"]
+    rate = float(run.get("BytesPerSecond") or 0)
+    if rate > 0:
+        parts.append(f"{_bytes(rate)}/s")
+    eta = float(run.get("EtaSeconds", -1))
+    if eta >= 0 and not run.get("EndTime") and job.get("BusinessStatus") == "Syncing":
+        parts.append(f"ETA {_duration(eta)}")
+    return ", ".join(parts)
+
+
 def watch(creds: ClientCredentials, job_id: str, interval: float, console: Console) -> int:
     job = _job(creds, job_id)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task(f"{job_id} {_state(job)}", total=100)
+        task = bar.add_task(f"{job_id} {_state(job)}", total=100, detail="")
         while True:
-            bar.update(task, completed=float(job["Progress"]), description=f"{job_id} {_state(job)}")
+            bar.update(
+                task,
+                completed=float(job["Progress"]),
+                description=f"{job_id} {_state(job)}",
+                detail=run_line(job),
+            )
             if job["Status"] in SETTLED and not (job["Status"] == "Ready" and job.get("ScheduledStartTime")):
                 break
             time.sleep(interval)
             job = _job(creds, job_id)
-    console.print(f"{job_id}: {_state(job)}" + (f", image {job['ImageId']}" if job["ImageId"] else ""))
+    line = run_line(job)
+    console.print(
+        f"{job_id}: {_state(job)}"
+        + (f", image {job['ImageId']}" if job["ImageId"] else "")
+        + (f" ({line})" if line else "")
+    )
     if job["Status"] == "InError":
         console.print(f"[red]{job['ErrorCode']}[/red]: {job['StatusInfo']}")
         return 1

@@ -1,6 +1,8 @@
 """The orchestrator: drives time-based changes of jobs and sources.
 
-Every `interval` seconds it starts due scheduled and incremental runs,
+Every `interval` seconds (0.5 by default), and at once when a job of this
+process changes state (``service/wakeup.py``: a Start, an agent's result, a
+step of its own), it starts due scheduled and incremental runs,
 expires and deletes jobs past their ValidTime, fails running jobs whose
 agent is lost, marks silent agents Unavailable and forgets old signature
 nonces. Each step is its own short transaction that locks the rows it
@@ -14,10 +16,14 @@ import logging
 import threading
 import time
 
-from opensmc.service import accounts, dataplane, orchestration, sources
+from opensmc.service import accounts, dataplane, orchestration, sources, wakeup
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.orchestrator")
+
+#: seconds between passes when nothing wakes the loop: how late it sees a change made by
+#: another server process (Preparing → Syncing, Processing, Cleaning each wait for a pass)
+DEFAULT_INTERVAL = 0.5
 
 
 def tick(svc: Services, *, judge_liveness: bool = True) -> int:
@@ -36,7 +42,7 @@ def tick(svc: Services, *, judge_liveness: bool = True) -> int:
 
 
 class Orchestrator:
-    def __init__(self, svc: Services, interval: float = 2.0) -> None:
+    def __init__(self, svc: Services, interval: float = DEFAULT_INTERVAL) -> None:
         self.svc = svc
         self.interval = interval
         self._stop = threading.Event()
@@ -48,10 +54,14 @@ class Orchestrator:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        wakeup.orchestrator.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            # Cleared before the pass: a transition during it (its own steps included, so
+            # Syncing → Processing → Cleaning → Finished run back to back) means one more pass.
+            wakeup.orchestrator.clear()
             try:
                 grace = self.svc.settings.heartbeat_grace.total_seconds()
                 changed = tick(self.svc, judge_liveness=time.monotonic() - self._started >= grace)
@@ -59,4 +69,4 @@ class Orchestrator:
                     log.debug("orchestrator: %d change(s)", changed)
             except Exception:  # a bad pass must not kill the loop; the next pass retries
                 log.exception("orchestrator pass failed")
-            self._stop.wait(self.interval)
+            wakeup.orchestrator.wait(self.interval)

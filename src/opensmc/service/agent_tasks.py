@@ -10,6 +10,7 @@ the job to Processing).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -83,6 +84,40 @@ def _authorize(svc: Services, token: str, vid: str) -> bool:
     return is_syncing_run(*current_run(svc, job_id), int(run_text))
 
 
+def _params_view(raw: str | None) -> dict[str, Any]:
+    """The replication parameters a task carries (and a running task reacts to)."""
+    params = replication_parameters(raw)
+    return {
+        "bandwidth_limit": float(params.get("bandwidth_limit") or 0),
+        "compress_level": int(params.get("compress_level") or 0),
+        "checksum": bool(params.get("checksum") or False),
+    }
+
+
+def _version(entries: list[tuple[str, int, dict[str, Any]]]) -> str:
+    """A short name for a task view: what the agent sends back as ``since``.
+
+    It covers what a task's agent must react to: which job run is wanted and
+    its replication parameters (a bandwidth change is a new version).
+    """
+    text = json.dumps(sorted([job, run, params] for job, run, params in entries), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def view_version(svc: Services, source_id: str) -> str:
+    """The version of the source's task view, in two indexed queries (the long-poll asks it often)."""
+    with svc.db.connect() as conn:
+        found = q.syncing_run_of_source(conn, source_id)
+    return _version([(job, run, _params_view(raw)) for job, run, raw in found])
+
+
+def task_view(svc: Services, source_id: str) -> dict[str, Any]:
+    """What ``GET /agent/v1/tasks`` answers: the version and the tasks."""
+    tasks = tasks_for(svc, source_id)
+    version = _version([(t["job_id"], t["run_id"], t["replication_parameters"]) for t in tasks])
+    return {"version": version, "tasks": tasks}
+
+
 def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
     """The work a source's agent should be doing now (at most one task: one job per source)."""
     with svc.db.connect() as conn:
@@ -97,7 +132,6 @@ def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
         disks = selected_disks(job, disks_json)
     except SmcError:
         return []
-    params = replication_parameters(job.replication_parameters)
     ti = job.transition_instance_id or staging_id(job.id)
     return [
         {
@@ -106,11 +140,7 @@ def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
             "run_id": run_id,
             "receiver": svc.settings.receiver_endpoint,
             "token": data_token(svc, job.id, run_id),
-            "replication_parameters": {
-                "bandwidth_limit": float(params.get("bandwidth_limit") or 0),
-                "compress_level": int(params.get("compress_level") or 0),
-                "checksum": bool(params.get("checksum") or False),
-            },
+            "replication_parameters": _params_view(job.replication_parameters),
             "chunk_size": CHUNK_SIZE,
             "disks": [{**d, "volume_id": volume_id(ti, d["index"])} for d in disks],
         }

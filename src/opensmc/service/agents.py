@@ -315,3 +315,16 @@ def task_result(svc: Services, authorization: str | None, body: Mapping[str, Any
     """`POST /agent/v1/tasks/result`: a task ended, with success or an error."""
     who = authenticate(svc, authorization)
     return agent_tasks.task_result(svc, who.source_id, dict(body))
+
+
+# -- the task channel (GET /agent/v1/tasks) ------------------------------------------------------------
+
+
+def task_view_version(svc: Services, source_id: str) -> str:
+    """The version of the source's task view: cheap, asked a few times a second by an open long-poll."""
+    return agent_tasks.view_version(svc, source_id)
+
+
+def task_view(svc: Services, source_id: str) -> dict[str, Any]:
+    """`GET /agent/v1/tasks`: the source's tasks and the version the agent sends back as `since`."""
+    return agent_tasks.task_view(svc, source_id)

@@ -24,7 +24,7 @@ class Settings:
     receiver_endpoint: str = ""
     #: an agent that has not heartbeated for this long is Unavailable
     heartbeat_grace: timedelta = timedelta(seconds=90)
-    heartbeat_rate: int = 10  #: also how soon an agent picks up a started job
+    heartbeat_rate: int = 10  #: liveness only: work reaches agents on their task channel (GET /agent/v1/tasks)
     #: how long a processed request's signature nonce is remembered (the timestamp window)
     signature_window: timedelta = timedelta(minutes=15)
     max_jobs_per_account: int = 1000

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,7 +30,9 @@ from sqlalchemy import Connection, Row
 
 from opensmc.domain.enums import JobStatus, RunType, SourceState
 from opensmc.domain.errors import InvalidJobStatus, InvalidSourceState, SmcError
+from opensmc.domain.runs import progress_percent
 from opensmc.domain.transitions import JobEvent, State, describe, next_state
+from opensmc.service import wakeup
 from opensmc.service.context import Caller, Services
 from opensmc.store import jobs as q
 from opensmc.store import tags as tagq
@@ -101,6 +104,7 @@ def start_job(svc: Services, caller: Caller, job_id: str) -> None:
         row = q.get_job(conn, job_id, caller.account_id, lock=True)
         _refuse_cross_zone(row)
         begin_run(conn, row, JobEvent.START, RunType.MANUAL, now, account_id=caller.account_id)
+    wakeup.notify()  # the orchestrator prepares it now, not at its next pass
 
 
 def stop_job(svc: Services, caller: Caller, job_id: str) -> None:
@@ -110,6 +114,7 @@ def stop_job(svc: Services, caller: Caller, job_id: str) -> None:
         q.transition(conn, job_id, JobEvent.STOP, now, account_id=caller.account_id, values={"next_run_at": None})
         q.close_open_runs(conn, job_id, now)
         q.release_source(conn, row.source_id, job_id)
+    wakeup.notify()  # the agent's open channel answers at once: its task is gone
 
 
 def cut_over_job(svc: Services, caller: Caller, job_id: str, sync_data: bool) -> None:
@@ -132,6 +137,7 @@ def cut_over_job(svc: Services, caller: Caller, job_id: str, sync_data: bool) ->
                 account_id=caller.account_id,
                 values={"next_run_at": None, "end_time": now},
             )
+    wakeup.notify()
 
 
 def delete_job(svc: Services, caller: Caller, job_id: str) -> None:
@@ -142,6 +148,7 @@ def delete_job(svc: Services, caller: Caller, job_id: str) -> None:
         q.transition(conn, job_id, JobEvent.DELETE, now, account_id=caller.account_id, values={"next_run_at": None})
         tagq.remove_tags(conn, q.JOB_RTYPE, job_id, None)
         q.release_source(conn, row.source_id, job_id)
+    wakeup.notify()
 
 
 def finish_deletion(svc: Services, job_id: str) -> bool:
@@ -176,15 +183,23 @@ def mark_prepared(svc: Services, job_id: str, transition_instance_id: str) -> St
             values={"transition_instance_id": transition_instance_id},
             detail={"transition_instance_id": transition_instance_id},
         )
+    wakeup.notify()  # hands the task to the agent's open channel now
     return to
 
 
 def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, bytes_total: int) -> float:
-    """Record a Syncing run's progress; returns Progress (done/total*100, 0-100)."""
+    """Record a Syncing run's progress; returns Progress (0-99.99: 100 only once synced, see mark_synced).
+
+    `bytes_done` is what the agent read of the selected disks *and* the receiver
+    acknowledged (agent/pipeline.py). It only grows within a run: an attempt
+    that resumes after lost contact counts again from 0 while it skips what the
+    receiver holds, and Progress must not go back meanwhile. The run's
+    ``detail`` JSON keeps ``progress``: bytes, a smoothed rate (bytes/s) and the
+    ETA (seconds), which `opensmc watch` shows.
+    """
     if bytes_total < 0 or bytes_done < 0:
         raise ValueError("byte counts are never negative")
-    progress = 100.0 if bytes_total == 0 else min(100.0, bytes_done * 100.0 / bytes_total)
-    progress = round(progress, 2)
+    now = svc.clock()
     with svc.db.begin() as conn:
         row = q.get_job(conn, job_id, lock=True)
         state = q.state_of(row)
@@ -193,15 +208,94 @@ def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, by
         run = q.open_run(conn, job_id)
         if run is None or run.id != run_id:
             raise InvalidJobStatus(f"{describe(state)}, run {run_id} is not the job's current run", ["current run"])
-        q.update_run(conn, run_id, {"bytes_done": bytes_done, "bytes_total": bytes_total})
+        if int(run.bytes_total or 0) == bytes_total:
+            bytes_done = max(bytes_done, int(run.bytes_done or 0))
+        detail = _detail(run.detail)
+        detail["progress"] = _rate_sample(detail.get("progress"), bytes_done, bytes_total, now)
+        progress = max(float(row.progress or 0), progress_percent(bytes_done, bytes_total, safe=False))
+        q.update_run(
+            conn, run_id, {"bytes_done": bytes_done, "bytes_total": bytes_total, "detail": json.dumps(detail)}
+        )
         q.update_job(conn, job_id, {"progress": progress})
     return progress
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """What a run record says about its data: DescribeReplicationJobs shows it on each ReplicationJobRun."""
+
+    bytes_done: int
+    bytes_total: int
+    bytes_per_second: float  #: smoothed while syncing; the average once synced; 0 when unknown
+    eta_seconds: float | None  #: None when unknown (no rate yet, or the run ended unsynced)
+
+
+def run_progress(run: Row[Any]) -> RunProgress:
+    """A job_runs row's progress, from its columns and its ``detail`` JSON."""
+    done, total = int(run.bytes_done or 0), int(run.bytes_total or 0)
+    detail = _detail(run.detail)
+    sample = detail.get("progress")
+    if isinstance(sample, dict) and run.end_time is None:
+        rate = sample.get("rate")
+        eta = sample.get("eta")
+        return RunProgress(
+            done,
+            total,
+            float(rate) if isinstance(rate, (int, float)) else 0.0,
+            float(eta) if isinstance(eta, (int, float)) else None,
+        )
+    agent = detail.get("agent")
+    seconds = agent.get("seconds") if isinstance(agent, dict) else None
+    if isinstance(seconds, (int, float)) and seconds > 0:  # synced: the agent's own totals
+        return RunProgress(done, total, round(total / seconds, 1), 0.0)
+    return RunProgress(done, total, 0.0, None)
+
+
+#: weight of the newest sample in the smoothed rate: a few seconds of memory at one report a second
+RATE_WEIGHT = 0.3
+
+
+def _detail(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _rate_sample(prev: Any, done: int, total: int, now: datetime) -> dict[str, Any]:
+    """The run's progress record after one more sample: bytes, rate (bytes/s, smoothed) and ETA (s)."""
+    rate: float | None = None
+    if isinstance(prev, dict) and isinstance(prev.get("at"), str):
+        rate = prev.get("rate") if isinstance(prev.get("rate"), (int, float)) else None
+        try:
+            seconds = (now - datetime.fromisoformat(prev["at"])).total_seconds()
+        except (TypeError, ValueError):
+            seconds = 0.0
+        if seconds <= 0:  # two reports in one clock tick: keep the last sample as it was
+            return {**prev, "bytes_done": done, "bytes_total": total}
+        moved = max(0, done - int(prev.get("bytes_done") or 0))
+        instant = moved / seconds
+        rate = instant if rate is None else RATE_WEIGHT * instant + (1 - RATE_WEIGHT) * rate
+    eta = round((total - done) / rate, 1) if rate and rate > 0 else None
+    return {
+        "bytes_done": done,
+        "bytes_total": total,
+        "rate": None if rate is None else round(rate, 1),
+        "eta": eta,
+        "at": now.isoformat(),
+    }
 
 
 def mark_synced(svc: Services, job_id: str) -> State:
     """The agent reported every disk synced: Syncing → Processing."""
     with svc.db.begin() as conn:
-        _frm, to = q.transition(conn, job_id, JobEvent.SYNCED, svc.clock())
+        # Syncing ends only on the agent's result, sent after its final flush was
+        # acknowledged: every byte is safe on the receiver, so Progress may say 100.
+        _frm, to = q.transition(
+            conn, job_id, JobEvent.SYNCED, svc.clock(), values={"progress": progress_percent(1, 1, safe=True)}
+        )
+    wakeup.notify()  # the orchestrator seals the image now
     return to
 
 
@@ -229,6 +323,7 @@ def mark_processed(
         run = q.open_run(conn, job_id)
         if run is not None:
             q.update_run(conn, run.id, {"image_id": image_id})
+    wakeup.notify()  # the orchestrator cleans up now
     return to
 
 
@@ -248,6 +343,7 @@ def mark_cleaned(svc: Services, job_id: str) -> State:
         _frm, to = q.transition(conn, job_id, event, now, values=values)
         q.close_open_runs(conn, job_id, now)
         q.release_source(conn, row.source_id, job_id)
+    wakeup.notify()
     return to
 
 
@@ -266,6 +362,7 @@ def mark_failed(svc: Services, job_id: str, error_code: str, status_info: str) -
         )
         q.close_open_runs(conn, job_id, now)
         q.release_source(conn, row.source_id, job_id)
+    wakeup.notify()  # the agent's open channel answers at once: its task is gone
     return to
 
 

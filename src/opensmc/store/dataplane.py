@@ -104,3 +104,25 @@ def set_run_checksum(conn: Connection, run_id: int, verified: bool | None) -> No
 def jobs_that_may_run(conn: Connection, job_ids: list[str], statuses: tuple[str, ...]) -> set[str]:
     """Those of `job_ids` that exist in one of `statuses`."""
     return {r.id for r in conn.execute(select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.status.in_(statuses)))}
+
+
+def syncing_run_of_source(conn: Connection, source_id: str) -> list[tuple[str, int, str]]:
+    """(job id, open run id, replication_parameters) of the source's job in Running/Syncing.
+
+    One query on indexed columns (jobs.source_id, job_runs.job_id): the agent
+    channel's long-poll asks it a few times a second per connected agent.
+    """
+    rows = conn.execute(
+        select(jobs.c.id, job_runs.c.id.label("run_id"), jobs.c.replication_parameters)
+        .join(job_runs, (job_runs.c.job_id == jobs.c.id) & job_runs.c.end_time.is_(None))
+        .where(
+            jobs.c.source_id == source_id,
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.business_status == BusinessStatus.SYNCING.value,
+        )
+        .order_by(job_runs.c.id.desc())
+    )
+    out: dict[str, tuple[str, int, str]] = {}
+    for r in rows:
+        out.setdefault(r.id, (r.id, int(r.run_id), str(r.replication_parameters or "")))
+    return list(out.values())

@@ -108,11 +108,18 @@ def render_disks(spec_json: str) -> dict[str, Any]:
 
 
 def _run(run: Row[Any]) -> dict[str, Any]:
+    # BytesDone..EtaSeconds are OpenSMC's additions (SDKs ignore unknown fields): what
+    # `opensmc watch` shows. EtaSeconds is -1 when not known.
+    p = svc_jobs.run_progress(run)
     return {
         "StartTime": iso(run.start_time),
         "EndTime": iso(run.end_time),
         "ImageId": run.image_id,
         "Type": run.type,
+        "BytesDone": p.bytes_done,
+        "BytesTotal": p.bytes_total,
+        "BytesPerSecond": p.bytes_per_second,
+        "EtaSeconds": -1 if p.eta_seconds is None else p.eta_seconds,
     }
 
 
