@@ -154,3 +154,19 @@ def test_hash_array_encodes_as_the_map_does(m: dict[int, bytes]) -> None:
         digests[i] = np.frombuffer(h, np.uint8)
     assert f.encode_hash_array(16384, digests) == f.encode_hash_map(16384, m)
     assert f.decode_hash_map(f.encode_hash_array(16384, digests)) == (16384, m)
+
+
+@given(st.dictionaries(st.integers(0, 2**40), st.binary(min_size=16, max_size=16), max_size=80))
+def test_hash_array_is_the_map(m: dict[int, bytes]) -> None:
+    arr = f.HashArray.decode(f.encode_hash_map(16384, m))
+    assert arr == m and len(arr) == len(m) and arr.chunk_size == 16384
+    for i in list(m)[:5]:
+        assert arr[i] == m[i] and arr.get(i + 2**41) is None
+        assert arr.window(i, i + 3) == {k: v for k, v in m.items() if i <= k < i + 3}
+
+
+def test_hash_array_refuses_unordered_records() -> None:
+    raw = bytearray(f.encode_hash_map(16384, {1: b"a" * 16, 2: b"b" * 16}))
+    raw[20:28], raw[44:52] = raw[44:52], raw[20:28]
+    with pytest.raises(f.LengthMismatch):
+        f.HashArray.decode(bytes(raw))

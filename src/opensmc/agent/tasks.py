@@ -416,6 +416,7 @@ def run_task(
                         read_size=read,
                         max_frame=frame,
                         batch_bytes=batch,
+                        keep_hashes=False,  # the receiver holds the map; the agent's memory stays flat
                     )
                     state["base"] = int(state["base"]) + length
                     totals["bytes_plain"] += result.bytes_plain

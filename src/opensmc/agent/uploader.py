@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from opensmc.wire.frames import decode_hash_map
+from opensmc.wire.frames import HashArray
 
 __all__ = ["HttpSender", "ReceiverError", "VolumeInfo"]
 
@@ -138,11 +138,15 @@ class HttpSender:
         doc = json.loads(data)
         return VolumeInfo(str(doc["volume_id"]), int(doc["size"]), int(doc["chunk_size"]))
 
-    def fetch_hashes(self) -> tuple[int, dict[int, bytes]]:
-        """The receiver's chunk map: ``(chunk_size, {index: xxh3-128})``; the pipeline's ``previous``."""
+    def fetch_hashes(self) -> tuple[int, HashArray]:
+        """The receiver's chunk map: ``(chunk_size, {index: xxh3-128})``; the pipeline's ``previous``.
+
+        Kept as arrays (24 bytes a chunk held), so an agent's memory stays small whatever the disk.
+        """
         status, _, data = self._request("GET", "/hashes", accept="application/vnd.opensmc.hashmap.v1")
         self._check(status, data)
-        return decode_hash_map(data)
+        hashes = HashArray.decode(data)
+        return hashes.chunk_size, hashes
 
     def send_batch(self, frames: Sequence[bytes]) -> None:
         status, _, data = self._request("POST", "/frames", body=frames)
