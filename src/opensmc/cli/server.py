@@ -121,6 +121,14 @@ def receiver_address(args: argparse.Namespace) -> tuple[str, int]:
 def build_services(args: argparse.Namespace) -> Services:
     data_dir: Path = (args.data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if (data_dir / "images" / "chunks").is_dir():
+        # The layout of 0.1 (one file per 64 KiB chunk): this version neither reads nor deletes it.
+        log.warning(
+            "%s holds images in the format of OpenSMC 0.1 (images/chunks); this version keeps images in "
+            "%s and does not read the old ones: export them with OpenSMC 0.1 if you still need them",
+            data_dir / "images",
+            data_dir / "store",
+        )
     url = args.database or os.environ.get("OPENSMC_DATABASE_URL") or sqlite_url(data_dir / "opensmc.db")
     host, port = parse_listen(args.listen)
     scheme = "https" if args.tls_cert else "http"
