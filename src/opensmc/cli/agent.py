@@ -108,7 +108,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from opensmc.agent.runner import AgentError, run_agent
+    from opensmc.malloc import tune_for_big_buffers
 
+    tune_for_big_buffers()
     check_disks(args.disk)
     has_token = bool(args.token_id and args.token_code)
     has_key = bool(args.access_key_id and args.access_key_secret)

@@ -37,7 +37,12 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=None, metavar="URL", help=ENDPOINT_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `command` (the first argument) skips what that command cannot show.
+
+    Listing every action for `call --help` imports the action registry and with it the
+    server's modules; `opensmc agent run` on a source server must not pay that memory.
+    """
     parser = argparse.ArgumentParser(
         prog="opensmc",
         description="OpenSMC: a self-hosted Server Migration Center",
@@ -73,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call any SMC action, signed with your AccessKey. Parameters as on the wire: "
         "--JobId j-… --DataDisk.1.Size 40. Prints the JSON answer.",
         formatter_class=RAW,
-        epilog=call.actions_epilog() + "\n\n" + EXIT_CODES,
+        epilog=(call.actions_epilog() if command in (None, "call") else "see: opensmc call --help")
+        + "\n\n"
+        + EXIT_CODES,
     )
     p_call.add_argument("action", help="the SMC action, e.g. DescribeReplicationJobs")
     add_client_options(p_call)
@@ -173,7 +180,7 @@ def _fail(command: str, message: str, code: int) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     # `call` takes free-form --Param pairs, which argparse cannot know in advance.
     extra: list[str] = []
     if argv and argv[0] == "call":

@@ -17,23 +17,19 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from opensmc import logs
-from opensmc.api.agent_routes import routes as agent_routes
-from opensmc.api.app import create_app
-from opensmc.api.image_routes import routes as image_routes
 from opensmc.cli.credentials import default_data_dir
 from opensmc.cli.errors import UsageError
-from opensmc.images.store import ImageStore, repository_at
-from opensmc.orchestrator.loop import Orchestrator
-from opensmc.receiver.serve import ReceiverThread
-from opensmc.service import accounts, agent_tasks
-from opensmc.service.context import Services, Settings
-from opensmc.store.db import Database, sqlite_url
-from opensmc.store.migrate import upgrade
-from opensmc.store.secretbox import SecretBox
+from opensmc.malloc import tune_for_big_buffers
+
+if TYPE_CHECKING:
+    from opensmc.service.context import Services
+
+# The server's own modules (Starlette, SQLAlchemy, aiohttp, …) are imported where the server
+# starts, not here: `opensmc --help` and `opensmc agent run` build this parser too, and an
+# agent on a source server must not carry the server in its memory (~50 MiB).
 
 log = logging.getLogger("opensmc.server")
 
@@ -119,6 +115,11 @@ def receiver_address(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def build_services(args: argparse.Namespace) -> Services:
+    from opensmc.service.context import Services, Settings
+    from opensmc.store.db import Database, sqlite_url
+    from opensmc.store.migrate import upgrade
+    from opensmc.store.secretbox import SecretBox
+
     data_dir: Path = (args.data_dir or default_data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     if (data_dir / "images" / "chunks").is_dir():
@@ -166,6 +167,17 @@ def roles_of(args: argparse.Namespace) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from opensmc.api.agent_routes import routes as agent_routes
+    from opensmc.api.app import create_app
+    from opensmc.api.image_routes import routes as image_routes
+    from opensmc.images.store import ImageStore, repository_at
+    from opensmc.orchestrator.loop import Orchestrator
+    from opensmc.receiver.serve import ReceiverThread
+    from opensmc.service import accounts, agent_tasks
+
+    tune_for_big_buffers()
     logs.configure(args.log_level, args.log_format)
     roles = roles_of(args)
     if bool(args.tls_cert) != bool(args.tls_key):
