@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import Connection
@@ -90,6 +91,7 @@ def clean(svc: Services) -> int:
 
 
 def _process_one(svc: Services, job_id: str) -> None:
+    started = time.monotonic()
     with svc.db.connect() as conn:
         job, disks_json = q.job_with_disks(conn, job_id)
     _s, _b, run_id = current_run(svc, job_id)
@@ -141,6 +143,14 @@ def _process_one(svc: Services, job_id: str) -> None:
             q.set_run_checksum(conn, run_id, verified)
 
     job_service.mark_processed(svc, job_id, image_id, also=publish)
+    log.info(
+        "job %s: image %s sealed in %.3f s (%d chunks%s)",
+        job_id,
+        image_id,
+        time.monotonic() - started,
+        sum(d.chunks for d in staged),
+        ", every blob re-read" if checksum else "",
+    )
 
 
 def _prove(
