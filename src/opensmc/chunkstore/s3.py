@@ -351,6 +351,10 @@ class S3Backend:
         out.sort()  # S3 lists in UTF-8 byte order, which is code point order; sorted anyway
         return out
 
+    def stored_bytes(self) -> int:
+        """Bytes the objects under the prefix hold (locks and probes included; they are tiny)."""
+        return sum(int(o["Size"]) for o in self._list_keys(self.prefix))
+
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))  # a missing key is a 204
 
