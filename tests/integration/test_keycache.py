@@ -120,3 +120,20 @@ def test_sqlite_reads_do_not_wait_for_a_writer(services: Services, other_process
             with services.db.begin() as second:
                 second.exec_driver_sql("PRAGMA busy_timeout = 0")
                 second.execute(text("UPDATE keys_version SET version = version + 1"))
+
+
+def test_nonces_written_raw_are_purged_by_age(services: Services) -> None:
+    """The hot-path INSERT stores seen_at in the column's own format: the purge compares it right."""
+    from datetime import timedelta
+
+    from opensmc.service.accounts import purge_nonces
+
+    now = services.clock()
+    with services.db.begin() as conn:
+        assert q.remember_nonce(conn, "LTAIx", "old", now - services.settings.signature_window * 3)
+        assert q.remember_nonce(conn, "LTAIx", "new", now - timedelta(seconds=1))
+        assert not q.remember_nonce(conn, "LTAIx", "new", now)  # a replay
+    assert purge_nonces(services) == 1
+    with services.db.begin() as conn:
+        assert q.remember_nonce(conn, "LTAIx", "old", now)  # forgotten: may be seen again
+        assert not q.remember_nonce(conn, "LTAIx", "new", now)  # kept

@@ -36,22 +36,36 @@ def get_access_key(conn: Connection, key_id: str) -> tuple[str, str] | None:
     return (row.account_id, row.secret_enc) if row else None
 
 
+def _driver_sql(conn: Connection, sql: str) -> str:
+    """``?`` placeholders in the driver's own style (sqlite3: ``?``; psycopg: ``%s``)."""
+    return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
+
+
+# The two statements every signed request runs go to the driver as plain SQL: building and
+# compiling them with SQLAlchemy cost more than running them (bench/bench_api.py).
+_REMEMBER_NONCE = (
+    "INSERT INTO nonces (access_key_id, nonce, seen_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING nonce"
+)
+_KEYS_VERSION = "SELECT version FROM keys_version WHERE id = 1"
+
+
 def remember_nonce(conn: Connection, key_id: str, nonce: str, now: datetime) -> bool:
     """Record a nonce; False when it was seen already (a replay).
 
     One statement (INSERT ... ON CONFLICT DO NOTHING), no savepoint: the primary
-    key decides, across every process that shares the database.
+    key decides, across every process that shares the database. RETURNING rather
+    than rowcount: psycopg reports no rowcount for it.
     """
-    values = {"access_key_id": key_id, "nonce": nonce, "seen_at": now}
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    # RETURNING rather than rowcount: psycopg reports no rowcount for a conflicting-or-not insert.
-    stmt = dialect.insert(nonces).values(**values).on_conflict_do_nothing().returning(nonces.c.nonce)
-    return conn.execute(stmt).first() is not None
+    to_db = nonces.c.seen_at.type.bind_processor(conn.dialect)  # the column's own storage format
+    seen = to_db(now) if to_db is not None else now
+    found = conn.exec_driver_sql(_driver_sql(conn, _REMEMBER_NONCE), (key_id, nonce, seen)).first()
+    return found is not None
 
 
 def get_keys_version(conn: Connection) -> int:
     """The AccessKey change counter (0 on a database migrated before anything changed)."""
-    return int(conn.execute(select(keys_version.c.version).where(keys_version.c.id == 1)).scalar_one_or_none() or 0)
+    found = conn.exec_driver_sql(_KEYS_VERSION).first()
+    return int(found[0]) if found is not None else 0
 
 
 def bump_keys_version(conn: Connection) -> None:

@@ -29,9 +29,10 @@ from sqlalchemy.pool import QueuePool
 
 #: Connection.info key: this connection's transaction only reads (a deferred BEGIN on SQLite)
 _READ_ONLY = "opensmc.read_only"
-#: pooled SQLite connections per process: the API's worker threads, the orchestrator, the receiver
-SQLITE_POOL_SIZE = 8
-SQLITE_POOL_OVERFLOW = 32
+#: pooled SQLite connections per process: more than the API's 40 worker threads (anyio's default), the
+#: orchestrator and the receiver, so that connections are reused, not opened and closed under load
+SQLITE_POOL_SIZE = 48
+SQLITE_POOL_OVERFLOW = 16
 
 
 def normalize_url(url: str) -> str:
