@@ -176,22 +176,20 @@ def list_jobs(conn: Connection, f: JobFilter, page_number: int, page_size: int) 
     if tag_clause is not None:
         conds.append(tag_clause)
     where = and_(*conds)
-    # The total rides along with the page (COUNT(*) OVER ()): one statement instead of two.
+    # Two statements, both served by an index that leads with account_id (tables.py): the count
+    # reads the index only, and the page walks ix_jobs_account_created in its order and stops at
+    # LIMIT. (COUNT(*) OVER () in the page would read and sort every match: slower with 10,000.)
+    total = int(conn.execute(select(func.count()).select_from(jobs).where(where)).scalar_one())
     rows = list(
         conn.execute(
-            select(jobs, func.count().over().label("total_matches"))
+            select(jobs)
             .where(where)
             .order_by(jobs.c.created_at.desc(), jobs.c.id)
             .limit(page_size)
             .offset((page_number - 1) * page_size)
         )
     )
-    if rows:
-        return int(rows[0].total_matches), rows
-    if page_number == 1:
-        return 0, rows
-    # A page past the end has no row to carry the total.
-    return int(conn.execute(select(func.count()).select_from(jobs).where(where)).scalar_one()), rows
+    return total, rows
 
 
 def due_ids(conn: Connection, where: ColumnElement[bool], limit: int = 500) -> list[str]:

@@ -189,7 +189,8 @@ Index("uq_jobs_account_name", jobs.c.account_id, jobs.c.name, unique=True)
 # DescribeReplicationJobs: every filter is an equality within one account, and pages are
 # newest first, so each index leads with account_id and ends with the page order; the
 # unfiltered listing and COUNT(*) use the first one.
-Index("ix_jobs_account_created", jobs.c.account_id, jobs.c.created_at, jobs.c.id)
+# created_at DESC, id ASC: exactly the page order, so the page is read in index order and stops at LIMIT.
+Index("ix_jobs_account_created", jobs.c.account_id, jobs.c.created_at.desc(), jobs.c.id)
 Index("ix_jobs_account_status", jobs.c.account_id, jobs.c.status, jobs.c.created_at)
 Index("ix_jobs_account_business", jobs.c.account_id, jobs.c.business_status, jobs.c.created_at)
 Index("ix_jobs_account_type", jobs.c.account_id, jobs.c.job_type, jobs.c.created_at)

@@ -14,8 +14,8 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-_JOB_INDEXES = {
-    "ix_jobs_account_created": ["account_id", "created_at", "id"],
+_JOB_INDEXES: dict[str, list[str | sa.TextClause]] = {
+    "ix_jobs_account_created": ["account_id", sa.text("created_at DESC"), "id"],
     "ix_jobs_account_status": ["account_id", "status", "created_at"],
     "ix_jobs_account_business": ["account_id", "business_status", "created_at"],
     "ix_jobs_account_type": ["account_id", "job_type", "created_at"],
