@@ -157,10 +157,24 @@ rgw data = {r}/rgw
         self.procs.clear()
 
 
-def start(root: Path | None = None) -> CephS3:
-    server = CephS3(Path(root or tempfile.mkdtemp(prefix="opensmc-ceph-")))
-    server.start()
-    return server
+def start(root: Path | None = None, attempts: int = 3) -> CephS3:
+    """A running cluster; a failed start is tried again from scratch in a new folder, on new ports.
+
+    Starts fail now and then on a busy machine (a port taken between choosing and
+    binding it; an OSD that exits after a refused first registration): a fresh
+    cluster is cheap, so the fixture tries up to ``attempts`` and then reports every failure.
+    """
+    base = Path(root or tempfile.mkdtemp(prefix="opensmc-ceph-"))
+    errors: list[str] = []
+    for attempt in range(attempts):
+        server = CephS3(base / f"try{attempt}")
+        try:
+            server.start()
+            return server
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            server.stop()
+            errors.append(f"attempt {attempt + 1}: {exc}")
+    raise RuntimeError("Ceph did not start: " + "; ".join(errors))
 
 
 if __name__ == "__main__":
