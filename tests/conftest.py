@@ -140,3 +140,49 @@ def _wire(value: Any) -> str:
 def call(services: Services, caller: Caller) -> ActionCaller:
     """`call("CreateWorkgroup", Name="wg", Tag__1__Key="k")`: `__` stands for `.`."""
     return ActionCaller(services, caller)
+
+
+# -- a real S3 server (Ceph RGW) for the object-storage backend ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Ceph cluster and RADOS Gateway for the session (``tests/s3server.py``).
+
+    Skipped only when Ceph is not installed; a Ceph that is installed but does
+    not start is an error, not a skip.
+    """
+    from tests import s3server
+
+    missing = s3server.missing_binaries()
+    if missing:
+        pytest.skip(f"no Ceph to run an S3 server: {', '.join(missing)} not found (scripts/setup installs them)")
+    server = s3server.start(tmp_path_factory.mktemp("ceph"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> str:
+    """A new, empty bucket on the session's S3 server."""
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The AWS variables for the S3 server, set in this process (and so in children)."""
+    env: dict[str, str] = s3_server.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

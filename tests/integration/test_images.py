@@ -118,7 +118,7 @@ def test_verify_and_export_catch_corruption(tmp_path: Path) -> None:
     sync(src, vol, store)
     store.create_image("m-x", [vol.disk()])
     [pack] = store.backend.list("data/")
-    path = store.root / pack
+    path = tmp_path / "store" / pack
     raw = bytearray(path.read_bytes())
     raw[200] ^= 1  # inside the first blob's data
     path.chmod(0o600)

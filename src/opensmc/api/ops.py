@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opensmc.api.actions import ACTIONS
 from opensmc.clock import as_utc
+from opensmc.images.store import repository_at
 from opensmc.receiver.stats import STATS
 from opensmc.service.context import Services
 from opensmc.store.tables import job_runs, jobs, sources
@@ -255,16 +256,25 @@ class StateCollector(Collector):
         st = os.statvfs(data_dir)
         free.add_metric([], st.f_bavail * st.f_frsize)
         size = GaugeMetricFamily(
-            "opensmc_image_store_bytes", f"Bytes on disk under the image store (re-measured every {STORE_SIZE_TTL:g} s)"
+            "opensmc_image_store_bytes",
+            f"Bytes on disk under the image store, or in its objects on S3 (re-measured every {STORE_SIZE_TTL:g} s)",
         )
-        size.add_metric([], self._image_store_bytes(self.services.settings.store_dir))
+        size.add_metric([], self._image_store_bytes())
         yield from (free, size)
 
-    def _image_store_bytes(self, root: Path) -> int:
+    def _image_store_bytes(self) -> int:
         with self._lock:
             now = time.monotonic()
             if self._store_size is None or now - self._store_size[0] > STORE_SIZE_TTL:
-                self._store_size = (now, _disk_usage(root))
+                settings = self.services.settings
+                if settings.image_location.is_s3:  # what the objects hold, from a listing (1 request per 1000)
+                    from opensmc.chunkstore.s3 import S3Backend  # boto3 only when the store is on S3
+
+                    backend = repository_at(settings.image_location).backend
+                    measured = backend.stored_bytes() if isinstance(backend, S3Backend) else 0
+                else:
+                    measured = _disk_usage(settings.store_dir)
+                self._store_size = (now, measured)
             return self._store_size[1]
 
 

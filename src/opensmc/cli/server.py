@@ -87,6 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Processes with other roles share the database; a receiver shares the data dir's staging volumes "
         "with the orchestrators (same machine or a shared filesystem)",
     )
+    p.add_argument(
+        "--image-store",
+        default=None,
+        help="where images are kept: s3://BUCKET/PREFIX for an S3-compatible object store (or OPENSMC_IMAGE_STORE; "
+        "default: <data-dir>/store). S3 credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS "
+        "profile, never from the command line. Staging indexes stay in the data dir",
+    )
+    p.add_argument(
+        "--s3-endpoint", default=None, help="URL of the S3 service, e.g. http://rgw:7480 (default: AWS_ENDPOINT_URL)"
+    )
+    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION, else us-east-1)")
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
     logs.add_arguments(p)
@@ -143,10 +154,31 @@ def build_services(args: argparse.Namespace) -> Services:
         receiver_endpoint=receiver_endpoint,
         heartbeat_grace=timedelta(seconds=args.heartbeat_grace),
         heartbeat_rate=args.heartbeat_rate,
+        image_store=image_store_url(args),
+        s3_endpoint=args.s3_endpoint or "",
+        s3_region=args.s3_region or "",
     )
     db = Database(url)
     upgrade(db)
     return Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+
+
+def image_store_url(args: argparse.Namespace) -> str:
+    """ "" for the data dir's store, else an s3:// URL (checked here: a typo is a usage error)."""
+    url: str = args.image_store or os.environ.get("OPENSMC_IMAGE_STORE") or ""
+    if not url:
+        if args.s3_endpoint or args.s3_region:
+            raise UsageError("--s3-endpoint and --s3-region need --image-store s3://BUCKET/PREFIX")
+        return ""
+    if url.startswith("s3://"):
+        from opensmc.chunkstore.s3 import parse_s3_url
+
+        try:
+            parse_s3_url(url)
+        except ValueError as exc:
+            raise UsageError(f"--image-store: {exc}") from None
+        return url
+    raise UsageError(f"--image-store takes s3://BUCKET/PREFIX (the default is the data dir), got {url!r}")
 
 
 ROLES = ("api", "orchestrator", "receiver")
@@ -198,6 +230,14 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"opensmc server: error: cannot open the database: {exc}", file=sys.stderr)
         return 2
+    try:
+        repository_at(svc.settings.image_location)  # fail now, not at the first job, on a wrong store
+    except Exception as exc:
+        print(
+            f"opensmc server: error: cannot open the image store {svc.settings.image_location.url}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     host, port = parse_listen(args.listen)
     if tls is None and not _is_loopback(host) and roles & {"api", "receiver"}:
         log.warning(
@@ -213,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"OpenSMC API on {svc.settings.public_endpoint} ({db_kind}, "
             f"regions: {', '.join(svc.settings.regions)}, "
-            f"data dir: {svc.settings.data_dir})",
+            f"data dir: {svc.settings.data_dir}, images: {svc.settings.image_store or 'in the data dir'})",
             flush=True,
         )
     receiver = None
@@ -221,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
             svc.settings.staging_dir,
-            repository_at(svc.settings.store_dir),
+            repository_at(svc.settings.image_location),
             lambda token, vid: agent_tasks.authorize(svc, token, vid),
             r_host,
             r_port,
@@ -236,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     if "orchestrator" in roles:
         # A crash may have left packs without index or an unfinished collection: the first
         # pass after a start collects them (it costs one look at the store when there are none).
-        ImageStore(svc.settings.store_dir).want_gc()
+        ImageStore(svc.settings.image_location).want_gc()
     orchestrator = None
     if "orchestrator" in roles:
         orchestrator = Orchestrator(svc, args.orchestrator_interval)

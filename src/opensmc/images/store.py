@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from opensmc.chunkstore.backend import LocalBackend, ObjectExists, ObjectNotFound, check_name
+from opensmc.chunkstore.backend import ObjectExists, ObjectNotFound, check_name
 from opensmc.chunkstore.check import CheckReport, check
 from opensmc.chunkstore.gc import GcReport, collect
+from opensmc.chunkstore.location import StoreLocation, backend_for
 from opensmc.chunkstore.packs import PackCorrupt
 from opensmc.chunkstore.repository import BlobNotFound, Repository, StoreError
 from opensmc.chunkstore.snapshots import DiskIndex, delete_snapshot, list_snapshots, load_snapshot, save_snapshot
@@ -119,17 +120,21 @@ class VerifyReport:
         return not (self.bad_chunks or self.missing_chunks or self.bad_disks)
 
 
-_repos: dict[Path, Repository] = {}
+_repos: dict[str, Repository] = {}
 _repos_lock = threading.Lock()
 
 
-def repository_at(root: str | os.PathLike[str]) -> Repository:
-    """This process's one view of the store at ``root`` (one per process: its packs in flight are its own)."""
-    path = Path(root).resolve()
+def repository_at(root: StoreLocation | str | os.PathLike[str]) -> Repository:
+    """This process's one view of the store at ``root`` (one per process: its packs in flight are its own).
+
+    ``root`` is a directory or a :class:`StoreLocation` (``s3://`` too).
+    """
+    location = root if isinstance(root, StoreLocation) else StoreLocation(os.fspath(root))
+    key = location.key()
     with _repos_lock:
-        repo = _repos.get(path)
+        repo = _repos.get(key)
         if repo is None:
-            repo = _repos[path] = Repository(LocalBackend(path))
+            repo = _repos[key] = Repository(backend_for(location))
         return repo
 
 
@@ -141,10 +146,10 @@ def _zeros(n: int, cache: dict[int, bytes] = {}) -> bytes:  # noqa: B006 - a del
 
 
 class ImageStore:
-    """Images as snapshots in a chunk store (a local directory by default)."""
+    """Images as snapshots in a chunk store (a local directory by default, or S3)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: StoreLocation | str | os.PathLike[str]) -> None:
+        self.location = root if isinstance(root, StoreLocation) else StoreLocation(os.fspath(root))
         try:
             self.repo = repository_at(root)
         except StoreError as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 from opensmc.clock import new_id
 from opensmc.domain.errors import AuthError
 from opensmc.service.context import Caller, Services
+from opensmc.service.keycache import CachedKey, cache_for
 from opensmc.store import accounts as q
 
 CREDENTIALS_FILE = "admin-credentials.json"
@@ -83,23 +84,47 @@ def _refresh_endpoint(path: Path, endpoint: str) -> None:
         write_credentials(path, pair, endpoint)
 
 
-def lookup_secret(svc: Services, key_id: str) -> tuple[str, str] | None:
-    """(account_id, secret) for an enabled AccessKey, or None."""
+def lookup_secret(svc: Services, key_id: str, *, cached: bool = True) -> CachedKey | None:
+    """(account_id, secret, keys_version) of an enabled AccessKey, or None.
+
+    From this process's verified-key cache when ``cached`` and present; the
+    caller must then pass the entry's version to :func:`check_nonce`, which
+    refuses it if any key changed since (``service/keycache.py``).
+    """
+    cache = cache_for(svc.db)
+    if cached:
+        hit = cache.get(key_id)
+        if hit is not None:
+            return hit
     with svc.db.connect() as conn:
+        version = q.get_keys_version(conn)
         found = q.get_access_key(conn, key_id)
     if found is None:
+        cache.drop(key_id)
         return None
     account_id, sealed = found
     secret = svc.secrets.open(sealed)
-    return (account_id, secret) if secret is not None else None
+    if secret is None:
+        return None
+    entry = CachedKey(account_id, secret, version)
+    cache.put(key_id, entry)
+    return entry
 
 
-def check_nonce(svc: Services, caller: Caller, nonce: str) -> None:
-    """Reject a nonce seen within the signature window (a replayed request)."""
+def check_nonce(svc: Services, caller: Caller, nonce: str, *, key_version: int | None = None) -> bool:
+    """Reject a nonce seen within the signature window (a replayed request).
+
+    With ``key_version`` (the cached key's), returns False without recording the
+    nonce when AccessKeys changed since: verify the request again from the database.
+    """
     now = svc.clock()
     with svc.db.begin() as conn:
+        if key_version is not None and q.get_keys_version(conn) != key_version:
+            cache_for(svc.db).drop(caller.access_key_id)
+            return False
         if not q.remember_nonce(conn, caller.access_key_id, nonce, now):
             raise AuthError("SignatureNonceUsed", "Specified signature nonce was used already.")
+    return True
 
 
 def purge_nonces(svc: Services) -> int:

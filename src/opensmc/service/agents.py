@@ -84,10 +84,10 @@ def register(svc: Services, body: Mapping[str, Any]) -> Registration:
     if key_id or key_secret:
         if not isinstance(key_id, str) or not isinstance(key_secret, str) or not key_id or not key_secret:
             raise AgentApiError(400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".')
-        found = accounts.lookup_secret(svc, key_id)
-        if found is None or not secrets.compare_digest(found[1].encode(), key_secret.encode()):
+        found = accounts.lookup_secret(svc, key_id, cached=False)  # rare: always the database's word
+        if found is None or not secrets.compare_digest(found.secret.encode(), key_secret.encode()):
             raise AgentApiError(403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled.")
-        account_id = found[0]
+        account_id = found.account_id
         return _with_retry(lambda: _register_in_account(svc, account_id, key_id, None, machine_id, report, version))
     raise AgentApiError(
         400,

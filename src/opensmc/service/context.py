@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from opensmc.chunkstore.location import StoreLocation
 from opensmc.clock import utcnow
 from opensmc.store.db import Database
 from opensmc.store.secretbox import SecretBox
@@ -29,11 +30,20 @@ class Settings:
     signature_window: timedelta = timedelta(minutes=15)
     max_jobs_per_account: int = 1000
     max_workgroups_per_account: int = 50
+    #: where images are kept: "" for the local directory ``store_dir``, or ``s3://BUCKET/PREFIX``
+    image_store: str = ""
+    s3_endpoint: str = ""  #: for an s3:// image store; "" leaves it to AWS_ENDPOINT_URL
+    s3_region: str = ""  #: for an s3:// image store; "" leaves it to AWS_REGION
 
     @property
     def store_dir(self) -> Path:
-        """The chunk store that holds every image (docs/store-format.md)."""
+        """The local chunk store directory (docs/store-format.md), used when ``image_store`` is empty."""
         return self.data_dir / "store"
+
+    @property
+    def image_location(self) -> StoreLocation:
+        """The chunk store that holds every image. Staging indexes stay local files (``staging_dir``)."""
+        return StoreLocation(self.image_store or str(self.store_dir), self.s3_endpoint, self.s3_region)
 
     @property
     def staging_dir(self) -> Path:

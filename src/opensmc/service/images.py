@@ -50,7 +50,7 @@ class ImageGone(SmcError):
 
 
 def store_of(svc: Services) -> ImageStore:
-    return ImageStore(svc.settings.store_dir)
+    return ImageStore(svc.settings.image_location)
 
 
 # describing ---------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ log = logging.getLogger("opensmc.dataplane")
 
 
 def image_store(svc: Services) -> ImageStore:
-    return ImageStore(svc.settings.store_dir)
+    return ImageStore(svc.settings.image_location)
 
 
 def process(svc: Services) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import Connection, delete, func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 
-from opensmc.store.tables import access_keys, accounts, nonces
+from opensmc.store.tables import access_keys, accounts, keys_version, nonces
 
 
 def count_accounts(conn: Connection) -> int:
@@ -36,14 +36,54 @@ def get_access_key(conn: Connection, key_id: str) -> tuple[str, str] | None:
     return (row.account_id, row.secret_enc) if row else None
 
 
+def _driver_sql(conn: Connection, sql: str) -> str:
+    """``?`` placeholders in the driver's own style (sqlite3: ``?``; psycopg: ``%s``)."""
+    return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
+
+
+# The two statements every signed request runs go to the driver as plain SQL: building and
+# compiling them with SQLAlchemy cost more than running them (bench/bench_api.py).
+_REMEMBER_NONCE = (
+    "INSERT INTO nonces (access_key_id, nonce, seen_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING nonce"
+)
+_KEYS_VERSION = "SELECT version FROM keys_version WHERE id = 1"
+
+
 def remember_nonce(conn: Connection, key_id: str, nonce: str, now: datetime) -> bool:
-    """Record a nonce; False when it was seen already (a replay)."""
-    try:
-        with conn.begin_nested():
-            conn.execute(insert(nonces).values(access_key_id=key_id, nonce=nonce, seen_at=now))
-    except IntegrityError:
-        return False
-    return True
+    """Record a nonce; False when it was seen already (a replay).
+
+    One statement (INSERT ... ON CONFLICT DO NOTHING), no savepoint: the primary
+    key decides, across every process that shares the database. RETURNING rather
+    than rowcount: psycopg reports no rowcount for it.
+    """
+    to_db = nonces.c.seen_at.type.bind_processor(conn.dialect)  # the column's own storage format
+    seen = to_db(now) if to_db is not None else now
+    found = conn.exec_driver_sql(_driver_sql(conn, _REMEMBER_NONCE), (key_id, nonce, seen)).first()
+    return found is not None
+
+
+def get_keys_version(conn: Connection) -> int:
+    """The AccessKey change counter (0 on a database migrated before anything changed)."""
+    found = conn.exec_driver_sql(_KEYS_VERSION).first()
+    return int(found[0]) if found is not None else 0
+
+
+def bump_keys_version(conn: Connection) -> None:
+    """Call in the same transaction as any change that must stop a key from verifying.
+
+    Disabling, deleting or re-sealing an AccessKey must bump it: every process's
+    verified-key cache (``service/keycache.py``) compares it, inside the request's
+    nonce transaction, with the version its cached entry was read at, and drops
+    the entry on a difference, so the change takes effect at the next request
+    everywhere.
+    """
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # An upsert: the row is made by the migration, but a table emptied by hand must not turn
+    # every later bump into a no-op (the caches would never see a change again).
+    stmt = dialect.insert(keys_version).values(id=1, version=1)
+    conn.execute(
+        stmt.on_conflict_do_update(index_elements=[keys_version.c.id], set_={"version": keys_version.c.version + 1})
+    )
 
 
 def forget_nonces_before(conn: Connection, cutoff: datetime) -> int:

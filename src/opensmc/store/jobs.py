@@ -176,6 +176,9 @@ def list_jobs(conn: Connection, f: JobFilter, page_number: int, page_size: int) 
     if tag_clause is not None:
         conds.append(tag_clause)
     where = and_(*conds)
+    # Two statements, both served by an index that leads with account_id (tables.py): the count
+    # reads the index only, and the page walks ix_jobs_account_created in its order and stops at
+    # LIMIT. (COUNT(*) OVER () in the page would read and sort every match: slower with 10,000.)
     total = int(conn.execute(select(func.count()).select_from(jobs).where(where)).scalar_one())
     rows = list(
         conn.execute(

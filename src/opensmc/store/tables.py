@@ -57,6 +57,15 @@ access_keys = Table(
     Column("created_at", TS, nullable=False),
 )
 
+#: One row (id 1): bumped whenever an AccessKey is disabled, deleted or changed, so that
+#: every process's verified-key cache (service/keycache.py) sees it at the next request.
+keys_version = Table(
+    "keys_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+)
+
 #: Signature nonces seen inside the timestamp window (replay protection
 #: shared by every API process).
 nonces = Table(
@@ -177,6 +186,18 @@ jobs = Table(
     Column("lease_until", TS, nullable=True),
 )
 Index("uq_jobs_account_name", jobs.c.account_id, jobs.c.name, unique=True)
+# DescribeReplicationJobs: every filter is an equality within one account, and pages are
+# newest first, so each index leads with account_id and ends with the page order; the
+# unfiltered listing and COUNT(*) use the first one.
+# created_at DESC, id ASC: exactly the page order, so the page is read in index order and stops at LIMIT.
+Index("ix_jobs_account_created", jobs.c.account_id, jobs.c.created_at.desc(), jobs.c.id)
+Index("ix_jobs_account_status", jobs.c.account_id, jobs.c.status, jobs.c.created_at)
+Index("ix_jobs_account_business", jobs.c.account_id, jobs.c.business_status, jobs.c.created_at)
+Index("ix_jobs_account_type", jobs.c.account_id, jobs.c.job_type, jobs.c.created_at)
+Index("ix_jobs_account_region", jobs.c.account_id, jobs.c.region_id, jobs.c.created_at)
+Index("ix_jobs_account_rg", jobs.c.account_id, jobs.c.resource_group_id, jobs.c.created_at)
+Index("ix_jobs_account_instance", jobs.c.account_id, jobs.c.instance_id)
+Index("ix_jobs_account_source", jobs.c.account_id, jobs.c.source_id)
 
 job_runs = Table(
     "job_runs",

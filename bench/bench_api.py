@@ -1,0 +1,302 @@
+"""Control-plane benchmark: signed SMC API requests per second, against a bare Starlette endpoint.
+
+Starts real processes on loopback and measures, in the same run:
+
+- **bare**: a Starlette app with one route that answers a fixed JSON body, on
+  uvicorn with the same settings as ``opensmc server`` (the ceiling of this
+  stack on this machine);
+- **signed DescribeSourceServers**: ``opensmc server`` (API role only, so no
+  orchestrator pass competes), every request V1-signed (HMAC-SHA1) with a
+  fresh ``SignatureNonce``, so every one is verified, its nonce recorded in
+  the database, and the sources listed; on SQLite and on PostgreSQL;
+- **DescribeReplicationJobs p50/p99** with 100, 1,000 and 10,000 jobs in the
+  account (rows inserted straight into the database: the API limits an
+  account to 1,000 jobs), one client, PageSize 50, unfiltered and filtered by
+  Status.
+
+The load generator is ``wrk`` (Debian package ``wrk``): the signed requests
+are made beforehand (one per nonce, never reused) and a Lua script hands each
+out once; a run that got any non-2xx answer (a replay would) is reported as
+failed. Every figure is printed; nothing here is a test threshold.
+
+    python bench/bench_api.py [--seconds 10] [--connections 32] [--pg postgresql://postgres@127.0.0.1:5432/test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, insert, make_url, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from opensmc import API_VERSION  # noqa: E402
+from opensmc.signer import sign_v1  # noqa: E402
+from opensmc.store.tables import jobs  # noqa: E402
+
+OPENSMC = [sys.executable, "-m", "opensmc.cli.main"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+
+BARE_APP = textwrap.dedent(
+    """
+    import sys, uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    BODY = {"RequestId": "0", "TotalCount": 0, "PageNumber": 1, "PageSize": 10, "SourceServers": {"SourceServer": []}}
+
+    async def ok(request):
+        return JSONResponse(BODY)
+
+    app = Starlette(routes=[Route("/", ok, methods=["GET", "POST"])])
+    # The settings opensmc server gives uvicorn (cli/server.py).
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
+                loop="auto", http="auto")
+    """
+)
+
+LUA = textwrap.dedent(
+    """
+    -- Each thread takes every Nth line of the file of pre-signed paths: no path is sent twice.
+    local threads = {}
+    local counter = 0
+    function setup(thread)
+      thread:set("tid", counter)
+      counter = counter + 1
+      table.insert(threads, thread)
+    end
+    function init(args)
+      local nthreads = tonumber(args[2])
+      paths = {}
+      local i = 0
+      for line in io.lines(args[1]) do
+        if i % nthreads == tid then table.insert(paths, line) end
+        i = i + 1
+      end
+      idx = 0
+    end
+    function request()
+      idx = idx + 1
+      if idx > #paths then idx = 1 end  -- out of fresh nonces: replays, counted as non-2xx
+      return wrk.format("GET", paths[idx])
+    end
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on {url}")
+
+
+def wrk(url: str, paths: Path | None, seconds: int, connections: int, threads: int) -> dict[str, float]:
+    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    if paths is not None:
+        script = paths.with_suffix(".lua")
+        script.write_text(LUA)
+        args += ["-s", str(script), url, "--", str(paths), str(threads)]
+    else:
+        args.append(url)
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    return {
+        "rate": rate,
+        "non2xx": float(bad.group(1)) if bad else 0.0,
+        "p99_ms": float(p99.group(1)) * unit[p99.group(2)] if p99 else float("nan"),
+    }
+
+
+class Server:
+    def __init__(self, work: Path, database: str | None) -> None:
+        self.data = work / f"data-{uuid.uuid4().hex[:6]}"
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        db_args = ["--database", database] if database else []
+        self.log = (work / f"server-{self.port}.log").open("w")
+        self.proc = subprocess.Popen(
+            [*OPENSMC, "server", "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.port}",
+             "--roles", "api", "--log-level", "warning", *db_args],
+            env=ENV, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_http(self.endpoint + "/healthz")
+        creds = json.loads((self.data / "admin-credentials.json").read_text())
+        self.key_id, self.secret = creds["access_key_id"], creds["access_key_secret"]
+        self.db_url = database or f"sqlite:///{self.data / 'opensmc.db'}"
+
+    def signed_path(self, action: str, params: dict[str, str]) -> str:
+        return "/?" + sign_v1("GET", action, API_VERSION, params, self.key_id, self.secret)
+
+    def account_id(self) -> str:
+        engine = create_engine(_sa_url(self.db_url))
+        with engine.connect() as conn:
+            account = conn.execute(
+                text("SELECT account_id FROM access_keys WHERE id = :k"), {"k": self.key_id}
+            ).scalar_one()
+        engine.dispose()
+        return str(account)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def _sa_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+
+
+def add_jobs(server: Server, account: str, start: int, stop: int) -> None:
+    """Insert jobs start..stop-1 (a mix of statuses) straight into the database."""
+    engine = create_engine(_sa_url(server.db_url))
+    now = datetime.now(UTC)
+    statuses = ["Ready", "Waiting", "Finished", "Stopped", "InError"]
+    rows = [
+        {
+            "id": f"j-bench{i:010d}",
+            "account_id": account,
+            "source_id": f"s-bench{i % 50:05d}",
+            "name": f"job-{i}",
+            "region_id": "local",
+            "status": statuses[i % len(statuses)],
+            "created_at": now - timedelta(seconds=i),
+            "valid_time": now + timedelta(days=30),
+        }
+        for i in range(start, stop)
+    ]
+    with engine.begin() as conn:
+        for k in range(0, len(rows), 1000):
+            conn.execute(insert(jobs), rows[k : k + 1000])
+    engine.dispose()
+
+
+def latency(server: Server, params: dict[str, str], n: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of n sequential signed requests on one keep-alive connection."""
+    times: list[float] = []
+    with httpx.Client(base_url=server.endpoint) as client:
+        for i in range(n + 20):
+            path = server.signed_path("DescribeReplicationJobs", params)
+            t0 = time.perf_counter()
+            r = client.get(path)
+            dt = (time.perf_counter() - t0) * 1000
+            if r.status_code != 200:
+                raise RuntimeError(f"DescribeReplicationJobs: {r.status_code} {r.text[:300]}")
+            if i >= 20:  # the first ones warm the caches and the pool
+                times.append(dt)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.99) - 1]
+
+
+def signed_rate(server: Server, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    # Enough fresh nonces for 4x the target rate for the whole run: never a replay.
+    count = max(20_000, 8_000 * args.seconds)
+    paths = work / f"paths-{server.port}.txt"
+    with paths.open("w") as f:
+        for _ in range(count):
+            f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
+    wrk(server.endpoint, paths, 2, args.connections, args.threads)  # warm-up (its nonces are used up)
+    with paths.open("w") as f:
+        for _ in range(count):
+            f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
+    return wrk(server.endpoint, paths, args.seconds, args.connections, args.threads)
+
+
+def run_db(kind: str, database: str | None, work: Path, args: argparse.Namespace, bare: float) -> None:
+    server = Server(work, database)
+    try:
+        r = signed_rate(server, work, args)
+        flag = "" if r["non2xx"] == 0 else f"  FAILED: {int(r['non2xx'])} non-2xx answers"
+        print(
+            f"{kind:10s} signed DescribeSourceServers: {r['rate']:8.0f} req/s  p99 {r['p99_ms']:.1f} ms  "
+            f"(bare/signed = {bare / r['rate']:.1f}x){flag}",
+            flush=True,
+        )
+        account = server.account_id()
+        have = 0
+        for target in (100, 1_000, 10_000):
+            add_jobs(server, account, have, target)
+            have = target
+            p50, p99 = latency(server, {"RegionId": "local", "PageSize": "50"}, args.samples)
+            f50, f99 = latency(server, {"RegionId": "local", "PageSize": "50", "Status": "Finished"}, args.samples)
+            print(
+                f"{kind:10s} DescribeReplicationJobs at {target:6d} jobs: p50 {p50:5.1f} ms  p99 {p99:5.1f} ms; "
+                f"Status=Finished p50 {f50:5.1f} ms  p99 {f99:5.1f} ms",
+                flush=True,
+            )
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=300, help="requests per DescribeReplicationJobs latency figure")
+    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test",
+                    help="PostgreSQL server to create a scratch database on ('skip' for SQLite only)")  # fmt: skip
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench_api: needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="osmc-api-bench-"))
+    port = free_port()
+    bare_proc = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)], env=ENV)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        wrk(f"http://127.0.0.1:{port}/", None, 2, args.connections, args.threads)
+        bare = wrk(f"http://127.0.0.1:{port}/", None, args.seconds, args.connections, args.threads)
+        print(f"bare Starlette endpoint:           {bare['rate']:8.0f} req/s  p99 {bare['p99_ms']:.1f} ms", flush=True)
+    finally:
+        bare_proc.terminate()
+        bare_proc.wait()
+    run_db("SQLite", None, work, args, bare["rate"])
+    if args.pg != "skip":
+        admin = create_engine(_sa_url(args.pg), isolation_level="AUTOCOMMIT")
+        name = f"opensmc_bench_{os.getpid()}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = make_url(args.pg).set(database=name).render_as_string(hide_password=False)
+            run_db("PostgreSQL", url, work, args, bare["rate"])
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
