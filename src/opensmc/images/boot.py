@@ -19,8 +19,10 @@ line is matched against :data:`MARKERS`, in boot order:
   prompt, a kernel panic, an initramfs or emergency shell;
 * **fail, silence**: nothing new for ``silence`` seconds, or the timeout
   passes, or QEMU exits: the verdict names the last stage reached and the
-  last console lines, and for a disk whose boot sector has no boot code, says
-  so.
+  last console lines;
+* **fail, no bootloader**: the firmware started a boot sector that holds no
+  boot code (all zeros, as ``sfdisk`` leaves a data disk) and nothing spoke
+  for :data:`EMPTY_BOOT_WAIT` seconds.
 
 With ``accel="auto"`` KVM is tried first when ``/dev/kvm`` can be opened. A
 KVM boot that fails without a definite sign (the firmware silent for
@@ -65,6 +67,10 @@ KVM_PROBE = 10.0
 KVM_SILENCE = 30.0
 #: in the results dir: KVM was found to stall guests that TCG boots, so ``auto`` goes straight to TCG
 KVM_NOTE = ".kvm-stalls"
+#: seconds of silence after the firmware starts a boot sector of zeros before the verdict "no bootloader"
+EMPTY_BOOT_WAIT = 5.0
+#: the folder of a data dir that holds boot tests
+RESULTS_DIR = "boot-tests"
 Accel = Literal["auto", "kvm", "tcg"]
 Bus = Literal["virtio", "sata", "ide"]
 
@@ -263,6 +269,7 @@ def boot_test(
                              "try KVM again): emulated with TCG")  # fmt: skip
             else:
                 order = ["kvm", "tcg"]
+        empty_boot = bool(_boot_sector_empty(store, image_id, disk))
         verdict: BootVerdict | None = None
         kvm_failed = False
         for i, mode in enumerate(order):
@@ -271,7 +278,7 @@ def boot_test(
             quiet = silence if silence is not None else timeout
             result = _run_qemu(
                 qemu, drive, mode, bus, memory_mib, log, work, timeout, min(quiet, KVM_SILENCE) if retry else quiet,
-                KVM_PROBE if retry else None, on_line,
+                KVM_PROBE if retry else None, empty_boot, on_line,
             )  # fmt: skip
             if result is None:
                 notes.append(f"KVM gave no firmware output within {KVM_PROBE:g} s: emulated with TCG instead")
@@ -292,8 +299,6 @@ def boot_test(
             kvm_note.write_text(f"KVM stalled a guest that TCG booted ({image_id} disk {disk}, {stamp})\n")
         verdict.image_id, verdict.disk, verdict.attach = image_id, disk, attach
         verdict.started_at, verdict.log = stamp, str(log)
-        if not verdict.passed and verdict.stage == "firmware" and _boot_sector_empty(store, image_id, disk):
-            verdict.reason += "; the disk's boot sector holds no boot code: no bootloader is installed"
         verdict.notes = notes + verdict.notes
         doc = json.dumps(verdict.to_json(), indent=2)
         (out_dir / f"disk{disk}-{stamp}.json").write_text(doc)
@@ -323,6 +328,7 @@ def _run_qemu(
     timeout: float,
     silence: float,
     probe: float | None,
+    empty_boot: bool,
     on_line: Callable[[str], None] | None,
 ) -> tuple[BootVerdict, bool] | None:
     """One boot and whether its verdict is definite (a marker decided it, not silence, a timeout or an exit).
@@ -356,6 +362,7 @@ def _run_qemu(
     stage, meaning = "started", "QEMU started"
     outcome: str | None = None
     definite = False
+    handed_over = False
     quiet_limit = silence
     try:
         while True:
@@ -363,6 +370,7 @@ def _run_qemu(
             if on_line is not None:
                 for line in done:
                     on_line(line)
+            handed_over = handed_over or any("Booting from Hard Disk" in line for line in [*done, partial])
             for line in [*done, partial]:
                 for m_stage, m_outcome, pattern, m_meaning in MARKERS:
                     if pattern.search(line):
@@ -387,6 +395,13 @@ def _run_qemu(
                 break
             if now - start > timeout:
                 outcome, meaning = "fail", f"no verdict within the timeout of {timeout:g} s; last stage: {meaning}"
+                break
+            if empty_boot and stage == "firmware" and handed_over and now - console.last_change > EMPTY_BOOT_WAIT:
+                # Zeros for boot code run on into nothing; no bootloader will ever speak.
+                outcome, definite = "fail", True
+                meaning = (
+                    "the firmware started the disk's boot sector, which holds no boot code: no bootloader is installed"
+                )
                 break
             if now - console.last_change > quiet_limit:
                 outcome, meaning = "fail", f"silence for {quiet_limit:g} s after: {meaning}"
@@ -426,3 +441,23 @@ def latest_verdicts(results_dir: Path, image_id: str) -> dict[int, dict[str, obj
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
+
+
+def results_dir(data_dir: Path) -> Path:
+    """Where a data dir keeps boot tests: beside the image store, one folder per image."""
+    return data_dir / RESULTS_DIR
+
+
+def boot_doc(results_dir: Path, image_id: str) -> list[dict[str, object]]:
+    """The latest boot test of each disk, as ``image list/show`` and the image routes show it (``BootTest``)."""
+    return [
+        {
+            "Disk": d,
+            "Verdict": t.get("verdict"),
+            "Stage": t.get("stage"),
+            "Reason": t.get("reason"),
+            "Time": t.get("started_at"),
+            "Log": t.get("log"),
+        }
+        for d, t in sorted(latest_verdicts(results_dir, image_id).items())
+    ]
