@@ -244,9 +244,12 @@ def boot_test(
     work = Path(tempfile.mkdtemp(prefix=f".boot-{image_id}-", dir=out_dir))
     notes: list[str] = []
     server: subprocess.Popen[bytes] | None = None
+    sock_dir: Path | None = None
     try:
         try:
-            sock = work / "nbd.sock"
+            # A Unix socket path must be short (108 bytes): a data dir deep in a tree would not do.
+            sock_dir = Path(tempfile.mkdtemp(prefix="osmc-nbd-"))
+            sock = sock_dir / "s"
             server = nbd.start(store.root, image_id, disk, nbd.Listen(unix=sock), work / "nbdkit.log")
             drive, attach = nbd.Listen(unix=sock).uri(), "nbd"
         except nbd.NbdError as exc:
@@ -315,6 +318,8 @@ def boot_test(
                 server.kill()
                 server.wait()
         shutil.rmtree(work, ignore_errors=True)
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _run_qemu(
