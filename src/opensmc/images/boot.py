@@ -64,7 +64,7 @@ QEMU = "qemu-system-x86_64"
 #: seconds KVM gets to show the firmware's first output before the test falls back to TCG
 KVM_PROBE = 10.0
 #: under ``auto``, seconds of console silence after which a KVM boot is tried again under TCG
-KVM_SILENCE = 30.0
+KVM_SILENCE = 20.0
 #: in the results dir: KVM was found to stall guests that TCG boots, so ``auto`` goes straight to TCG
 KVM_NOTE = ".kvm-stalls"
 #: seconds of silence after the firmware starts a boot sector of zeros before the verdict "no bootloader"
