@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import OPENSMC, clean_env, stop
-from tests.e2e.flows import create_job, register, start_migration_server, wait_status
+from tests.e2e.conftest import OPENSMC, ServerProcess, clean_env, stop
+from tests.e2e.flows import api, create_job, register, runs, start_migration_server, wait_status
 from tests.guest import MiB, debian_guest, no_bootloader_disk, store_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]
@@ -158,3 +158,40 @@ def test_serve_refuses_without_nbd(no_boot_store: tuple[Path, Path]) -> None:
     data, _disk = no_boot_store
     result = _image("serve", "m-noboot", "--data-dir", str(data))
     assert result.returncode == 2 and "give --nbd" in result.stderr
+
+
+def test_job_with_boot_test_records_the_verdict_and_warns_the_workgroup(tmp_path: Path) -> None:
+    """ReplicationParameters boot_test: Processing boots the new image; a failure is NotPassed, not InError."""
+    _need("qemu-system-x86_64")
+    disk = no_bootloader_disk(tmp_path / "noboot.img")
+    server = start_migration_server(tmp_path)
+    agent = None
+    try:
+        agent, source_id = register(server, [disk], tmp_path / "agent")
+        job_id = create_job(server, source_id, "bt", "--ReplicationParameters",
+                            '{"boot_test": true, "boot_test_timeout": 90}')  # fmt: skip
+        server.call("StartReplicationJob", "--JobId", job_id)
+        job = wait_status(server, job_id, "Finished", timeout=300)
+        (run,) = runs(server, job_id)
+        test = json.loads(run["detail"])["boot_test"]
+        assert test["image_id"] == job["ImageId"] and test["verdict"] == "failed" and test["stage"] == "firmware"
+        assert "no bootloader is installed" in test["reason"]
+        wg = str(server.call_json("CreateWorkgroup", "--Name", "wave")["WorkgroupId"])
+        server.call("AssociateSourceServers", "--WorkgroupId", wg, "--SourceId.1", source_id)
+        (group,) = api(server, "DescribeWorkgroups", WorkgroupId__1=wg)["Workgroups"]["Workgroup"]
+        warnings = group["Warnings"]["Warning"]
+        assert {"WarningType": "NotPassed", "SourceIds": {"SourceId": [source_id]}} in warnings or any(
+            w.get("WarningType") == "NotPassed" and source_id in json.dumps(w) for w in warnings
+        ), warnings
+        shown = _image("show", str(job["ImageId"]), "--json", "--data-dir", str(server.data_dir))
+        assert json.loads(shown.stdout)["BootTest"][0]["Verdict"] == "failed"
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop(server.proc)
+
+
+def test_boot_test_parameter_must_be_a_boolean(server: ServerProcess) -> None:
+    result = server.call("CreateReplicationJob", "--RegionId", "local", "--SourceId", "s-none", "--Name", "xy",
+                         "--ReplicationParameters", '{"boot_test": "yes"}', check=False)  # fmt: skip
+    assert result.returncode == 1 and "boot_test must be true or false" in result.stdout + result.stderr

@@ -24,7 +24,7 @@ from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.faults import crash_point
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
-from opensmc.service import disk_sizes, leases, retention
+from opensmc.service import boot_tests, disk_sizes, leases, retention
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
@@ -143,6 +143,8 @@ def _process_one(svc: Services, job_id: str) -> None:
             q.set_run_checksum(conn, run_id, verified)
 
     job_service.mark_processed(svc, job_id, image_id, also=publish)
+    # ReplicationParameters boot_test: boot the new image; its verdict goes into the run's record.
+    boot_tests.after_sealing(svc, job, run_id, image_id)
 
 
 def _prove(
