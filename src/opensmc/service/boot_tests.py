@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from opensmc.images.boot import BootTestError, boot_test, latest_verdicts, results_dir
-from opensmc.images.store import ImageStore
+from opensmc.images.store import ImageError, ImageStore
 from opensmc.service.agent_tasks import replication_parameters
 from opensmc.service.context import Services
 from opensmc.store.tables import images, job_runs, jobs
@@ -52,7 +52,8 @@ def after_sealing(svc: Services, job: Any, run_id: int | None, image_id: str) ->
             "image_id": image_id, "verdict": verdict.verdict, "stage": verdict.stage, "reason": verdict.reason,
             "log": verdict.log, "seconds": verdict.seconds, "accel": verdict.accel,
         }  # fmt: skip
-    except BootTestError as exc:
+    except (BootTestError, ImageError, OSError) as exc:
+        # The job has moved on to Cleaning already: a test that cannot run is noted, never a job failure.
         record = {"image_id": image_id, "verdict": "not-run", "reason": str(exc)}
     log.info("job %s image %s: boot test %s: %s", job.id, image_id, record["verdict"], record["reason"])
     if run_id is not None:
