@@ -110,6 +110,19 @@ MARKERS: tuple[tuple[str, str | None, re.Pattern[str], str], ...] = tuple(
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[()][A-Za-z0-9]|[A-Za-z=>])")
 
 
+def match_line(line: str) -> tuple[str, str | None, str] | None:
+    """(stage, outcome, meaning) of the first marker a console line matches: verdicts before progress.
+
+    Verdicts first, because a deciding line may also look like progress
+    ("Reached target … Multi-User System" is a "Reached target" line).
+    """
+    for want_verdict in (True, False):
+        for stage, outcome, pattern, meaning in MARKERS:
+            if (outcome is not None) == want_verdict and pattern.search(line):
+                return stage, outcome, meaning
+    return None
+
+
 class BootTestError(Exception):
     """The test could not run at all; the message says what to install or fix."""
 
@@ -377,15 +390,15 @@ def _run_qemu(
                     on_line(line)
             handed_over = handed_over or any("Booting from Hard Disk" in line for line in [*done, partial])
             for line in [*done, partial]:
-                for m_stage, m_outcome, pattern, m_meaning in MARKERS:
-                    if pattern.search(line):
-                        if STAGES.index(m_stage) >= STAGES.index(stage) or m_outcome is not None:
-                            stage, meaning = m_stage, m_meaning
-                        if m_outcome is not None:
-                            outcome, definite = m_outcome, True
-                        break
-                if outcome is not None:
+                found = match_line(line)
+                if found is None:
+                    continue
+                m_stage, m_outcome, m_meaning = found
+                if m_outcome is not None:
+                    stage, meaning, outcome, definite = m_stage, m_meaning, m_outcome, True
                     break
+                if STAGES.index(m_stage) >= STAGES.index(stage):  # progress only ever moves forward
+                    stage, meaning = m_stage, m_meaning
             now = time.monotonic()
             if outcome is not None:
                 break
