@@ -184,13 +184,20 @@ class LocalImages(Images):
         from opensmc.service.images import image_doc
 
         rows = self._rows()
-        docs = [image_doc(self._manifest(i), rows.get(i)) for i in self.store.list_images()]
+        docs = [self._with_boot(image_doc(self._manifest(i), rows.get(i))) for i in self.store.list_images()]
         return sorted(docs, key=lambda d: (d["CreationTime"], d["ImageId"]))
 
     def show(self, image_id: str, chunks: bool = False) -> dict[str, Any]:
         from opensmc.service.images import image_doc
 
-        return image_doc(self._manifest(image_id), self._rows().get(image_id), chunks=chunks)
+        return self._with_boot(image_doc(self._manifest(image_id), self._rows().get(image_id), chunks=chunks))
+
+    def _with_boot(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The latest boot test of each disk (``opensmc image boot-test`` keeps them beside the store)."""
+        from opensmc.images.boot import boot_doc, results_dir
+
+        doc["BootTest"] = boot_doc(results_dir(self.data_dir), doc["ImageId"])
+        return doc
 
     def raw(self, image_id: str, disk: int) -> Iterator[bytes]:
         from opensmc.images.store import ImageError

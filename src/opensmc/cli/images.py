@@ -1,4 +1,4 @@
-"""`opensmc image list|show|export|verify`: the images a migration made.
+"""`opensmc image list|show|export|verify|boot-test|serve`: the images a migration made.
 
 By default the commands talk to the server over HTTP (``/opensmc/v1/images``,
 signed with the AccessKey found like ``opensmc call`` finds it). With
@@ -11,6 +11,7 @@ qcow2, prints the SHA-256 of what it wrote and checks the disk against the
 manifest's SHA-256; a failed check removes the output and exits 1. On a
 terminal it shows a progress bar (bytes, rate, ETA) on stderr; otherwise it
 prints one summary line there at the end (bytes, seconds, rate).
+``boot-test`` and ``serve`` (:mod:`opensmc.cli.image_boot`) need ``--data-dir``.
 """
 
 from __future__ import annotations
@@ -63,12 +64,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("-o", "--output", required=True, type=Path, help="the file to write")
     q = common(sub.add_parser("verify", help="re-check every chunk and every disk's SHA-256"))
     q.add_argument("image_id")
+    q = common(sub.add_parser("boot-test", help="boot a disk under QEMU and judge it from the serial console"))
+    q.add_argument("image_id")
+    q.add_argument("--disk", type=int, default=0, help="disk number in the image (0 = system disk)")
+    q.add_argument("--timeout", type=float, default=300.0, help="seconds before a boot without verdict fails")
+    q.add_argument("--silence", type=float, default=None, help="fail after this many seconds without console output")
+    q.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="auto: KVM when it boots guests here, else TCG (emulation)")  # fmt: skip
+    q.add_argument("--bus", choices=("virtio", "sata", "ide"), default="virtio",
+                   help="how the disk is attached (virtio: as on a KVM cloud)")  # fmt: skip
+    q.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    q = common(sub.add_parser("serve", help="serve a disk read-only over NBD, straight from the image store"))
+    q.add_argument("image_id")
+    q.add_argument("--disk", type=int, default=0, help="disk number in the image (0 = system disk)")
+    q.add_argument("--nbd", action="store_true", help="serve over NBD (the only protocol so far)")
+    q.add_argument("--listen", default="127.0.0.1:10809", help="HOST:PORT, or unix:/path for a Unix socket")
 
 
 def run(args: argparse.Namespace) -> int:
     """Errors propagate to :func:`opensmc.cli.main.main`, which reports them in the one CLI format."""
     if not args.image_command:
-        raise UsageError("give a subcommand: list, show, export or verify")
+        raise UsageError("give a subcommand: list, show, export, verify, boot-test or serve")
+    if args.image_command in ("boot-test", "serve"):
+        from opensmc.cli import image_boot
+
+        return image_boot.run(args)
     if args.image_command == "export":
         _check_output(args.output)  # before any download: a 40 GiB transfer must not end in "no such directory"
     if args.data_dir and not args.data_dir.is_dir():
@@ -106,6 +126,15 @@ def _checksum(item: dict[str, Any]) -> str:
     return {True: "verified", False: "FAILED", None: "-"}[item.get("ChecksumVerified")]
 
 
+def _boot(item: dict[str, Any]) -> str:
+    """`passed`, `FAILED (disk 0: firmware)` or `-`: the latest boot test of each disk."""
+    tests = item.get("BootTest") or []
+    if not tests:
+        return "-"
+    failed = [f"disk {t['Disk']}: {t.get('Stage')}" for t in tests if t.get("Verdict") != "passed"]
+    return f"FAILED ({'; '.join(failed)})" if failed else "passed"
+
+
 def print_image(doc: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -113,6 +142,10 @@ def print_image(doc: dict[str, Any]) -> None:
     for key in ("ImageId", "Name", "JobId", "RunId", "State", "CreationTime"):
         console.print(f"{key + ':':<14}{doc.get(key) or '-'}", highlight=False)
     console.print(f"{'Checksum:':<14}{_checksum(doc)}", highlight=False)
+    console.print(f"{'Boot test:':<14}{_boot(doc)}", highlight=False)
+    for t in doc.get("BootTest") or []:
+        console.print(f"{'':<14}disk {t['Disk']}: {t.get('Verdict')} at {t.get('Stage')}: {t.get('Reason')} "
+                      f"({t.get('Time')}, log {t.get('Log')})", highlight=False)  # fmt: skip
     table = Table("Disk", "Size", "Bytes", "SHA-256")
     for d in doc.get("Disks", []):
         table.add_row(str(d["Index"]), _size(d["Size"]), str(d["Size"]), str(d.get("Sha256", "")))
@@ -131,12 +164,12 @@ def cmd_list(source: Images, as_json: bool) -> int:
     from rich.table import Table
 
     console = plain_console()
-    table = Table("ImageId", "Name", "JobId", "Created", "Disks", "Checksum")
+    table = Table("ImageId", "Name", "JobId", "Created", "Disks", "Checksum", "Boot test")
     for item in items:
         disks = ", ".join(f"{d['Index']}: {_size(d['Size'])}" for d in item.get("Disks", []))
         table.add_row(
             item["ImageId"], item.get("Name") or "", item.get("JobId") or "", item["CreationTime"], disks,
-            _checksum(item),
+            _checksum(item), _boot(item),
         )  # fmt: skip
     id_columns(table, "ImageId", "JobId", "Created")
     console.print(table)

@@ -25,8 +25,8 @@ from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.faults import crash_point
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
+from opensmc.service import boot_tests, disk_sizes, leases, retention
 from opensmc.service import jobs as job_service
-from opensmc.service import leases, retention
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
 from opensmc.service.staging import (
@@ -121,6 +121,8 @@ def _process_one(svc: Services, job_id: str) -> None:
         with store.repo.session():
             vids = [volume_id(ti, d["index"]) for d in disks]
             staged = [read_staging(svc, vid) for vid in vids]
+            # The sizes the job asked for (source bytes, then zero chunks): before the proof, which hashes them.
+            staged = disk_sizes.grow_all(store, job, disks, staged)
             verified: bool | None = None
             if checksum:
                 staged, verified = _prove(svc, store, image_id, vids, staged)
@@ -151,6 +153,8 @@ def _process_one(svc: Services, job_id: str) -> None:
         sum(d.chunks for d in staged),
         ", every blob re-read" if checksum else "",
     )
+    # ReplicationParameters boot_test: boot the new image; its verdict goes into the run's record.
+    boot_tests.after_sealing(svc, job, run_id, image_id)
 
 
 def _prove(

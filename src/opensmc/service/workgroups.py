@@ -12,8 +12,9 @@ rules are inferred):
   least one started) → InProgress
 
 Warnings: `InError` lists the member sources whose job is InError,
-`UnRelated` those with no job. `NotPassed` (a failed migration test) is
-never reported: this server runs no migration tests.
+`UnRelated` those with no job, `NotPassed` those whose latest image failed
+its latest boot test (`ReplicationParameters` `boot_test`, or `opensmc image
+boot-test`; service/boot_tests.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from opensmc.clock import new_id
 from opensmc.domain.enums import JobStatus, SourceState, WorkgroupStatus
 from opensmc.domain.errors import Conflict, InvalidParameter, InvalidSourceState, MissingParameter, NotFound
 from opensmc.params import Params
-from opensmc.service import idempotency
+from opensmc.service import boot_tests, idempotency
 from opensmc.service.context import Caller, Services
 from opensmc.service.validation import check_description, check_name, page, parse_tags
 from opensmc.store import idempotency as idem_store
@@ -273,6 +274,11 @@ def describe(svc: Services, caller: Caller, p: Params) -> WorkgroupPage:
         rows = q.search(conn, caller.account_id, ids=ids, name=name, tag_filters=tag_filters)
         members = q.members_with_jobs(conn, caller.account_id, [str(r.id) for r in rows])
         views = [(r, derive_status(members[str(r.id)]), derive_warnings(members[str(r.id)])) for r in rows]
+        for _r, _s, warns in views:  # a source whose latest image failed its boot test (service/boot_tests.py)
+            sources = [m.source_id for m in members[str(_r.id)] if m.status is not None]
+            failed = boot_tests.not_passed(svc, conn, sources)
+            if failed:
+                warns.append(("NotPassed", failed))
         if status is not None:
             views = [v for v in views if v[1] == status]
         total = len(views)

@@ -74,7 +74,7 @@ ACTIONS: tuple[Action, ...] = (
         describe_workgroups,
         ("WorkgroupId.N", "Name", "Status", *_TAG_PARAMS, "PageNumber", "PageSize"),
         notes="Status and Warnings are derived from the member sources' latest jobs; "
-        "the NotPassed warning is never reported (no migration tests are run).",
+        "NotPassed lists the sources whose latest image failed its latest boot test (docs/images.md).",
     ),
     Action("ModifyWorkgroupAttribute", modify_workgroup_attribute, ("WorkgroupId", "Name", "Description")),
     Action("DeleteWorkgroup", delete_workgroup, ("WorkgroupId",)),
