@@ -25,7 +25,7 @@ from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
 from opensmc.api.auth import authenticate
 from opensmc.api.render import error_body, render
-from opensmc.api.signing import SignedRequest
+from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
@@ -64,16 +64,22 @@ async def handle_rpc(request: Request) -> Response:
     try:
         raw_query = request.url.query
         query = parse_qsl(raw_query, keep_blank_values=True)
+        headers, repeated = collect_headers(request.headers.items())
         body = await _read_body(request)
         form: list[tuple[str, str]] = []
-        if body and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        if body and headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
         values: dict[str, str] = {}
         for key, value in (*query, *form):
             values[key] = value
         fmt = values.get("Format", "JSON") or "JSON"
-        action_name = values.get("Action") or request.headers.get("x-acs-action", "")
-        version = values.get("Version") or request.headers.get("x-acs-version", "")
+        param_action, header_action = _one(query, form, "Action"), headers.get("x-acs-action")
+        param_version, header_version = _one(query, form, "Version"), headers.get("x-acs-version")
+        for name, a, b in (("Action", param_action, header_action), ("Version", param_version, header_version)):
+            if a is not None and b is not None and a != b:
+                raise InvalidParameter(name, f"The parameter and the x-acs-{name.lower()} header differ; send one.")
+        action_name = param_action or header_action or ""
+        version = param_version or header_version or ""
         if not action_name:
             raise MissingParameter("Action")
         action = ACTIONS.get(action_name)
@@ -92,10 +98,18 @@ async def handle_rpc(request: Request) -> Response:
             path=request.url.path,
             query=query,
             form=form,
-            headers={k.lower(): v for k, v in request.headers.items()},
+            headers=headers,
             body=body,
+            repeated=repeated,
         )
         caller = await run_in_threadpool(authenticate, services, signed)
+        if caller.scheme == V1_METHOD:
+            # A V1 signature covers the query and form only: an Action or Version
+            # that came from a header was not signed, so it cannot choose what runs.
+            if param_action is None:
+                raise MissingParameter("Action")
+            if param_version is None:
+                raise MissingParameter("Version")
         for key, value in values.items():
             # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
             if "\x00" in key or "\x00" in value:
@@ -110,6 +124,14 @@ async def handle_rpc(request: Request) -> Response:
     except Exception:
         log.exception("internal error in %s (RequestId %s)", action_name, request_id)
         return _error(InternalError(), request_id, fmt)
+
+
+def _one(query: list[tuple[str, str]], form: list[tuple[str, str]], name: str) -> str | None:
+    """The single value of a protocol parameter in query and form; two values are refused."""
+    found = {v for k, v in (*query, *form) if k == name}
+    if len(found) > 1:
+        raise InvalidParameter(name, "The parameter is given more than once with different values.")
+    return found.pop() if found else None
 
 
 async def _read_body(request: Request) -> bytes:

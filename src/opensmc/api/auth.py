@@ -27,6 +27,6 @@ def authenticate(services: Services, signed: SignedRequest) -> Caller:
         return hit[1]
 
     cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
-    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id)
+    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id, scheme=cred.scheme)
     accounts.check_nonce(services, caller, cred.nonce)
     return caller

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from opensmc import API_VERSION
 from opensmc.api.auth import authenticate
-from opensmc.api.signing import SignedRequest
+from opensmc.api.signing import SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, SmcError
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, Manifest
@@ -64,7 +64,7 @@ def _error(err: SmcError, request_id: str) -> JSONResponse:
 
 async def _caller(request: Request) -> Caller:
     services: Services = request.app.state.services
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers, repeated = collect_headers(request.headers.items())
     if not headers.get("authorization", "").startswith("ACS3-"):
         # Only ACS3 signs the path; a V1 signature would not bind the request to one image.
         raise AuthError(
@@ -83,6 +83,7 @@ async def _caller(request: Request) -> Caller:
         form=[],
         headers=headers,
         body=await request.body(),
+        repeated=repeated,
     )
     return await run_in_threadpool(authenticate, services, signed)
 

@@ -53,3 +53,7 @@ class Caller:
 
     account_id: str
     access_key_id: str
+    #: how the request was signed: "ACS3-HMAC-SHA256", "HMAC-SHA1", or "" (not over the wire)
+    scheme: str = ""
+    #: the key's policy allows only Describe*/List* actions
+    read_only: bool = False
