@@ -159,3 +159,42 @@ def test_image_route_refuses_duplicated_headers(client: httpx.Client, key: KeyPa
         path="/opensmc/v1/images",
     )
     assert client.get("/opensmc/v1/images", headers=headers).status_code == 200
+
+
+def test_nonce_limit_fits_the_nonce_column() -> None:
+    from opensmc.api.signing import MAX_NONCE_LEN
+    from opensmc.store.tables import nonces
+
+    assert nonces.c.nonce.type.length == MAX_NONCE_LEN  # type: ignore[attr-defined]
+
+
+def test_long_nonce_is_refused_not_a_server_error(client: httpx.Client, key: KeyPair) -> None:
+    # 128 characters fit the column on both databases; 129-256 used to pass the check and
+    # then fail the insert on PostgreSQL (500).
+    for length, status in ((128, 200), (129, 400), (256, 400)):
+        qs, headers = sign_acs3(
+            "POST",
+            client.base_url.netloc.decode(),
+            "ListAccessTokens",
+            API_VERSION,
+            {},
+            key.access_key_id,
+            key.access_key_secret,
+            nonce="n" * (length - 6) + uuid.uuid4().hex[:6],
+        )
+        resp = client.post(f"/?{qs}", headers=headers)
+        assert resp.status_code == status, (length, resp.text)
+        if status == 400:
+            assert resp.json()["Code"] == "InvalidParameter"
+            assert "SignatureNonce" in resp.json()["Message"]
+        qs = sign_v1(
+            "POST",
+            "ListAccessTokens",
+            API_VERSION,
+            {},
+            key.access_key_id,
+            key.access_key_secret,
+            nonce="v" * (length - 6) + uuid.uuid4().hex[:6],
+        )
+        resp = client.post(f"/?{qs}")
+        assert resp.status_code == status, (length, resp.text)

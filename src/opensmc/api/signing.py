@@ -56,8 +56,10 @@ MISMATCH_PREFIX = "Specified signature does not match our calculation. server st
 _TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z")
 
 # The nonce is stored by the caller for replay detection; bound it so a
-# client cannot make us store arbitrarily large keys.
-_MAX_NONCE_LEN = 256
+# client cannot make us store arbitrarily large keys. It must fit the
+# `nonces.nonce` column (String(128)): a longer nonce passing here would
+# fail the insert on PostgreSQL with a 500. A test checks the two agree.
+MAX_NONCE_LEN = 128
 
 Params = Mapping[str, str] | Iterable[tuple[str, str]]
 
@@ -361,8 +363,8 @@ def _check_time(value: str, now: datetime, window: timedelta) -> datetime:
 def _check_nonce(nonce: str) -> str:
     if not nonce:
         raise MissingParameter("SignatureNonce")
-    if len(nonce) > _MAX_NONCE_LEN:
-        raise InvalidParameter("SignatureNonce", f"It must be at most {_MAX_NONCE_LEN} characters.")
+    if len(nonce) > MAX_NONCE_LEN:
+        raise InvalidParameter("SignatureNonce", f"It must be at most {MAX_NONCE_LEN} characters.")
     return nonce
 
 
