@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opensmc import __version__
-from opensmc.domain.errors import SmcError
+from opensmc.domain import strictjson
+from opensmc.domain.errors import InvalidParameter, SmcError
 from opensmc.service import agents
 from opensmc.service.context import Services
 
@@ -42,9 +43,13 @@ async def _body(request: Request) -> Mapping[str, Any]:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = strictjson.loads(raw)
+    except strictjson.NotJson:
         raise SmcError("The request body is not valid JSON.", code="InvalidJson", http_status=400) from None
+    except strictjson.StrictJsonError as exc:
+        # NaN would be stored and then break every answer that echoes it (a 500);
+        # deep nesting would recurse. Both are refused here, before any use.
+        raise InvalidParameter("body", f"The JSON body is refused: {exc}") from None
     if not isinstance(body, dict):
         raise SmcError("The request body must be a JSON object.", code="InvalidJson", http_status=400)
     if "\\u0000" in json.dumps(body):

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from opensmc.clock import new_id
+from opensmc.domain import strictjson
 from opensmc.domain.enums import BusinessStatus, JobStatus
 from opensmc.domain.errors import SmcError
 from opensmc.domain.selection import copy_ranges, excluded_devices
@@ -117,8 +118,9 @@ def selected_disks(job: Any, source_disks_json: str) -> list[dict[str, Any]]:
 
 def _params(job: Any) -> dict[str, Any]:
     try:
-        value = json.loads(job.replication_parameters or "{}")
-    except ValueError:
+        # strict: a row written before NaN was refused must not break every heartbeat
+        value = strictjson.loads(job.replication_parameters or "{}")
+    except strictjson.StrictJsonError:
         return {}
     return value if isinstance(value, dict) else {}
 
