@@ -81,7 +81,8 @@ def now(services: Services) -> list[datetime]:
 def client(services: Services, now: list[datetime]) -> Iterator[TestClient]:
     app = Starlette(routes=agent_routes.routes)
     app.state.services = services
-    with TestClient(app) as c:
+    # An agent on the server's machine: loopback, where plain HTTP is accepted for AccessKeys.
+    with TestClient(app, client=("127.0.0.1", 50000)) as c:
         yield c
 
 

@@ -17,7 +17,8 @@ from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -25,6 +26,7 @@ from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
 from opensmc.api.auth import authenticate
 from opensmc.api.render import error_body, render
+from opensmc.api.serving import MAX_BODY, BodyLimit
 from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
@@ -33,7 +35,6 @@ from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.api")
 
-MAX_BODY = 1 << 20
 #: parameters that belong to the protocol, not to any action
 COMMON = frozenset(
     {
@@ -121,6 +122,11 @@ async def handle_rpc(request: Request) -> Response:
         return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)
     except SmcError as err:
         return _error(err, request_id, fmt)
+    except ClientDisconnect:
+        # The client went away mid-body (or the body cap cut it off): nobody reads an
+        # answer, and it is not a server fault worth a traceback.
+        log.info("client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("internal error in %s (RequestId %s)", action_name, request_id)
         return _error(InternalError(), request_id, fmt)
@@ -155,6 +161,10 @@ def _error(err: SmcError, request_id: str, fmt: str) -> Response:
 
 
 def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
-    app = Starlette(routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes])
+    app = Starlette(
+        routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes],
+        # Outermost: no route, matched or not, reads more than MAX_BODY before we refuse it.
+        middleware=[Middleware(BodyLimit, limit=MAX_BODY)],
+    )
     app.state.services = services
     return app

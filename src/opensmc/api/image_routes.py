@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -103,6 +103,9 @@ async def list_images(request: Request) -> Response:
         return JSONResponse({"RequestId": request_id, "Images": {"Image": items}, "TotalCount": len(items)})
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image list failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)
@@ -120,6 +123,9 @@ async def show_image(request: Request) -> Response:
         return JSONResponse({"RequestId": request_id, **doc})
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image show failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)
@@ -166,6 +172,9 @@ async def download_disk(request: Request) -> Response:
         return StreamingResponse(_file_body(path, request_id), media_type="application/octet-stream", headers=headers)
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image download failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)

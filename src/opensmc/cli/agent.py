@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
     p.add_argument("--ca-cert", type=Path, default=None, help="PEM CA bundle to trust for the server's TLS certificate")
     p.add_argument("--once", action="store_true", help="register and send one heartbeat, then exit")
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="send an AccessKey to a non-loopback server over plain http:// (refused by default)",
+    )
+
+
+def _plain_remote(server: str) -> bool:
+    """An http:// URL whose host is not loopback: what is sent there crosses a network in clear."""
+    url = urlsplit(server if "://" in server else f"http://{server}")
+    if url.scheme != "http":
+        return False
+    host = url.hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host != "localhost"
+    return not ip.is_loopback
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             "opensmc agent run: give --token-id and --token-code (from CreateAccessToken), "
             "or --access-key-id and --access-key-secret",
+            file=sys.stderr,
+        )
+        return 2
+    if has_key and not getattr(args, "insecure_http", False) and _plain_remote(args.server):
+        print(
+            f"opensmc agent run: refusing to send an AccessKey secret in clear to {args.server}: use an https:// "
+            "server URL, an activation code (--token-id/--token-code), or --insecure-http",
             file=sys.stderr,
         )
         return 2

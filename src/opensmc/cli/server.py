@@ -23,11 +23,12 @@ import uvicorn
 from opensmc.api.agent_routes import routes as agent_routes
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
+from opensmc.api.serving import server_config
 from opensmc.cli.credentials import default_data_dir
 from opensmc.orchestrator.loop import Orchestrator
 from opensmc.receiver.serve import ReceiverThread
 from opensmc.service import accounts, dataplane
-from opensmc.service.context import Services, Settings
+from opensmc.service.context import Services, Settings, is_loopback
 from opensmc.store.db import Database, sqlite_url
 from opensmc.store.migrate import upgrade
 from opensmc.store.secretbox import SecretBox
@@ -83,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Processes with other roles share the database; a receiver shares the data dir's staging volumes "
         "with the orchestrators (same machine or a shared filesystem)",
     )
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="accept agent registrations with an AccessKey over plain HTTP from other hosts (the secret "
+        "crosses the network in clear; default: refused, use TLS)",
+    )
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
 
@@ -95,7 +102,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return is_loopback(host)
 
 
 def _reachable(host: str) -> str:
@@ -125,10 +132,35 @@ def build_services(args: argparse.Namespace) -> Services:
         receiver_endpoint=receiver_endpoint,
         heartbeat_grace=timedelta(seconds=args.heartbeat_grace),
         heartbeat_rate=args.heartbeat_rate,
+        insecure_http=bool(getattr(args, "insecure_http", False)),
     )
+    secure_data_dir(data_dir)
     db = Database(url)
     upgrade(db)
-    return Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+    services = Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+    secure_data_dir(data_dir)  # again: the database and the master key now exist
+    return services
+
+
+#: What the server keeps in its data dir (staging volumes, images, keys, the SQLite
+#: database) is readable by the server's user alone, whatever umask it was started with.
+PRIVATE_DIRS = ("", "staging", "images", "tmp")
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """0700 on the data dir and its data directories, 0600 on the files at its top.
+
+    Files created later inherit the process umask, which :func:`run` sets to
+    0077; this fixes what an earlier version (or another umask) left behind.
+    A file deeper down is then behind a 0700 directory either way.
+    """
+    for name in PRIVATE_DIRS:
+        d = data_dir / name
+        if d.is_dir():
+            d.chmod(0o700)
+    for f in data_dir.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o600)
 
 
 ROLES = ("api", "orchestrator", "receiver")
@@ -150,6 +182,9 @@ def roles_of(args: argparse.Namespace) -> set[str]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Migrated disks, images and the database hold other people's data: nothing this
+    # process creates is readable by other local users (dirs 0700, files 0600).
+    os.umask(0o077)
     roles = roles_of(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("opensmc server: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -168,12 +203,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"opensmc server: cannot open the database: {exc}", file=sys.stderr)
         return 2
     host, port = parse_listen(args.listen)
-    if tls is None and not _is_loopback(host) and roles & {"api", "receiver"}:
-        log.warning(
-            "serving plain HTTP on %s: AccessKey-signed requests and disk data cross the network unencrypted; "
-            "use --tls-cert/--tls-key or a TLS proxy",
-            host,
-        )
+    if tls is None:
+        listeners = []
+        if "api" in roles:
+            listeners.append(("API and agent API", host))
+        if "receiver" in roles:
+            listeners.append(("data receiver", receiver_address(args)[0]))
+        for what, where in listeners:
+            if not _is_loopback(where):
+                log.warning(
+                    "serving the %s over plain HTTP on %s: AccessKey-signed requests, agent credentials and disk "
+                    "data cross the network unencrypted; use --tls-cert/--tls-key or a TLS proxy",
+                    what,
+                    where,
+                )
     db_kind = "SQLite" if svc.db.is_sqlite else "PostgreSQL"
     if "api" in roles:
         written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
@@ -220,14 +263,10 @@ def run(args: argparse.Namespace) -> int:
             svc.db.dispose()
         return 0
     app = create_app(svc, [*agent_routes, *image_routes])
-    config = uvicorn.Config(
+    config = server_config(
         app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop="auto",
-        http="auto",
+        host,
+        port,
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
     )

@@ -16,6 +16,10 @@ from aiohttp import web
 
 from opensmc.receiver.http import Authorize, make_app
 
+#: Idle keep-alive (and header) deadline of the receiver's connections, in seconds:
+#: longer than agents' pools keep an idle connection, short enough to shed stuck clients.
+RECEIVER_KEEP_ALIVE = 120.0
+
 
 class ReceiverThread:
     def __init__(
@@ -62,7 +66,9 @@ class ReceiverThread:
         self.volumes_root.mkdir(parents=True, exist_ok=True)
         # client_max_size bounds one request body: agents send batches of frames of ~8 MiB.
         app = make_app(self.volumes_root, self.authorize)
-        self._runner = web.AppRunner(app, access_log=None)
+        # keepalive_timeout also bounds a connection that never finishes its headers
+        # (aiohttp closes it if no request arrived by then); aiohttp's default is an hour.
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=RECEIVER_KEEP_ALIVE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()

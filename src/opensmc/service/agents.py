@@ -63,8 +63,13 @@ class AgentIdentity:
 # -- registration ------------------------------------------------------------------------------------------
 
 
-def register(svc: Services, body: Mapping[str, Any]) -> Registration:
-    """`POST /agent/v1/register`: check the credential, then create or refresh the source."""
+def register(svc: Services, body: Mapping[str, Any], *, plain_http_remote: bool = False) -> Registration:
+    """`POST /agent/v1/register`: check the credential, then create or refresh the source.
+
+    ``plain_http_remote``: the request came over plain HTTP from another host.
+    An AccessKey is then refused (unless the server runs with ``--insecure-http``),
+    so that an operator learns at once that the secret crossed the network in clear.
+    """
     raw_report = body.get("report", body)
     machine_id = body.get("machine_id") or (raw_report.get("machine_id") if isinstance(raw_report, Mapping) else None)
     if not isinstance(machine_id, str) or not _MACHINE_ID.match(machine_id):
@@ -84,6 +89,14 @@ def register(svc: Services, body: Mapping[str, Any]) -> Registration:
     if key_id or key_secret:
         if not isinstance(key_id, str) or not isinstance(key_secret, str) or not key_id or not key_secret:
             raise AgentApiError(400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".')
+        if plain_http_remote and not svc.settings.insecure_http:
+            raise AgentApiError(
+                403,
+                "InsecureTransport",
+                "An AccessKey must not be sent over plain HTTP from another host: serve the API over TLS "
+                "(opensmc server --tls-cert/--tls-key) or register with an activation code; the server's "
+                "--insecure-http accepts it anyway. Consider this key exposed and rotate it.",
+            )
         found = accounts.lookup_secret(svc, key_id)
         if found is None or not secrets.compare_digest(found[1].encode(), key_secret.encode()):
             raise AgentApiError(403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled.")
