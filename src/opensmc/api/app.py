@@ -31,6 +31,7 @@ from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
+from opensmc.service.accounts import check_policy
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.api")
@@ -104,6 +105,7 @@ async def handle_rpc(request: Request) -> Response:
             repeated=repeated,
         )
         caller = await run_in_threadpool(authenticate, services, signed)
+        check_policy(caller, action_name)
         if caller.scheme == V1_METHOD:
             # A V1 signature covers the query and form only: an Action or Version
             # that came from a header was not signed, so it cannot choose what runs.

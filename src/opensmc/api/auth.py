@@ -20,13 +20,18 @@ def authenticate(services: Services, signed: SignedRequest) -> Caller:
     found: dict[str, str] = {}
 
     def lookup(key_id: str) -> str | None:
-        hit = accounts.lookup_secret(services, key_id)
+        hit = accounts.lookup_key(services, key_id)
         if hit is None:
             return None
-        found["account_id"] = hit[0]
+        found["account_id"], found["policy"] = hit[0], hit[2]
         return hit[1]
 
     cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
-    caller = Caller(account_id=found["account_id"], access_key_id=cred.access_key_id, scheme=cred.scheme)
+    caller = Caller(
+        account_id=found["account_id"],
+        access_key_id=cred.access_key_id,
+        scheme=cred.scheme,
+        read_only=found["policy"] == accounts.READ_ONLY,
+    )
     accounts.check_nonce(services, caller, cred.nonce)
     return caller

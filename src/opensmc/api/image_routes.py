@@ -41,6 +41,7 @@ from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, SmcError
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, Manifest
 from opensmc.service import images as image_service
+from opensmc.service.accounts import check_policy
 from opensmc.service.context import Caller, Services
 
 log = logging.getLogger("opensmc.images")
@@ -85,7 +86,9 @@ async def _caller(request: Request) -> Caller:
         body=await request.body(),
         repeated=repeated,
     )
-    return await run_in_threadpool(authenticate, services, signed)
+    caller = await run_in_threadpool(authenticate, services, signed)
+    check_policy(caller, ACTION)  # downloading a disk is not a Describe*/List* action
+    return caller
 
 
 def _flag(request: Request, name: str, default: bool) -> bool:

@@ -120,10 +120,17 @@ def register(svc: Services, body: Mapping[str, Any], *, plain_http_remote: bool 
                 "(opensmc server --tls-cert/--tls-key) or register with an activation code; the server's "
                 "--insecure-http accepts it anyway. Consider this key exposed and rotate it.",
             )
-        found = accounts.lookup_secret(svc, key_id)
+        found = accounts.lookup_key(svc, key_id)
         if found is None or not secrets.compare_digest(found[1].encode(), key_secret.encode()):
             raise AgentApiError(403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled.")
         account_id = found[0]
+        if found[2] == accounts.READ_ONLY:
+            raise AgentApiError(
+                403,
+                "Forbidden.RAM",
+                f"The AccessKey {key_id} has the {accounts.READ_ONLY} policy, which cannot register sources; "
+                "use a key with full access or an activation code.",
+            )
         return _with_retry(lambda: _register_in_account(svc, account_id, key_id, None, who, report, version))
     raise AgentApiError(
         400,
