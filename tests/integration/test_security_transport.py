@@ -21,6 +21,7 @@ from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
 from opensmc.api.serving import KEEP_ALIVE, MAX_BODY, server_config
 from opensmc.cli.agent import _plain_remote
+from opensmc.receiver.serve import RECEIVER_KEEP_ALIVE, ReceiverThread
 from opensmc.service.accounts import new_key_pair
 from opensmc.service.context import Caller, Services
 from tests.fake_agent import agent_report
@@ -101,6 +102,23 @@ def test_slow_headers_are_disconnected(endpoint: str) -> None:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.settimeout(60)
         assert s.recv(1024) == b""  # a connection that never sends anything, too
+
+
+def test_receiver_drops_slow_headers(tmp_path: Any) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # aiohttp's default keep-alive is an hour, and it is also how long a half-sent request may wait.
+    assert RECEIVER_KEEP_ALIVE <= 120
+    receiver = ReceiverThread(tmp_path / "v", lambda t, v: False, "127.0.0.1", port, keepalive_timeout=0.5)
+    receiver.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/volumes/v1/frames HTTP/1.1\r\nHost: x\r\n")
+            s.settimeout(60)
+            assert s.recv(1024) == b""
+    finally:
+        receiver.stop()
 
 
 def test_kept_alive_connection_serves_after_idle(endpoint: str) -> None:

@@ -51,8 +51,10 @@ class ReceiverThread:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        keepalive_timeout: float = RECEIVER_KEEP_ALIVE,
     ) -> None:
         self.ssl_context = ssl_context
+        self.keepalive_timeout = keepalive_timeout
         self.volumes_root = volumes_root
         self.authorize = authorize
         self.host = host
@@ -89,7 +91,7 @@ class ReceiverThread:
         app = make_app(self.volumes_root, self.authorize)
         # keepalive_timeout also bounds a connection that never finishes its headers
         # (aiohttp closes it if no request arrived by then); aiohttp's default is an hour.
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=RECEIVER_KEEP_ALIVE)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.keepalive_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
