@@ -18,7 +18,10 @@ answer at all), and nothing may be logged with a traceback or at ERROR level.
 Profiles: ``OPENSMC_FUZZ_WIRE_EXAMPLES`` examples per generator and database
 (default 40, the CI profile). The large run, 4 x 25,000 = 100,000 requests::
 
-    OPENSMC_FUZZ_WIRE_EXAMPLES=25000 .venv/bin/python -m pytest tests/integration/test_fuzz_wire.py -k sqlite -q
+    OPENSMC_FUZZ_WIRE_EXAMPLES=25000 .venv/bin/python -m pytest tests/integration/test_fuzz_wire.py -k sqlite -q -s
+
+(about 25 minutes on one core; ``-s`` shows the count of requests sent). A
+large profile lifts the suite's per-test timeout, which only guards CI.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ FUZZ = settings(
     # fault can take many minutes; the failing example is printed as found.
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
+# The CI timeout guards against a hang; a large profile legitimately runs longer.
+pytestmark = pytest.mark.timeout(0 if EXAMPLES > 1000 else 300)
+SENT = [0]  #: requests sent by this module, reported at its end
 TOKEN = "fuzz-data-token"
 VOLUME = "v-fuzz"
 VOLUME_SIZE = 1 << 20
@@ -124,12 +130,19 @@ def env(services: Services, tmp_path: Path) -> Iterator[Env]:
         root.setLevel(old_level)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _report_count() -> Iterator[None]:
+    yield
+    print(f"\nwire fuzz: {SENT[0]} requests sent")
+
+
 def raw_request(port: int, method: str, target: str, headers: list[tuple[str, bytes]], body: bytes) -> int | None:
     """Send one request as given; the answer's status, or None when the server closed without one."""
     head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode("latin-1")
     for name, value in headers:
         head += name.encode("latin-1") + b": " + value + b"\r\n"
     head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    SENT[0] += 1
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         try:
             s.sendall(head + body)
