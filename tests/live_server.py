@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from opensmc.api.serving import HEADER_TIMEOUT, server_config
+
 
 class _ThreadedServer(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the main thread belongs to pytest
@@ -22,13 +24,13 @@ class _ThreadedServer(uvicorn.Server):
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve `app` until the block ends; yields `host:port`."""
+def running(app: Any, *, header_timeout: float = HEADER_TIMEOUT) -> Iterator[str]:
+    """Serve `app` until the block ends, configured like `opensmc server`; yields `host:port`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _ThreadedServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    server = _ThreadedServer(server_config(app, "127.0.0.1", port, header_timeout=header_timeout, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -81,7 +81,8 @@ def now(services: Services) -> list[datetime]:
 def client(services: Services, now: list[datetime]) -> Iterator[TestClient]:
     app = Starlette(routes=agent_routes.routes)
     app.state.services = services
-    with TestClient(app) as c:
+    # An agent on the server's machine: loopback, where plain HTTP is accepted for AccessKeys.
+    with TestClient(app, client=("127.0.0.1", 50000)) as c:
         yield c
 
 
@@ -143,36 +144,44 @@ def test_register_with_token(client: TestClient, call: Any, token: dict[str, str
     assert call("ListAccessTokens")["AccessTokens"]["AccessToken"][0]["Status"] == "activated"
 
 
-def test_same_machine_comes_back_as_the_same_source(
-    client: TestClient, call: Any, token: dict[str, str]
+def test_known_agent_comes_back_as_the_same_source(
+    client: TestClient, call: Any, token: dict[str, str], now: list[datetime]
 ) -> None:
     first = reg(client, token, "machine-a").json()
     call("ModifySourceServerAttribute", SourceId=first["source_id"], Name="renamed")
-    again = client.post(
-        "/agent/v1/register",
-        json={
-            "token_id": token["AccessTokenId"],
-            "token_code": token["AccessTokenCode"],
-            "machine_id": "machine-a",
-            "report": make_report("machine-a", disk_gib=80),
-        },
-    ).json()
-    assert again["source_id"] == first["source_id"] and again["created"] is False
+    # With its saved token (proof): the same source, its token kept, no code use spent.
+    again = reg(
+        client, token, "machine-a", agent_token=first["agent_token"], report=make_report("machine-a", disk_gib=80)
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["source_id"] == first["source_id"] and again.json()["created"] is False
+    assert again.json()["agent_token"] == first["agent_token"]
     assert registered_count(call, token["AccessTokenId"]) == "1"
     s = source(call, first["source_id"])
     assert s["Name"] == "renamed" and s["SystemDiskSize"] == 80  # the name stays, the report is new
-    # The old agent token was replaced.
-    assert beat(client, first["agent_token"]).status_code == 401
-    assert beat(client, again["agent_token"]).status_code == 200
+    assert beat(client, first["agent_token"]).status_code == 200
+    # Without it, while the agent is online: refused, the online agent keeps the source.
+    conflict = reg(client, token, "machine-a")
+    assert conflict.status_code == 409 and conflict.json()["code"] == "SourceServer.IdentityConflict"
+    assert beat(client, first["agent_token"]).status_code == 200
+    # Once the agent is silent past the grace period, a code may take it back, spending a use.
+    now[0] += timedelta(seconds=91)
+    back = reg(client, token, "machine-a").json()
+    assert back["source_id"] == first["source_id"] and back["created"] is False
+    assert registered_count(call, token["AccessTokenId"]) == "2"
+    assert beat(client, first["agent_token"]).status_code == 401  # the old token was replaced
+    assert beat(client, back["agent_token"]).status_code == 200
+    assert "Re-registered" in source(call, first["source_id"])["StatusInfo"]
     assert call("DescribeSourceServers")["TotalCount"] == 1
 
 
 def test_count_is_enforced_for_new_sources_only(client: TestClient, call: Any, token: dict[str, str]) -> None:
-    assert reg(client, token, "m1").status_code == 200
+    m1 = reg(client, token, "m1").json()
     assert reg(client, token, "m2").status_code == 200
     third = reg(client, token, "m3")
     assert third.status_code == 403 and third.json()["code"] == "AccessToken.CountExceeded"
-    assert reg(client, token, "m1").status_code == 200  # a known machine uses no registration
+    # a known agent with its token uses no registration
+    assert reg(client, token, "m1", agent_token=m1["agent_token"]).status_code == 200
     assert registered_count(call, token["AccessTokenId"]) == "2"
 
 

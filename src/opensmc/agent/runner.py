@@ -218,12 +218,19 @@ class _Runner:
         body: dict[str, Any] = {
             **self.credentials,
             "machine_id": machine_id,
+            "instance_id": agent_state.instance_id(self.state_dir, machine_id),
             "agent_version": __version__,
             "report": report,
         }
+        if self.state is not None:
+            # Proof that this agent is the source's own: the server then keeps its credential.
+            body["agent_token"] = self.state.agent_token
         try:
             resp = self.client.register(body)
         except ApiRefused as exc:
+            if exc.code == "SourceServer.IdentityConflict":
+                # Another agent with this identity is online: retrying would only fight it.
+                raise AgentError(f"registration refused: {exc.code}: {exc.message}") from exc
             if exc.status == 409:  # the source is being deleted: a passing state, try again later
                 raise ServerUnavailable(str(exc)) from exc
             raise AgentError(f"registration refused: {exc.code}: {exc.message}") from exc

@@ -1,18 +1,26 @@
 """The agent's state directory: which server it registered with, as which source, with which token.
 
-One JSON file, ``<state_dir>/agent.json``, mode 0600 in a 0700 directory,
-replaced atomically (write a temporary file, fsync, rename) so a crash never
-leaves half a credential behind.
+``<state_dir>/agent.json`` holds the credential; ``<state_dir>/instance.json``
+the agent's identity, a random instance id made once per state dir (and per
+machine: a state dir copied to a machine with another machine id gets a new
+one). The server knows a source by (account, instance id), so two state dirs,
+or two clones of a machine, are two sources; the instance id survives the
+credential being forgotten, so the same agent registering again is the same
+source. Both files are mode 0600 in a 0700 directory, replaced atomically
+(write a temporary file, fsync, rename) so a crash never leaves half of one
+behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE_FILE = "agent.json"
+INSTANCE_FILE = "instance.json"
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,34 @@ def load(state_dir: Path) -> AgentState | None:
         return None
 
 
+def instance_id(state_dir: Path, machine_id: str) -> str:
+    """This state dir's instance id on this machine, made (and saved) on first use."""
+    path = state_dir / INSTANCE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("machine_id") == machine_id and isinstance(data.get("instance_id"), str):
+            return str(data["instance_id"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    # None yet, unreadable, or made on another machine (a copied state dir or a cloned
+    # disk with its own machine id): a new identity, so a new source.
+    new = secrets.token_hex(16)
+    _write_json(state_dir, INSTANCE_FILE, {"instance_id": new, "machine_id": machine_id})
+    return new
+
+
 def save(state_dir: Path, state: AgentState) -> Path:
+    return _write_json(state_dir, STATE_FILE, asdict(state))
+
+
+def _write_json(state_dir: Path, name: str, doc: dict[str, str]) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_path(state_dir)
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    path = state_dir / name
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(state), f, indent=2)
+            json.dump(doc, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -14,14 +14,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opensmc import __version__
-from opensmc.domain.errors import SmcError
+from opensmc.domain import strictjson
+from opensmc.domain.errors import InvalidParameter, SmcError
 from opensmc.service import agents, wakeup
-from opensmc.service.context import Services
+from opensmc.service.context import Services, is_loopback
 
 log = logging.getLogger("opensmc.agent_api")
 
@@ -41,17 +42,25 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 async def _body(request: Request) -> Mapping[str, Any]:
-    raw = b""
+    # The server's BodyLimit middleware refuses larger bodies first; this holds for apps without it.
+    parts: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
+        size += len(chunk)
+        if size > MAX_BODY:
             raise SmcError("The request body is larger than 1 MiB.", code="BodyTooLarge", http_status=413)
+        parts.append(chunk)
+    raw = b"".join(parts)
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = strictjson.loads(raw)
+    except strictjson.NotJson:
         raise SmcError("The request body is not valid JSON.", code="InvalidJson", http_status=400) from None
+    except strictjson.StrictJsonError as exc:
+        # NaN would be stored and then break every answer that echoes it (a 500);
+        # deep nesting would recurse. Both are refused here, before any use.
+        raise InvalidParameter("body", f"The JSON body is refused: {exc}") from None
     if not isinstance(body, dict):
         raise SmcError("The request body must be a JSON object.", code="InvalidJson", http_status=400)
     if "\\u0000" in json.dumps(body):
@@ -70,14 +79,21 @@ async def _call(request: Request, work: Callable[[Services, Mapping[str, Any]], 
         if err.http_status >= 500:
             log.error("agent API %s failed: %s", request.url.path, err.message)
         return _error(err.http_status, err.code, err.message)
+    except ClientDisconnect:
+        log.info("agent API %s: the client disconnected before sending its whole request", request.url.path)
+        return _error(400, "ClientDisconnect", "The request body ended early.")
     except Exception:
         log.exception("agent API %s: internal error", request.url.path)
         return _error(500, "InternalError", "The server failed to handle the request; see its log.")
 
 
 async def register(request: Request) -> Response:
+    # An AccessKey secret sent over plain HTTP from another host has crossed a network in clear.
+    client = request.client.host if request.client else ""
+    plain_remote = request.url.scheme == "http" and not is_loopback(client)
+
     def work(svc: Services, body: Mapping[str, Any]) -> dict[str, Any]:
-        reg = agents.register(svc, body)
+        reg = agents.register(svc, body, plain_http_remote=plain_remote)
         log.info(
             "agent registered: source %s (%s) in account %s",
             reg.source_id,

@@ -17,7 +17,8 @@ from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -25,15 +26,16 @@ from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
 from opensmc.api.auth import authenticate
 from opensmc.api.render import error_body, render
-from opensmc.api.signing import SignedRequest
+from opensmc.api.serving import MAX_BODY, BodyLimit
+from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
+from opensmc.service.accounts import check_policy
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.api")
 
-MAX_BODY = 1 << 20
 #: parameters that belong to the protocol, not to any action
 COMMON = frozenset(
     {
@@ -64,16 +66,22 @@ async def handle_rpc(request: Request) -> Response:
     try:
         raw_query = request.url.query
         query = parse_qsl(raw_query, keep_blank_values=True)
+        headers, repeated = collect_headers(request.headers.items())
         body = await _read_body(request)
         form: list[tuple[str, str]] = []
-        if body and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        if body and headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
         values: dict[str, str] = {}
         for key, value in (*query, *form):
             values[key] = value
         fmt = values.get("Format", "JSON") or "JSON"
-        action_name = values.get("Action") or request.headers.get("x-acs-action", "")
-        version = values.get("Version") or request.headers.get("x-acs-version", "")
+        param_action, header_action = _one(query, form, "Action"), headers.get("x-acs-action")
+        param_version, header_version = _one(query, form, "Version"), headers.get("x-acs-version")
+        for name, a, b in (("Action", param_action, header_action), ("Version", param_version, header_version)):
+            if a is not None and b is not None and a != b:
+                raise InvalidParameter(name, f"The parameter and the x-acs-{name.lower()} header differ; send one.")
+        action_name = param_action or header_action or ""
+        version = param_version or header_version or ""
         if not action_name:
             raise MissingParameter("Action")
         action = ACTIONS.get(action_name)
@@ -92,8 +100,9 @@ async def handle_rpc(request: Request) -> Response:
             path=request.url.path,
             query=query,
             form=form,
-            headers={k.lower(): v for k, v in request.headers.items()},
+            headers=headers,
             body=body,
+            repeated=repeated,
         )
 
         def authenticated_call() -> dict[str, Any]:
@@ -101,6 +110,14 @@ async def handle_rpc(request: Request) -> Response:
             # about as much as verifying the signature (bench/bench_api.py).
             caller = authenticate(services, signed)
             request.state.caller = caller  # for the access log (api/ops.py)
+            check_policy(caller, action_name)
+            if caller.scheme == V1_METHOD:
+                # A V1 signature covers the query and form only: an Action or Version
+                # that came from a header was not signed, so it cannot choose what runs.
+                if param_action is None:
+                    raise MissingParameter("Action")
+                if param_version is None:
+                    raise MissingParameter("Version")
             for key, value in values.items():
                 # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
                 if "\x00" in key or "\x00" in value:
@@ -115,12 +132,25 @@ async def handle_rpc(request: Request) -> Response:
     except SmcError as err:
         request.state.error_code = err.code  # for the access log (api/ops.py)
         return _error(err, request_id, fmt)
+    except ClientDisconnect:
+        # The client went away mid-body (or the body cap cut it off): nobody reads an
+        # answer, and it is not a server fault worth a traceback.
+        log.info("client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("internal error in %s (RequestId %s)", action_name, request_id)
         request.state.error_code = InternalError().code
         return _error(InternalError(), request_id, fmt)
     finally:
         request.state.action = action_name  # for the access log (api/ops.py)
+
+
+def _one(query: list[tuple[str, str]], form: list[tuple[str, str]], name: str) -> str | None:
+    """The single value of a protocol parameter in query and form; two values are refused."""
+    found = {v for k, v in (*query, *form) if k == name}
+    if len(found) > 1:
+        raise InvalidParameter(name, "The parameter is given more than once with different values.")
+    return found.pop() if found else None
 
 
 async def _read_body(request: Request) -> bytes:
@@ -144,7 +174,11 @@ def _error(err: SmcError, request_id: str, fmt: str) -> Response:
 
 
 def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
-    app = Starlette(routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes])
+    app = Starlette(
+        routes=[Route("/", handle_rpc, methods=["GET", "POST"]), *extra_routes],
+        # Outermost: no route, matched or not, reads more than MAX_BODY before we refuse it.
+        middleware=[Middleware(BodyLimit, limit=MAX_BODY)],
+    )
     app.state.services = services
     # --- operations: /metrics, /healthz, /readyz and the access log (api/ops.py) ---
     from opensmc.api import ops

@@ -39,7 +39,12 @@ def _attempt(services: Services, signed: SignedRequest, *, cached: bool) -> Call
         return hit.secret
 
     cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
-    caller = Caller(account_id=found[0].account_id, access_key_id=cred.access_key_id)
+    caller = Caller(
+        account_id=found[0].account_id,
+        access_key_id=cred.access_key_id,
+        scheme=cred.scheme,
+        read_only=found[0].policy == accounts.READ_ONLY,
+    )
     # A key just read from the database needs no second look: no version to compare.
     version = found[0].version if cached else None
     return caller if accounts.check_nonce(services, caller, cred.nonce, key_version=version) else None

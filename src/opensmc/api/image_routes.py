@@ -30,17 +30,18 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from opensmc import API_VERSION
 from opensmc.api.auth import authenticate
-from opensmc.api.signing import SignedRequest
+from opensmc.api.signing import SignedRequest, collect_headers
 from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, SmcError
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore, Manifest
 from opensmc.service import images as image_service
+from opensmc.service.accounts import check_policy
 from opensmc.service.context import Caller, Services
 
 log = logging.getLogger("opensmc.images")
@@ -64,7 +65,7 @@ def _error(err: SmcError, request_id: str) -> JSONResponse:
 
 async def _caller(request: Request) -> Caller:
     services: Services = request.app.state.services
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers, repeated = collect_headers(request.headers.items())
     if not headers.get("authorization", "").startswith("ACS3-"):
         # Only ACS3 signs the path; a V1 signature would not bind the request to one image.
         raise AuthError(
@@ -83,8 +84,11 @@ async def _caller(request: Request) -> Caller:
         form=[],
         headers=headers,
         body=await request.body(),
+        repeated=repeated,
     )
-    return await run_in_threadpool(authenticate, services, signed)
+    caller = await run_in_threadpool(authenticate, services, signed)
+    check_policy(caller, ACTION)  # downloading a disk is not a Describe*/List* action
+    return caller
 
 
 def _flag(request: Request, name: str, default: bool) -> bool:
@@ -102,6 +106,9 @@ async def list_images(request: Request) -> Response:
         return JSONResponse({"RequestId": request_id, "Images": {"Image": items}, "TotalCount": len(items)})
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image list failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)
@@ -119,6 +126,9 @@ async def show_image(request: Request) -> Response:
         return JSONResponse({"RequestId": request_id, **doc})
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image show failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)
@@ -168,6 +178,9 @@ async def download_disk(request: Request) -> Response:
         return StreamingResponse(_file_body(path, request_id), media_type="application/octet-stream", headers=headers)
     except SmcError as err:
         return _error(err, request_id)
+    except ClientDisconnect:
+        log.info("image request: the client disconnected before sending its whole request (RequestId %s)", request_id)
+        return Response(status_code=400)
     except Exception:
         log.exception("image download failed (RequestId %s)", request_id)
         return _error(InternalError(), request_id)

@@ -56,8 +56,10 @@ MISMATCH_PREFIX = "Specified signature does not match our calculation. server st
 _TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z")
 
 # The nonce is stored by the caller for replay detection; bound it so a
-# client cannot make us store arbitrarily large keys.
-_MAX_NONCE_LEN = 256
+# client cannot make us store arbitrarily large keys. It must fit the
+# `nonces.nonce` column (String(128)): a longer nonce passing here would
+# fail the insert on PostgreSQL with a 500. A test checks the two agree.
+MAX_NONCE_LEN = 128
 
 Params = Mapping[str, str] | Iterable[tuple[str, str]]
 
@@ -69,8 +71,9 @@ class SignedRequest:
     ``query`` and ``form`` are already decoded (``+`` is a space) and keep
     empty values: the legacy SDK signs ``SignatureType=``, so decode with
     ``keep_blank_values=True``. ``headers`` has lower-case names; repeated
-    headers must be joined with ``,``. ``path`` is the request path as sent,
-    without the query.
+    headers must be joined with ``,`` and their names listed in ``repeated``
+    (a signed header must not repeat: see :func:`collect_headers`). ``path``
+    is the request path as sent, without the query.
     """
 
     method: str
@@ -79,6 +82,46 @@ class SignedRequest:
     form: list[tuple[str, str]]
     headers: Mapping[str, str]
     body: bytes
+    repeated: frozenset[str] = frozenset()
+
+
+#: Headers that decide who is calling and what runs: never accepted twice,
+#: signed or not. With two values, one part of a server (routing) may read
+#: the first while another (the signature check) reads the last, and a
+#: forged header in front then swaps a signed action.
+SECURITY_HEADERS = frozenset(
+    {
+        "authorization",
+        "host",
+        "x-acs-action",
+        "x-acs-version",
+        "x-acs-date",
+        "x-acs-signature-nonce",
+        "x-acs-content-sha256",
+        "x-acs-security-token",
+        "content-type",
+    }
+)
+
+
+def collect_headers(raw: Iterable[tuple[str, str]]) -> tuple[dict[str, str], frozenset[str]]:
+    """Lower-cased headers (repeats joined with ``,``) and the names that repeated.
+
+    Raises ``IncompleteSignature`` when a :data:`SECURITY_HEADERS` name
+    repeats; :func:`verify` refuses any other signed header that repeated.
+    """
+    headers: dict[str, str] = {}
+    repeated: set[str] = set()
+    for name, value in raw:
+        low = name.lower()
+        if low in headers:
+            repeated.add(low)
+            headers[low] = f"{headers[low]},{value}"
+        else:
+            headers[low] = value
+    for low in sorted(repeated & SECURITY_HEADERS):
+        raise _incomplete(f"The header {low} is given more than once; send it once.")
+    return headers, frozenset(repeated)
 
 
 @dataclass(frozen=True)
@@ -221,6 +264,8 @@ def _verify_acs3(
     for name in names:
         if name not in req.headers:
             raise _incomplete(f"The signed header {name} is not in the request.")
+        if name in req.repeated:
+            raise _incomplete(f"The signed header {name} is given more than once; send it once.")
     token = req.headers.get("x-acs-security-token")
     if token is not None and "x-acs-security-token" not in names:
         # An unsigned token could be swapped by anyone on the path.
@@ -318,8 +363,8 @@ def _check_time(value: str, now: datetime, window: timedelta) -> datetime:
 def _check_nonce(nonce: str) -> str:
     if not nonce:
         raise MissingParameter("SignatureNonce")
-    if len(nonce) > _MAX_NONCE_LEN:
-        raise InvalidParameter("SignatureNonce", f"It must be at most {_MAX_NONCE_LEN} characters.")
+    if len(nonce) > MAX_NONCE_LEN:
+        raise InvalidParameter("SignatureNonce", f"It must be at most {MAX_NONCE_LEN} characters.")
     return nonce
 
 

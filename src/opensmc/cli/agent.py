@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import stat
@@ -10,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from opensmc import logs
 from opensmc.cli.errors import UsageError
@@ -76,7 +78,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
     p.add_argument("--ca-cert", type=Path, default=None, help="PEM CA bundle to trust for the server's TLS certificate")
     p.add_argument("--once", action="store_true", help="register and send one heartbeat, then exit")
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="send an AccessKey to a non-loopback server over plain http:// (refused by default)",
+    )
     logs.add_arguments(p)
+
+
+def _plain_remote(server: str) -> bool:
+    """An http:// URL whose host is not loopback: what is sent there crosses a network in clear."""
+    url = urlsplit(server if "://" in server else f"http://{server}")
+    if url.scheme != "http":
+        return False
+    host = url.hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host != "localhost"
+    return not ip.is_loopback
 
 
 def check_disks(disks: list[str] | None) -> None:
@@ -118,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
     if not (has_token or has_key or state_file_exists):
         raise UsageError(
             "give --token-id and --token-code (from CreateAccessToken), or --access-key-id and --access-key-secret"
+        )
+    if has_key and not getattr(args, "insecure_http", False) and _plain_remote(args.server):
+        raise UsageError(
+            f"refusing to send an AccessKey secret in clear to {args.server}: use an https:// "
+            "server URL, an activation code (--token-id/--token-code), or --insecure-http"
         )
     logs.configure(args.log_level, args.log_format)
     stop = threading.Event()

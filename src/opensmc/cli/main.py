@@ -125,6 +125,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     demo.add_arguments(sub.add_parser("demo", help="a complete migration on this machine, for a first look"))
 
+    from opensmc.cli import admin
+
+    admin.add_arguments(sub.add_parser("admin", help="accounts, AccessKeys and the master key (on the server)"))
+
     p_db = sub.add_parser("db", help="database maintenance")
     db_sub = p_db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
     p_up = db_sub.add_parser("upgrade", help="apply schema migrations")
@@ -226,6 +230,10 @@ def _main(argv: list[str]) -> int:
         from opensmc.cli import demo
 
         return demo.run(args)
+    if args.command == "admin":
+        from opensmc.cli import admin
+
+        return admin.run(args)
     if args.command == "db" and args.db_command == "upgrade":
         from opensmc.store.db import Database
         from opensmc.store.migrate import current, upgrade

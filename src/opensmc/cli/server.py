@@ -98,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--s3-endpoint", default=None, help="URL of the S3 service, e.g. http://rgw:7480 (default: AWS_ENDPOINT_URL)"
     )
     p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION, else us-east-1)")
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="accept agent registrations with an AccessKey over plain HTTP from other hosts (the secret "
+        "crosses the network in clear; default: refused, use TLS)",
+    )
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
     logs.add_arguments(p)
@@ -111,7 +117,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    from opensmc.service.context import is_loopback
+
+    return is_loopback(host)
 
 
 def _reachable(host: str) -> str:
@@ -157,10 +165,35 @@ def build_services(args: argparse.Namespace) -> Services:
         image_store=image_store_url(args),
         s3_endpoint=args.s3_endpoint or "",
         s3_region=args.s3_region or "",
+        insecure_http=bool(getattr(args, "insecure_http", False)),
     )
+    secure_data_dir(data_dir)
     db = Database(url)
     upgrade(db)
-    return Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+    services = Services(db=db, settings=settings, secrets=SecretBox.from_env_or_file(data_dir))
+    secure_data_dir(data_dir)  # again: the database and the master key now exist
+    return services
+
+
+#: What the server keeps in its data dir (staging volumes, images, keys, the SQLite
+#: database) is readable by the server's user alone, whatever umask it was started with.
+PRIVATE_DIRS = ("", "staging", "images", "tmp")
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """0700 on the data dir and its data directories, 0600 on the files at its top.
+
+    Files created later inherit the process umask, which :func:`run` sets to
+    0077; this fixes what an earlier version (or another umask) left behind.
+    A file deeper down is then behind a 0700 directory either way.
+    """
+    for name in PRIVATE_DIRS:
+        d = data_dir / name
+        if d.is_dir():
+            d.chmod(0o700)
+    for f in data_dir.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o600)
 
 
 def image_store_url(args: argparse.Namespace) -> str:
@@ -204,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     from opensmc.api.agent_routes import routes as agent_routes
     from opensmc.api.app import create_app
     from opensmc.api.image_routes import routes as image_routes
+    from opensmc.api.serving import server_config
     from opensmc.images.store import ImageStore, repository_at
     from opensmc.orchestrator.loop import Orchestrator
     from opensmc.receiver.serve import ReceiverThread
@@ -211,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
 
     tune_for_big_buffers()
     logs.configure(args.log_level, args.log_format)
+    # Migrated disks, images and the database hold other people's data: nothing this
+    # process creates is readable by other local users (dirs 0700, files 0600).
+    os.umask(0o077)
     roles = roles_of(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("opensmc server: error: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -239,12 +276,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     host, port = parse_listen(args.listen)
-    if tls is None and not _is_loopback(host) and roles & {"api", "receiver"}:
-        log.warning(
-            "serving plain HTTP on %s: AccessKey-signed requests and disk data cross the network unencrypted; "
-            "use --tls-cert/--tls-key or a TLS proxy",
-            host,
-        )
+    if tls is None:
+        listeners = []
+        if "api" in roles:
+            listeners.append(("API and agent API", host))
+        if "receiver" in roles:
+            listeners.append(("data receiver", receiver_address(args)[0]))
+        for what, where in listeners:
+            if not _is_loopback(where):
+                log.warning(
+                    "serving the %s over plain HTTP on %s: AccessKey-signed requests, agent credentials and disk "
+                    "data cross the network unencrypted; use --tls-cert/--tls-key or a TLS proxy",
+                    what,
+                    where,
+                )
     db_kind = "SQLite" if svc.db.is_sqlite else "PostgreSQL"
     if "api" in roles:
         written = accounts.bootstrap_admin(svc, svc.settings.public_endpoint)
@@ -296,14 +341,10 @@ def run(args: argparse.Namespace) -> int:
             svc.db.dispose()
         return 0
     app = create_app(svc, [*agent_routes, *image_routes])
-    config = uvicorn.Config(
+    config = server_config(
         app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop="auto",
-        http="auto",
+        host,
+        port,
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
         # Agents hold a task long-poll open (up to a minute): without a bound, a stop

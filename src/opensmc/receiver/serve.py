@@ -8,14 +8,39 @@ through the API's uvicorn stack (PERF_FLOORS.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import threading
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from opensmc.chunkstore.repository import Repository
 from opensmc.receiver.http import Authorize, make_app
+
+#: Idle keep-alive (and header) deadline of the receiver's connections, in seconds:
+#: longer than agents' pools keep an idle connection, short enough to shed stuck clients.
+RECEIVER_KEEP_ALIVE = 120.0
+
+
+class _BadRequestsWithoutTraceback(logging.Filter):
+    """aiohttp logs a malformed request (bad header bytes, an oversized line) at ERROR with a
+    traceback, although it answers it 400 itself. That is a client's fault, not ours: keep one
+    INFO line, so the log's tracebacks stay the server's faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            record.msg, record.args = "bad request refused (%s): %s", (exc.code, exc.message.strip())
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _BadRequestsWithoutTraceback) for f in _AIOHTTP_SERVER_LOG.filters):
+    _AIOHTTP_SERVER_LOG.addFilter(_BadRequestsWithoutTraceback())
 
 
 class ReceiverThread:
@@ -28,8 +53,10 @@ class ReceiverThread:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        keepalive_timeout: float = RECEIVER_KEEP_ALIVE,
     ) -> None:
         self.ssl_context = ssl_context
+        self.keepalive_timeout = keepalive_timeout
         self.volumes_root = volumes_root
         self.repo = repo
         self.authorize = authorize
@@ -65,7 +92,9 @@ class ReceiverThread:
         self.volumes_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # client_max_size bounds one request body: agents send batches of frames of ~8 MiB.
         app = make_app(self.volumes_root, self.repo, self.authorize)
-        self._runner = web.AppRunner(app, access_log=None)
+        # keepalive_timeout also bounds a connection that never finishes its headers
+        # (aiohttp closes it if no request arrived by then); aiohttp's default is an hour.
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.keepalive_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()

@@ -8,11 +8,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from opensmc.clock import new_id
+from opensmc.clock import iso, new_id
 from opensmc.domain.errors import AuthError
 from opensmc.service.context import Caller, Services
 from opensmc.service.keycache import CachedKey, cache_for
 from opensmc.store import accounts as q
+from opensmc.store.secretbox import SecretBox
 
 CREDENTIALS_FILE = "admin-credentials.json"
 
@@ -24,20 +25,94 @@ class KeyPair:
     access_key_secret: str
 
 
-def new_key_pair(svc: Services, account_id: str) -> KeyPair:
+FULL_ACCESS = "FullAccess"
+#: Describe* and List* actions only (a RAM-style read-only policy)
+READ_ONLY = "ReadOnly"
+POLICIES = (FULL_ACCESS, READ_ONLY)
+READ_PREFIXES = ("Describe", "List")
+
+
+class AdminError(Exception):
+    """An operator command that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    access_key_id: str
+    account_id: str
+    enabled: bool
+    policy: str
+    created_at: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"access_key_id": self.access_key_id, "account_id": self.account_id,
+                "status": "Enabled" if self.enabled else "Disabled", "policy": self.policy,
+                "created_at": self.created_at}  # fmt: skip
+
+
+def new_key_pair(svc: Services, account_id: str, policy: str = FULL_ACCESS) -> KeyPair:
     """Create an AccessKey pair for an account (the secret is only returned here)."""
+    if policy not in POLICIES:
+        raise AdminError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
     key_id = "LTAI" + secrets.token_hex(10)
     secret = secrets.token_urlsafe(24)
     with svc.db.begin() as conn:
-        q.add_access_key(conn, key_id, account_id, svc.secrets.seal(secret), svc.clock())
+        if q.get_account(conn, account_id) is None:
+            raise AdminError(f"no account {account_id}; see `opensmc admin key list` for the accounts' IDs")
+        q.add_access_key(conn, key_id, account_id, svc.secrets.seal(secret), svc.clock(), policy)
     return KeyPair(account_id, key_id, secret)
 
 
 def create_account(svc: Services, name: str) -> KeyPair:
+    if not 1 <= len(name) <= 128:
+        raise AdminError("an account name is 1 to 128 characters")
     account_id = new_id("acc-")[:24]
     with svc.db.begin() as conn:
         q.create_account(conn, account_id, name, svc.clock())
     return new_key_pair(svc, account_id)
+
+
+def list_accounts(svc: Services) -> list[dict[str, str]]:
+    with svc.db.connect() as conn:
+        rows = q.list_accounts(conn)
+    return [{"account_id": r.id, "name": r.name, "created_at": iso(r.created_at)} for r in rows]
+
+
+def list_keys(svc: Services, account_id: str | None = None) -> list[KeyInfo]:
+    with svc.db.connect() as conn:
+        rows = q.list_access_keys(conn, account_id)
+    return [KeyInfo(r.id, r.account_id, bool(r.enabled), r.policy, iso(r.created_at)) for r in rows]
+
+
+def set_key_enabled(svc: Services, key_id: str, enabled: bool) -> None:
+    """Enable or disable a key; every server process refuses a disabled key from its next request."""
+    with svc.db.begin() as conn:
+        if not q.set_key_enabled(conn, key_id, enabled):
+            raise AdminError(f"no AccessKey {key_id}; see `opensmc admin key list`")
+
+
+def delete_key(svc: Services, key_id: str) -> None:
+    with svc.db.begin() as conn:
+        if not q.delete_access_key(conn, key_id):
+            raise AdminError(f"no AccessKey {key_id}; see `opensmc admin key list`")
+
+
+def rotate_master_key(svc: Services, new: SecretBox) -> int:
+    """Re-seal every AccessKey secret under ``new``, in one transaction; the number re-sealed.
+
+    A secret the current master key cannot open is an error (nothing is
+    changed): rotating with the wrong key would lose every key.
+    """
+    with svc.db.begin() as conn:
+        sealed = q.all_sealed_secrets(conn)
+        for key_id, enc in sealed:
+            secret = svc.secrets.open(enc)
+            if secret is None:
+                raise AdminError(
+                    f"the current master key cannot open the secret of {key_id}: is this the database's master key?"
+                )
+            q.reseal(conn, key_id, new.seal(secret))
+    return len(sealed)
 
 
 def bootstrap_admin(svc: Services, endpoint: str) -> Path | None:
@@ -85,11 +160,12 @@ def _refresh_endpoint(path: Path, endpoint: str) -> None:
 
 
 def lookup_secret(svc: Services, key_id: str, *, cached: bool = True) -> CachedKey | None:
-    """(account_id, secret, keys_version) of an enabled AccessKey, or None.
+    """(account_id, secret, keys_version, policy) of an enabled AccessKey, or None.
 
     From this process's verified-key cache when ``cached`` and present; the
     caller must then pass the entry's version to :func:`check_nonce`, which
-    refuses it if any key changed since (``service/keycache.py``).
+    refuses it if any key changed since (``service/keycache.py``): a key
+    disabled or deleted in any process is refused at the next request.
     """
     cache = cache_for(svc.db)
     if cached:
@@ -102,13 +178,24 @@ def lookup_secret(svc: Services, key_id: str, *, cached: bool = True) -> CachedK
     if found is None:
         cache.drop(key_id)
         return None
-    account_id, sealed = found
+    account_id, sealed, policy = found
     secret = svc.secrets.open(sealed)
     if secret is None:
         return None
-    entry = CachedKey(account_id, secret, version)
+    entry = CachedKey(account_id, secret, version, policy)
     cache.put(key_id, entry)
     return entry
+
+
+def check_policy(caller: Caller, action: str) -> None:
+    """Refuse an action the caller's key policy does not allow (``Forbidden.RAM``, 403)."""
+    if caller.read_only and not action.startswith(READ_PREFIXES):
+        raise AuthError(
+            "Forbidden.RAM",
+            f"The AccessKey {caller.access_key_id} has the {READ_ONLY} policy, which allows only Describe* and "
+            f"List* actions; {action} is not allowed. Use a key with full access.",
+            403,
+        )
 
 
 def check_nonce(svc: Services, caller: Caller, nonce: str, *, key_version: int | None = None) -> bool:

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from opensmc.domain import strictjson
 from opensmc.domain.errors import SmcError
 from opensmc.domain.runs import is_syncing_run
 from opensmc.service import jobs as job_service
@@ -31,8 +32,9 @@ log = logging.getLogger("opensmc.dataplane")
 
 def replication_parameters(raw: str | None) -> dict[str, Any]:
     try:
-        value = json.loads(raw or "{}")
-    except ValueError:
+        # strict: a row written before NaN was refused must not break every heartbeat
+        value = strictjson.loads(raw or "{}")
+    except strictjson.StrictJsonError:
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -53,6 +55,8 @@ def current_run(svc: Services, job_id: str) -> tuple[str, str, int | None]:
 
 
 _auth_cache: dict[str, tuple[float, bool]] = {}
+#: A data token is `<job id>.<run>.<hex HMAC-SHA256>`, well under this.
+_MAX_TOKEN = 256
 _auth_lock = threading.Lock()
 
 
@@ -65,16 +69,23 @@ def authorize(svc: Services, token: str, vid: str) -> bool:
         if hit and now - hit[0] < 2.0:
             return hit[1]
     ok = _authorize(svc, token, vid)
-    with _auth_lock:
-        if len(_auth_cache) > 10_000:
-            _auth_cache.clear()
-        _auth_cache[key] = (now, ok)
+    if ok:
+        # Only verified credentials are cached: caching refusals let anyone grow the
+        # cache with junk tokens (10,000 of 8 KB = 80 MiB). A refusal costs one HMAC
+        # (no database read unless the MAC is right), so it need not be cached.
+        with _auth_lock:
+            if len(_auth_cache) > 10_000:
+                _auth_cache.clear()
+            _auth_cache[key] = (now, ok)
     return ok
 
 
 def _authorize(svc: Services, token: str, vid: str) -> bool:
+    if len(token) > _MAX_TOKEN:
+        return False
     parts = token.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
+    # isascii: str.isdigit() also holds for "²", which int() refuses (a 500, not a 403)
+    if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
         return False
     job_id, run_text, _mac = parts
     if not hmac.compare_digest(token, data_token(svc, job_id, int(run_text))):

@@ -4,9 +4,26 @@ An agent registers with an activation code (CreateAccessToken) or an
 AccessKey pair and its discovery report (``opensmc.agent.discovery.to_report``).
 It gets back its source's ID and an agent token, ``<source_id>.<secret>``,
 that it sends as ``Authorization: Bearer`` on later calls. Only a salted
-hash of the secret is kept, and a re-registration replaces it. The same
-``machine_id`` in the same account always maps to the same source, and
-only a new source uses up one of the code's ``Count`` registrations.
+hash of the secret is kept.
+
+Identity: a source is (account, ``instance_id``), a random id the agent keeps
+in its state dir, so two state dirs or two cloned machines (one
+``/etc/machine-id``) are two sources; ``machine_id`` is only reported. An agent
+that sends no instance id is identified as ``machine:<machine_id>``. A known
+identity gets its source back only with proof:
+
+* its saved agent token (``agent_token``): the source is refreshed, the token
+  stays valid, no code use is spent;
+* or a fresh credential while the source's agent is silent: an activation
+  code then spends one of its ``Count`` uses (``AccessToken.CountExceeded``
+  when none is left), an AccessKey proves the account; the source gets a new
+  token, and the re-registration is logged and shown in its ``StatusInfo``.
+
+A registration without the token while the source's agent is online is a
+conflict (two agents claiming one identity, e.g. a copied state dir): it is
+refused with 409 ``SourceServer.IdentityConflict``, logged, and shown on the
+source (``ErrorCode``/``StatusInfo``); the online agent keeps its credential,
+so the two never take the source from each other in turn.
 
 Errors are :class:`AgentApiError` (``{"code","message"}`` with a 4xx
 status); the wire format is in docs/agent-api.md.
@@ -14,11 +31,12 @@ status); the wire format is in docs/agent-api.md.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -34,7 +52,11 @@ from opensmc.service.tokens import Token, hash_secret, verify_secret
 from opensmc.store import sources as q
 from opensmc.store import tokens as token_store
 
+log = logging.getLogger("opensmc.agents")
+
 _MACHINE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._\-]{16,64}$")
+CONFLICT = "SourceServer.IdentityConflict"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9:_\-]+")
 NAME_MAX = 128
 
@@ -63,8 +85,13 @@ class AgentIdentity:
 # -- registration ------------------------------------------------------------------------------------------
 
 
-def register(svc: Services, body: Mapping[str, Any]) -> Registration:
-    """`POST /agent/v1/register`: check the credential, then create or refresh the source."""
+def register(svc: Services, body: Mapping[str, Any], *, plain_http_remote: bool = False) -> Registration:
+    """`POST /agent/v1/register`: check the credential, then create or refresh the source.
+
+    ``plain_http_remote``: the request came over plain HTTP from another host.
+    An AccessKey is then refused (unless the server runs with ``--insecure-http``),
+    so that an operator learns at once that the secret crossed the network in clear.
+    """
     raw_report = body.get("report", body)
     machine_id = body.get("machine_id") or (raw_report.get("machine_id") if isinstance(raw_report, Mapping) else None)
     if not isinstance(machine_id, str) or not _MACHINE_ID.match(machine_id):
@@ -75,20 +102,36 @@ def register(svc: Services, body: Mapping[str, Any]) -> Registration:
         )
     report = parse_report(raw_report)
     version = _agent_version(body)
+    who = _claimant(body, machine_id, report)
     token_id, token_code = body.get("token_id"), body.get("token_code")
     key_id, key_secret = body.get("access_key_id"), body.get("access_key_secret")
     if token_id or token_code:
         if not isinstance(token_id, str) or not isinstance(token_code, str) or not token_id or not token_code:
             raise AgentApiError(400, "MissingCredential", 'Give both "token_id" and "token_code".')
-        return _with_retry(lambda: _register_with_token(svc, token_id, token_code, machine_id, report, version))
+        return _with_retry(lambda: _register_with_token(svc, token_id, token_code, who, report, version))
     if key_id or key_secret:
         if not isinstance(key_id, str) or not isinstance(key_secret, str) or not key_id or not key_secret:
             raise AgentApiError(400, "MissingCredential", 'Give both "access_key_id" and "access_key_secret".')
+        if plain_http_remote and not svc.settings.insecure_http:
+            raise AgentApiError(
+                403,
+                "InsecureTransport",
+                "An AccessKey must not be sent over plain HTTP from another host: serve the API over TLS "
+                "(opensmc server --tls-cert/--tls-key) or register with an activation code; the server's "
+                "--insecure-http accepts it anyway. Consider this key exposed and rotate it.",
+            )
         found = accounts.lookup_secret(svc, key_id, cached=False)  # rare: always the database's word
         if found is None or not secrets.compare_digest(found.secret.encode(), key_secret.encode()):
             raise AgentApiError(403, "InvalidAccessKey", "The AccessKey ID or secret is wrong, or the key is disabled.")
         account_id = found.account_id
-        return _with_retry(lambda: _register_in_account(svc, account_id, key_id, None, machine_id, report, version))
+        if found.policy == accounts.READ_ONLY:
+            raise AgentApiError(
+                403,
+                "Forbidden.RAM",
+                f"The AccessKey {key_id} has the {accounts.READ_ONLY} policy, which cannot register sources; "
+                "use a key with full access or an activation code.",
+            )
+        return _with_retry(lambda: _register_in_account(svc, account_id, key_id, None, who, report, version))
     raise AgentApiError(
         400,
         "MissingCredential",
@@ -108,22 +151,49 @@ def register_source(
 ) -> Registration:
     """Add (or refresh) a source without an agent call: for tests and admin tooling."""
     parsed = parse_report(report)
-    return _with_retry(
-        lambda: _register_in_account(svc, account_id, registered_with, None, machine_id, parsed, agent_version)
-    )
+    who = Claimant(machine_id, f"machine:{machine_id}", None, parsed.hostname)
+    return _with_retry(lambda: _register_in_account(svc, account_id, registered_with, None, who, parsed, agent_version))
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who asks to register: the identity it claims and the proof it holds, if any."""
+
+    machine_id: str
+    instance_id: str
+    agent_token: str | None  #: the saved credential of the claimed source, if the agent has one
+    hostname: str
+
+
+def _claimant(body: Mapping[str, Any], machine_id: str, report: Report) -> Claimant:
+    instance_id = body.get("instance_id")
+    if instance_id is None:
+        instance_id = f"machine:{machine_id}"  # an agent from before instance ids
+    elif not isinstance(instance_id, str) or not _INSTANCE_ID.match(instance_id):
+        raise AgentApiError(
+            400, "InvalidInstanceId", '"instance_id" must be 16 to 64 characters of letters, digits, ".", "_", "-".'
+        )
+    proof = body.get("agent_token")
+    if proof is not None and (not isinstance(proof, str) or len(proof) > 256):
+        raise AgentApiError(400, "InvalidAgentToken", '"agent_token" must be the token this agent saved (a string).')
+    return Claimant(machine_id, instance_id, proof or None, report.hostname)
 
 
 def _with_retry(attempt: Callable[[], Registration]) -> Registration:
-    # Two registrations of one machine at once: the loser hits the (account, machine)
-    # unique key; on the second try it finds the winner's source and refreshes it.
+    # Two registrations of one identity at once: the loser hits the (account, instance)
+    # unique key; on the second try it finds the winner's source.
     try:
-        return attempt()
-    except IntegrityError:
-        return attempt()
+        try:
+            return attempt()
+        except IntegrityError:
+            return attempt()
+    except IdentityConflict as conflict:
+        conflict.record()
+        raise
 
 
 def _register_with_token(
-    svc: Services, token_id: str, code: str, machine_id: str, report: Report, version: str
+    svc: Services, token_id: str, code: str, who: Claimant, report: Report, version: str
 ) -> Registration:
     now = svc.clock()
     with svc.db.begin() as conn:
@@ -141,7 +211,7 @@ def _register_with_token(
                 "AccessToken.Expired",
                 f"The activation code {token_id} expired at {iso(token.expires_at)}; create a new one.",
             )
-        return _register(conn, svc, token.account_id, token_id, token, machine_id, report, version, now)
+        return _register(conn, svc, token.account_id, token_id, token, who, report, version, now)
 
 
 def _register_in_account(
@@ -149,13 +219,48 @@ def _register_in_account(
     account_id: str,
     registered_with: str,
     token: Token | None,
-    machine_id: str,
+    who: Claimant,
     report: Report,
     version: str,
 ) -> Registration:
     now = svc.clock()
     with svc.db.begin() as conn:
-        return _register(conn, svc, account_id, registered_with, token, machine_id, report, version, now)
+        return _register(conn, svc, account_id, registered_with, token, who, report, version, now)
+
+
+class IdentityConflict(AgentApiError):
+    """A registration claimed an online source's identity without its credential."""
+
+    def __init__(self, svc: Services, source_id: str, info: str) -> None:
+        super().__init__(
+            409,
+            CONFLICT,
+            f"The source {source_id} is online with another agent that uses this agent's identity "
+            "(a copied --state-dir?). Give this agent a state dir of its own; the online agent keeps the source.",
+        )
+        self.svc, self.source_id, self.info = svc, source_id, info
+
+    def record(self) -> None:
+        """Log the conflict and show it on the source (its own transaction: the registration's rolled back)."""
+        log.warning("source %s: identity conflict: %s", self.source_id, self.info)
+        with self.svc.db.begin() as conn:
+            q.update_fields(conn, self.source_id, {"error_code": CONFLICT, "status_info": self.info[:1024]})
+
+
+def _proves(who: Claimant, row: Any) -> bool:
+    """Does the claimant hold the source's current agent token?"""
+    if who.agent_token is None:
+        return False
+    source_id, _, secret = who.agent_token.partition(".")
+    return source_id == row.id and bool(secret) and verify_secret(secret, row.agent_secret_hash)
+
+
+def _online(svc: Services, row: Any, now: datetime) -> bool:
+    """Is the source's agent heard from, within the grace period?"""
+    if row.state not in (SourceState.AVAILABLE.value, SourceState.IN_USE.value) or row.last_heartbeat_at is None:
+        return False
+    last = row.last_heartbeat_at if row.last_heartbeat_at.tzinfo else row.last_heartbeat_at.replace(tzinfo=UTC)
+    return bool(now - last < svc.settings.heartbeat_grace)
 
 
 def _register(
@@ -164,13 +269,12 @@ def _register(
     account_id: str,
     registered_with: str,
     token: Token | None,
-    machine_id: str,
+    who: Claimant,
     report: Report,
     version: str,
     now: datetime,
 ) -> Registration:
-    secret = secrets.token_urlsafe(32)
-    existing = q.get_by_machine(conn, account_id, machine_id)
+    existing = q.get_by_instance(conn, account_id, who.instance_id)
     if existing is not None:
         if existing.state == SourceState.DELETING.value:
             raise AgentApiError(
@@ -178,26 +282,46 @@ def _register(
                 "SourceServerState.Invalid",
                 f"The source {existing.id} is being deleted; try again later.",
             )
-        q.update_fields(
-            conn,
-            existing.id,
-            {
-                **report_columns(report),
-                "agent_version": version,
-                "agent_secret_hash": hash_secret(secret),
-                "last_heartbeat_at": now,
-                "heartbeat_rate": svc.settings.heartbeat_rate,
-            },
+        refreshed = {
+            **report_columns(report),
+            "machine_id": who.machine_id,
+            "agent_version": version,
+            "last_heartbeat_at": now,
+            "heartbeat_rate": svc.settings.heartbeat_rate,
+        }
+        if _proves(who, existing):
+            # The agent's own credential: it keeps it; a conflict shown before is over.
+            if existing.error_code == CONFLICT:
+                refreshed.update(error_code="", status_info="")
+            q.update_fields(conn, existing.id, refreshed)
+            q.revive(conn, existing.id)
+            assert who.agent_token is not None
+            return Registration(existing.id, who.agent_token, account_id, created=False)
+        if _online(svc, existing, now):
+            raise IdentityConflict(
+                svc,
+                existing.id,
+                f"at {iso(now)} an agent on host {who.hostname!r} (machine {who.machine_id}) tried to register as "
+                f"this source with {registered_with} but without its agent token, while this source's agent is "
+                "online; it was refused (a copied --state-dir? give each agent its own).",
+            )
+        if token is not None and not token_store.claim_registration(conn, token.id):
+            raise _count_exceeded(token)
+        secret = secrets.token_urlsafe(32)
+        info = (
+            f"Re-registered at {iso(now)} with {registered_with} by an agent on host {who.hostname!r} "
+            f"(machine {who.machine_id}); the previous agent token no longer works."
         )
+        log.warning("source %s: %s", existing.id, info)
+        refreshed.update(agent_secret_hash=hash_secret(secret), registered_with=registered_with, status_info=info)
+        if existing.error_code == CONFLICT:
+            refreshed["error_code"] = ""
+        q.update_fields(conn, existing.id, refreshed)
         q.revive(conn, existing.id)
         return Registration(existing.id, f"{existing.id}.{secret}", account_id, created=False)
     if token is not None and not token_store.claim_registration(conn, token.id):
-        raise AgentApiError(
-            403,
-            "AccessToken.CountExceeded",
-            f"The activation code {token.id} has already registered its {token.count} source(s); "
-            "create a new code or delete unused sources' code.",
-        )
+        raise _count_exceeded(token)
+    secret = secrets.token_urlsafe(32)
     source_id = new_id("s-")
     q.insert_source(
         conn,
@@ -216,7 +340,8 @@ def _register(
             "agent_version": version,
             "heartbeat_rate": svc.settings.heartbeat_rate,
             "replication_driver": "SMT",
-            "machine_id": machine_id,
+            "machine_id": who.machine_id,
+            "instance_id": who.instance_id,
             "agent_secret_hash": hash_secret(secret),
             "registered_with": registered_with,
             "last_heartbeat_at": now,
@@ -224,6 +349,15 @@ def _register(
         },
     )
     return Registration(source_id, f"{source_id}.{secret}", account_id, created=True)
+
+
+def _count_exceeded(token: Token) -> AgentApiError:
+    return AgentApiError(
+        403,
+        "AccessToken.CountExceeded",
+        f"The activation code {token.id} has already registered its {token.count} source(s); "
+        "create a new code or delete unused sources' code.",
+    )
 
 
 def report_columns(report: Report) -> dict[str, Any]:

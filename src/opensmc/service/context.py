@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,6 +29,8 @@ class Settings:
     heartbeat_rate: int = 10  #: liveness only: work reaches agents on their task channel (GET /agent/v1/tasks)
     #: how long a processed request's signature nonce is remembered (the timestamp window)
     signature_window: timedelta = timedelta(minutes=15)
+    #: accept AccessKey registrations over plain HTTP from other hosts (`--insecure-http`)
+    insecure_http: bool = False
     max_jobs_per_account: int = 1000
     max_workgroups_per_account: int = 50
     #: where images are kept: "" for the local directory ``store_dir``, or ``s3://BUCKET/PREFIX``
@@ -50,6 +53,17 @@ class Settings:
         return self.data_dir / "staging"
 
 
+def is_loopback(host: str) -> bool:
+    """A loopback address or name: traffic to it never leaves the machine."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 (not loopback to Python before 3.13)
+    return ip.is_loopback
+
+
 @dataclass
 class Services:
     db: Database
@@ -64,3 +78,7 @@ class Caller:
 
     account_id: str
     access_key_id: str
+    #: how the request was signed: "ACS3-HMAC-SHA256", "HMAC-SHA1", or "" (not over the wire)
+    scheme: str = ""
+    #: the key's policy allows only Describe*/List* actions
+    read_only: bool = False

@@ -13,6 +13,7 @@ import math
 from datetime import datetime, timedelta
 from typing import Any
 
+from opensmc.domain import strictjson
 from opensmc.domain.errors import Conflict, InvalidParameter, MissingParameter
 from opensmc.params import Params
 
@@ -198,9 +199,9 @@ def replication_parameters(p: Params) -> str | None:
             f"It must be at most {MAX_REPLICATION_PARAMETERS} characters long.",
         )
     try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise InvalidParameter(p.wire("ReplicationParameters"), "It must be a JSON object.") from None
+        doc = strictjson.loads(raw)
+    except strictjson.StrictJsonError as exc:
+        raise InvalidParameter(p.wire("ReplicationParameters"), f"It must be a JSON object, but {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidParameter(p.wire("ReplicationParameters"), "It must be a JSON object.")
     bw = doc.get("bandwidth_limit")

@@ -33,6 +33,7 @@ class CachedKey:
     account_id: str
     secret: str
     version: int  #: keys_version when the key row was read
+    policy: str = "FullAccess"  #: the key's policy (FullAccess or ReadOnly)
 
 
 class KeyCache:

@@ -47,9 +47,10 @@ def get_any(conn: Connection, source_id: str) -> Row[Any] | None:
     return conn.execute(select(sources).where(sources.c.id == source_id)).first()
 
 
-def get_by_machine(conn: Connection, account_id: str, machine_id: str) -> Row[Any] | None:
+def get_by_instance(conn: Connection, account_id: str, instance_id: str) -> Row[Any] | None:
+    """The source of an agent identity (its state dir's instance id) in an account."""
     return conn.execute(
-        select(sources).where(sources.c.account_id == account_id, sources.c.machine_id == machine_id)
+        select(sources).where(sources.c.account_id == account_id, sources.c.instance_id == instance_id)
     ).first()
 
 

@@ -55,6 +55,8 @@ access_keys = Table(
     Column("secret_enc", Text, nullable=False),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created_at", TS, nullable=False),
+    #: "FullAccess", or "ReadOnly" (Describe*/List* actions only)
+    Column("policy", String(16), nullable=False, default="FullAccess", server_default="FullAccess"),
 )
 
 #: One row (id 1): bumped whenever an AccessKey is disabled, deleted or changed, so that
@@ -124,12 +126,14 @@ sources = Table(
     Column("system_info", Text, nullable=False, default="{}"),
     Column("system_disk_size", Integer, nullable=False, default=0),
     Column("disks", Text, nullable=False, default="[]"),  #: discovered disks, JSON (agent report)
-    Column("machine_id", String(128), nullable=False),  #: agent's stable identity: same machine, same source
+    Column("machine_id", String(128), nullable=False),  #: what the agent reports; not an identity (clones share it)
+    #: the agent's identity: a random id kept in its state dir ("machine:<id>" for agents older than it)
+    Column("instance_id", String(160), nullable=False, default="", server_default=""),
     Column("agent_secret_hash", String(128), nullable=False),
     Column("registered_with", String(64), nullable=False, default=""),  #: at-… or AccessKey id
     Column("last_heartbeat_at", TS, nullable=True),
     Column("created_at", TS, nullable=False),
-    UniqueConstraint("account_id", "machine_id", name="uq_sources_account_machine"),
+    UniqueConstraint("account_id", "instance_id", name="uq_sources_account_instance"),
 )
 
 jobs = Table(

@@ -284,6 +284,30 @@ def parse_header(buf: bytes | memoryview) -> FrameHeader:
     return FrameHeader(codec, flags, offset, plain_len, payload_len, h)
 
 
+def _unzstd(payload: bytes | memoryview, plain_length: int) -> bytes:
+    """Decompress a zstd payload to at most ``plain_length`` bytes, never allocating more.
+
+    python-zstandard's one-shot ``decompress`` ignores ``max_output_size``
+    when the zstd frame declares its content size, and allocates whatever
+    the (attacker-written) frame declares: 32 KiB can ask for 1 GiB. So the
+    declared size is read first and must equal the frame header's plain
+    length; a payload that declares none is decoded through a stream reader,
+    which cannot return more than it is asked for.
+    """
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared == plain_length:
+            # The allocation is the declared size, already bounded by MAX_PLAIN in parse_header.
+            return _decompressor().decompress(payload, allow_extra_data=False)
+        if declared != -1:  # -1: the frame does not say
+            raise LengthMismatch(f"zstd payload declares {declared} bytes, the frame header says {plain_length}")
+        with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
+            data = reader.read(plain_length + 1)
+    except zstandard.ZstdError as e:
+        raise LengthMismatch(f"zstd payload does not decode to {plain_length} bytes: {e}") from e
+    return bytes(data)
+
+
 def decode_payload(header: FrameHeader, payload: bytes | memoryview) -> Frame:
     """Decompress and verify ``payload`` against ``header``; returns the plain frame."""
     if len(payload) != header.payload_length:
@@ -291,10 +315,7 @@ def decode_payload(header: FrameHeader, payload: bytes | memoryview) -> Frame:
     if header.is_zero:
         return Frame(header.offset, header.plain_length, header.digest, b"", is_zero=True)
     if header.codec == CODEC_ZSTD:
-        try:
-            data = _decompressor().decompress(payload, max_output_size=header.plain_length)
-        except zstandard.ZstdError as e:
-            raise LengthMismatch(f"zstd payload does not decode to {header.plain_length} bytes: {e}") from e
+        data = _unzstd(payload, header.plain_length)
     else:
         data = bytes(payload)
     if len(data) != header.plain_length:
