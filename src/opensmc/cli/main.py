@@ -125,9 +125,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     demo.add_arguments(sub.add_parser("demo", help="a complete migration on this machine, for a first look"))
 
-    from opensmc.cli import admin
+    p_admin = sub.add_parser("admin", help="accounts, AccessKeys and the master key (on the server)")
+    if command in (None, "admin"):  # it imports the server's database stack: only when asked for
+        from opensmc.cli import admin
 
-    admin.add_arguments(sub.add_parser("admin", help="accounts, AccessKeys and the master key (on the server)"))
+        admin.add_arguments(p_admin)
 
     p_db = sub.add_parser("db", help="database maintenance")
     db_sub = p_db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
