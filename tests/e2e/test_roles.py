@@ -65,11 +65,12 @@ def test_separate_receiver_killed_and_restarted(tmp_path: Path) -> None:
     agent = None
     try:
         agent, source_id = register(server, [disk.path], tmp_path / "agent")
-        job_id = create_job(server, source_id, "split", "--ReplicationParameters", json.dumps({"bandwidth_limit": 40}))
+        # ~10 MiB of data at 8 Mbit/s: about ten seconds of Syncing, time to kill the receiver midway
+        job_id = create_job(server, source_id, "split", "--ReplicationParameters", json.dumps({"bandwidth_limit": 8}))
         server.call_json("StartReplicationJob", "--JobId", job_id)
         job = wait_status(server, job_id, "Running", "Syncing", timeout=30)
         ti = str(job["TransitionInstanceId"])
-        wait_for(lambda: staging_bytes(server, ti) > 4 * MiB, timeout=30, what="data on the receiver")
+        wait_for(lambda: staging_bytes(server, ti) > 2 * MiB, timeout=30, what="data on the receiver")
         stop(receiver, sig_kill=True)
         time.sleep(2)  # the agent finds the receiver gone and keeps retrying its task
         receiver = start_receiver(data, rport)
