@@ -91,7 +91,8 @@ class AbstractLock(Protocol):
     def release(self) -> None: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -141,7 +142,7 @@ class LocalBackend:
             for d in reversed(missing):
                 if not d.is_dir():
                     d.mkdir(mode=0o700, exist_ok=True)
-                    _fsync_dir(d.parent)
+                    fsync_dir(d.parent)
         self._dirs.add(parent)
 
     def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
@@ -168,7 +169,7 @@ class LocalBackend:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)
@@ -226,7 +227,7 @@ class LocalBackend:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def lock(self, name: str, *, exclusive: bool, blocking: bool = True) -> _FileLock:
         # Under a hidden folder: no object name can start with a dot, so none collides with a lock.

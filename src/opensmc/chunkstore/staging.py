@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from opensmc.chunkstore.backend import AbstractLock
+from opensmc.chunkstore.backend import AbstractLock, fsync_dir
 from opensmc.chunkstore.repository import GC_LOCK, Repository, StoreError
 from opensmc.chunkstore.snapshots import DIGEST, DiskIndex, chunks_of
 
@@ -57,14 +57,6 @@ class OutOfRange(StagingError):
 
 class Misaligned(StagingError):
     code = "Frame.Misaligned"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StagingIndex:
@@ -103,7 +95,7 @@ class StagingIndex:
         finally:
             os.close(fd)
         os.replace(tmp, p)
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
         return cls.open(p)
 
     @staticmethod
@@ -154,7 +146,7 @@ class StagingIndex:
         finally:
             os.close(fd)
         os.replace(tmp, p)
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
 
     def close(self, *, flush: bool = False, repo: Repository | None = None) -> None:
         """Close the file; with ``flush``, checkpoint first. Unflushed pending entries are dropped."""
