@@ -61,6 +61,7 @@ def add_source(
                 name="src-" + sid[2:10],
                 state=state,
                 machine_id=sid,
+                instance_id=f"machine:{sid}",  # identity is (account, instance): one per source
                 agent_secret_hash="x",
                 disks=json.dumps(DISKS if disks is None else disks),
                 created_at=services.clock(),

@@ -30,6 +30,7 @@ def add_source(
                 state=state,
                 workgroup_id=workgroup_id,
                 machine_id=sid,
+                instance_id=f"machine:{sid}",  # identity is (account, instance): one per source
                 agent_secret_hash="x",
                 created_at=T0,
             )
