@@ -23,9 +23,10 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from opensmc.images.boot import BootTestError, boot_test, latest_verdicts, results_dir
-from opensmc.images.store import ImageError, ImageStore
+from opensmc.images.store import ImageError
 from opensmc.service.agent_tasks import replication_parameters
 from opensmc.service.context import Services
+from opensmc.service.images import store_of
 from opensmc.store.tables import images, job_runs, jobs
 
 log = logging.getLogger("opensmc.dataplane")
@@ -46,7 +47,7 @@ def after_sealing(svc: Services, job: Any, run_id: int | None, image_id: str) ->
     timeout = min(float(params.get("boot_test_timeout") or DEFAULT_TIMEOUT), MAX_TIMEOUT)
     try:
         verdict = boot_test(
-            ImageStore(svc.settings.store_dir), image_id, results_dir(svc.settings.data_dir), timeout=timeout
+            store_of(svc), image_id, results_dir(svc.settings.data_dir), timeout=timeout
         )
         record: dict[str, Any] = {
             "image_id": image_id, "verdict": verdict.verdict, "stage": verdict.stage, "reason": verdict.reason,

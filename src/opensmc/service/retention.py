@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from opensmc.images.store import ImageNotFound, ImageStore
+from opensmc.images.store import ImageNotFound
 from opensmc.service.context import Services
+from opensmc.service.images import store_of
 from opensmc.service.staging import live_staging
 from opensmc.store import images as image_q
 
@@ -26,7 +27,7 @@ def rotate(svc: Services, job: Any) -> None:
         return
     with svc.db.connect() as conn:
         existing = image_q.images_of_job(conn, job.id)
-    store = ImageStore(svc.settings.image_location)
+    store = store_of(svc)
     for row in existing[: max(0, len(existing) - keep)]:
         # The snapshot first: a crash in between leaves a row whose image is gone (shown as
         # such, removed again next time), never a snapshot nobody knows about.
@@ -43,7 +44,7 @@ def collect_garbage(svc: Services) -> bool:
 
     It does not wait: while a run writes (or an export reads) it is deferred to a later pass.
     """
-    store = ImageStore(svc.settings.image_location)
+    store = store_of(svc)
     if not store.gc_wanted():
         return False
     report = store.gc(live_staging(svc))

@@ -29,6 +29,7 @@ from opensmc.service import boot_tests, disk_sizes, leases, retention
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
+from opensmc.service.images import store_of
 from opensmc.service.staging import (
     drop_staged_chunks,
     fail,
@@ -45,7 +46,7 @@ log = logging.getLogger("opensmc.dataplane")
 
 
 def image_store(svc: Services) -> ImageStore:
-    return ImageStore(svc.settings.image_location)
+    return store_of(svc)
 
 
 def process(svc: Services) -> int:
