@@ -55,6 +55,17 @@ class BackendContract:
         assert backend.read("ba") == b"xyz"
         assert backend.read("mv") == b"234"
 
+    def test_accepts_parts(self, backend: Backend) -> None:
+        """A sequence of buffers is one object, its parts in order (how packs are written)."""
+        parts: list[bytes | bytearray | memoryview] = [b"head", memoryview(b"--body--")[2:6], bytearray(b"!"), b""]
+        backend.write("parts", parts)
+        assert backend.read("parts") == b"headbody!"
+        many = [bytes([i % 251]) * (i % 7 + 1) for i in range(3000)]  # more than one writev takes
+        backend.write("many", many)
+        assert backend.read("many") == b"".join(many)
+        backend.write("none", [])
+        assert backend.read("none") == b""
+
     def test_empty_object(self, backend: Backend) -> None:
         backend.write("empty", b"")
         assert backend.exists("empty")

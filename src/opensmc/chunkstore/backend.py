@@ -17,21 +17,41 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 __all__ = [
     "AbstractLock",
     "Backend",
+    "Data",
     "LocalBackend",
     "LockBusy",
     "ObjectExists",
     "ObjectNotFound",
     "check_name",
+    "joined",
     "locked",
 ]
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+#: What ``write`` takes: one buffer, or the parts of the object in order (a pack is its blobs
+#: as received: a local backend writes them with one ``writev``, never joining them).
+Data: TypeAlias = Buffer | Sequence[Buffer]
+
+
+def _parts(data: Data) -> Sequence[Buffer]:
+    return (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+
+
+def joined(data: Data) -> bytes:
+    """``data`` as one ``bytes`` (for clients that want a single body)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    return b"".join(data)
 
 
 class ObjectNotFound(KeyError):
@@ -55,8 +75,10 @@ def check_name(name: str) -> str:
 
 
 class Backend(Protocol):
-    def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def write(self, name: str, data: Data, *, exclusive: bool = False) -> None:
         """Store ``data`` under ``name``, durably and atomically (readers see all of it or none).
+
+        ``data`` is one buffer, or a sequence of them: the object's parts, in order.
 
         With ``exclusive`` an existing object is never replaced: :class:`ObjectExists`.
         """
@@ -98,6 +120,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_IOV_MAX = 1024  # Linux's limit on buffers per writev
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """Write every part, in order, with as few system calls as the kernel allows."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i : i + _IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:  # a short write: skip what went, go on from the middle of a part
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = v[n:]
+                break
 
 
 class _FileLock:
@@ -145,16 +186,14 @@ class LocalBackend:
                     fsync_dir(d.parent)
         self._dirs.add(parent)
 
-    def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def write(self, name: str, data: Data, *, exclusive: bool = False) -> None:
         path = self._path(name)
         self._parent(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, _parts(data))
                 os.fsync(fd)
             finally:
                 os.close(fd)

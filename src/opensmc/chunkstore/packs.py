@@ -66,15 +66,25 @@ def _zstd_compressor() -> zstandard.ZstdCompressor:
 
 
 class PackBuilder:
-    """Collects blobs in memory until :meth:`finish` gives the pack's bytes and index."""
+    """Collects blobs in memory until :meth:`finish_parts` gives the pack's bytes and index.
+
+    Blobs are kept as the caller's buffers (referenced, not copied) and handed on as
+    they are by :meth:`finish_parts` (a local store writes them with one ``writev``):
+    appending them to one growing ``bytearray`` copied every byte about eight times
+    over as it was reallocated, and joining them costs a copy into fresh pages; those
+    were the receiver's largest costs. A buffer that may still change (a
+    ``bytearray``, or a view of one) is copied when added.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray(PACK_MAGIC)
+        self._parts: list[bytes | memoryview] = [PACK_MAGIC]
+        self._size = len(PACK_MAGIC)
+        self._hash = xxhash.xxh3_128(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
         self._zstd: zstandard.ZstdCompressor | None = None
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._size
 
     @property
     def count(self) -> int:
@@ -90,17 +100,30 @@ class PackBuilder:
             packed = self._zstd.compress(plain)
             if len(packed) < len(plain) * 0.9:
                 data, codec = packed, CODEC_ZSTD
-        offset = len(self._buf) + _BLOB.size
-        self._buf += _BLOB.pack(blob_hash, codec, len(plain), len(data))
-        self._buf += data
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)  # the caller may reuse its buffer before the pack is written
+        header = _BLOB.pack(blob_hash, codec, len(plain), len(data))
+        offset = self._size + _BLOB.size
+        self._parts += (header, data)
+        self._hash.update(header)
+        self._hash.update(data)
+        self._size = offset + len(data)
         self.entries.append(BlobEntry(blob_hash, codec, offset, len(plain), len(data)))
 
-    def finish(self) -> tuple[str, bytearray, bytes]:
-        """(pack name, pack bytes, index bytes). The builder's buffer is handed over, not copied."""
+    def finish_parts(self) -> tuple[str, list[bytes | memoryview], bytes]:
+        """(pack name, the pack's bytes as parts in order, index bytes); the builder is empty after.
+
+        The parts go to :meth:`~.backend.Backend.write` as they are: nothing is joined."""
         index = encode_index(self.entries)
-        self._buf += index
-        pack, self._buf = self._buf, bytearray()
-        return xxhash.xxh3_128_hexdigest(pack), pack, index
+        self._hash.update(index)
+        parts, self._parts = self._parts, []
+        parts.append(index)
+        return self._hash.hexdigest(), parts, index
+
+    def finish(self) -> tuple[str, bytes, bytes]:
+        """(pack name, pack bytes, index bytes): :meth:`finish_parts` joined."""
+        name, parts, index = self.finish_parts()
+        return name, b"".join(parts), index
 
 
 def encode_index(entries: list[BlobEntry]) -> bytes:

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -197,21 +197,29 @@ class Repository:
 
         ``blob_hash`` must be the xxh3-128 of ``plain`` (the caller has checked it).
         """
+        return self.put_many([(blob_hash, plain, compress)])[0]
+
+    def put_many(self, blobs: Sequence[tuple[bytes, bytes | memoryview, bool]]) -> list[int]:
+        """:meth:`put` of each ``(hash, plain, compress)`` in order, under one lock: the seqs."""
+        seqs: list[int] = []
+        index, pending = self._index, self._pending
         with self._lock:
-            if blob_hash in self._index:
-                return 0
-            seq = self._pending.get(blob_hash)
-            if seq is not None:
-                return seq
-            self._raise_writer_error()
-            now = time.monotonic()
-            if not self._open.count:
-                self._opened = now
-            self._open.add(blob_hash, plain, compress=compress)
-            self._pending[blob_hash] = seq = self._seq
-            if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
-                self._seal_locked()
-            return seq
+            for blob_hash, plain, compress in blobs:
+                if blob_hash in index:
+                    seqs.append(0)
+                    continue
+                seq = pending.get(blob_hash)
+                if seq is None:
+                    self._raise_writer_error()
+                    now = time.monotonic()
+                    if not self._open.count:
+                        self._opened = now
+                    self._open.add(blob_hash, plain, compress=compress)
+                    pending[blob_hash] = seq = self._seq
+                    if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
+                        self._seal_locked()
+                seqs.append(seq)
+        return seqs
 
     def _seal_locked(self) -> None:
         if not self._open.count:
@@ -235,7 +243,7 @@ class Repository:
                     return
                 seq, builder = self._queue[0]
             try:
-                name, pack, index = builder.finish()
+                name, pack, index = builder.finish_parts()
                 # The pack first, then its index: an index never names a pack that is not there.
                 self.backend.write(f"data/{name[:2]}/{name}", pack)
                 crash_point("pack.written")

@@ -60,7 +60,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from opensmc.chunkstore.backend import LockBusy, ObjectExists, ObjectNotFound, check_name
+from opensmc.chunkstore.backend import Data, LockBusy, ObjectExists, ObjectNotFound, check_name, joined
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -203,9 +203,9 @@ class S3Backend:
 
     # -- objects ------------------------------------------------------------------------------
 
-    def write(self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+    def write(self, name: str, data: Data, *, exclusive: bool = False) -> None:
         key = self._key(name)
-        body = bytes(data)  # botocore wants bytes or a file; a memoryview of a pack is copied once
+        body = joined(data)  # botocore wants bytes or a file: a pack's parts are joined once
         if exclusive:
             self._write_exclusive(key, name, body)
         elif len(body) > MULTIPART_THRESHOLD:

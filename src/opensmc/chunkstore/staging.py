@@ -203,18 +203,14 @@ class StagingIndex:
         if n > full:  # the short last chunk of the disk
             nonzero.append(any(view[full * cs :]))
             sparse.append(True)
-        entries: list[tuple[int, bytes, int]] = []
         with self._lock:
             self._begin_session(repo)
-        put = repo.put
         digest = xxhash.xxh3_128_digest
-        for k in range(n):
-            if not nonzero[k]:
-                entries.append((first + k, _ZERO, 0))
-                continue
-            chunk = view[k * cs : (k + 1) * cs]
-            h = digest(chunk)
-            entries.append((first + k, h, put(h, chunk, compress=sparse[k])))
+        data_at: list[int] = [k for k in range(n) if nonzero[k]]
+        blobs = [(digest(c), c, sparse[k]) for k in data_at for c in (view[k * cs : (k + 1) * cs],)]
+        seqs = iter(repo.put_many(blobs))  # one lock for the frame, not one per chunk
+        hashes = iter(b[0] for b in blobs)
+        entries = [(first + k, next(hashes), next(seqs)) if nonzero[k] else (first + k, _ZERO, 0) for k in range(n)]
         self._add(entries, repo)
 
     def zero(self, repo: Repository, offset: int, length: int) -> None:
