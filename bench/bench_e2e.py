@@ -17,9 +17,10 @@ zeros), with the page cache dropped before every timed run:
   after the same change ``rsync --inplace --no-whole-file -I -B 4096`` + ``sync``
   (the best rsync for this change pattern).
 
-It also reports how long each run spent in Processing (from the job's event
-log), the peak memory (VmHWM) of the server and the agent, and the space the
-image store takes. Every result is verified: the exported image (and every
+It also reports the CPU seconds the server and the agent used in each run
+(comparable across runs on a busy machine, unlike seconds), how long each
+run spent in Processing (from the job's event log), the peak memory (VmHWM)
+of the server and the agent, and the space the image store takes. Every result is verified: the exported image (and every
 peer's copy) must hash equal to the source.
 
     python bench/bench_e2e.py [--dir /var/tmp/osmc-e2e] [--size-mib 2048]
@@ -54,6 +55,12 @@ from bench_replication import (  # the shared image builder and peers
 ROOT = Path(__file__).resolve().parents[1]
 OPENSMC = [sys.executable, "-m", "opensmc.cli.main"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Product:
@@ -177,6 +184,10 @@ class Product:
     def store_bytes(self) -> int:
         return sum(p.stat().st_blocks * 512 for p in (self.data / "store" / "data").rglob("*") if p.is_file())
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds (user + system) the server and the agent have used so far."""
+        return cpu_seconds(self.server.pid), cpu_seconds(self.agent.pid)
+
     def peaks(self) -> tuple[float, float]:
         return vm_hwm_mib(self.server.pid), vm_hwm_mib(self.agent.pid)
 
@@ -208,7 +219,9 @@ def main() -> None:
     try:
         job_id = product.create_job()
         drop_caches()
+        cpu0 = product.cpu()
         full, image1 = product.full_run(job_id)
+        cpu_full = [b - a for a, b in zip(cpu0, product.cpu(), strict=True)]
         out = work / "exported.img"
         product.export(image1, out)
         rows.append(("full", "opensmc: StartReplicationJob → image made", full, file_hash(out) == source_hash))
@@ -217,7 +230,9 @@ def main() -> None:
         dirty_one_percent(src)
         changed_hash = file_hash(src)
         drop_caches()
+        cpu0 = product.cpu()
         inc, image2 = product.incremental_run(job_id, image1)
+        cpu_inc = [b - a for a, b in zip(cpu0, product.cpu(), strict=True)]
         product.export(image2, out)
         rows.append(("1% changed", "opensmc: CutOver SyncData=true → Finished", inc, file_hash(out) == changed_hash))
         space_two = product.store_bytes()
@@ -256,6 +271,9 @@ def main() -> None:
     for kind, tool, secs, ok in rows:
         ref = next(s for k, t, s, _ in rows if k == kind and t.startswith("opensmc"))
         print(f"{kind:<11} {tool:<50} {secs:8.2f} {secs / ref:14.2f}x  {'✓' if ok else '✗'}")
+    # CPU time, unlike seconds, hardly moves with what else the machine runs: compare it across runs.
+    print(f"CPU seconds, server + agent: full {cpu_full[0]:.2f} + {cpu_full[1]:.2f}, "
+          f"incremental {cpu_inc[0]:.2f} + {cpu_inc[1]:.2f}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"Processing per run: {', '.join(f'{p:.3f} s' for p in processing)}")
     print(f"peak memory: server {server_peak:.0f} MiB, agent {agent_peak:.0f} MiB")
     print(f"image store: {space_one / MiB:.0f} MiB after one image, {space_two / MiB:.0f} MiB after two "
