@@ -20,8 +20,9 @@ zeros), with the page cache dropped before every timed run:
 It also reports the CPU seconds the server and the agent used in each run
 (comparable across runs on a busy machine, unlike seconds), how long each
 run spent in Processing (from the job's event log), the peak memory (VmHWM)
-of the server and the agent, and the space the image store takes. Every result is verified: the exported image (and every
-peer's copy) must hash equal to the source.
+of the server and the agent, and the space the image store takes. Every
+result is verified: the exported image (and every peer's copy) must hash
+equal to the source.
 
     python bench/bench_e2e.py [--dir /var/tmp/osmc-e2e] [--size-mib 2048]
 """

@@ -66,18 +66,18 @@ def _zstd_compressor() -> zstandard.ZstdCompressor:
 
 
 class PackBuilder:
-    """Collects blobs in memory until :meth:`finish_parts` gives the pack's bytes and index.
+    """Collects blobs in one buffer until :meth:`finish_parts` gives the pack's bytes and index.
 
-    Blobs are kept as the caller's buffers (referenced, not copied) and handed on as
-    they are by :meth:`finish_parts` (a local store writes them with one ``writev``):
-    appending them to one growing ``bytearray`` copied every byte about eight times
-    over as it was reallocated, and joining them costs a copy into fresh pages; those
-    were the receiver's largest costs. A buffer that may still change (a
-    ``bytearray``, or a view of one) is copied when added.
+    The buffer can be handed in and taken back (:meth:`release`), so a writer reuses a
+    few buffers for every pack it makes: a pack built by appending to a new ``bytearray``
+    was reallocated, and every byte copied, about eight times as it grew, and each new
+    buffer costs page faults on fresh memory; those were the receiver's largest costs.
+    A blob past the buffer's end grows it (rare: it is sized for a pack and one chunk).
     """
 
-    def __init__(self) -> None:
-        self._parts: list[bytes | memoryview] = [PACK_MAGIC]
+    def __init__(self, buffer: bytearray | None = None, capacity: int = 0) -> None:
+        self._buf = buffer if buffer is not None else bytearray(capacity or len(PACK_MAGIC))
+        self._buf[: len(PACK_MAGIC)] = PACK_MAGIC
         self._size = len(PACK_MAGIC)
         self._hash = xxhash.xxh3_128(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
@@ -100,30 +100,35 @@ class PackBuilder:
             packed = self._zstd.compress(plain)
             if len(packed) < len(plain) * 0.9:
                 data, codec = packed, CODEC_ZSTD
-        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
-            data = bytes(data)  # the caller may reuse its buffer before the pack is written
         header = _BLOB.pack(blob_hash, codec, len(plain), len(data))
         offset = self._size + _BLOB.size
-        self._parts += (header, data)
+        end = offset + len(data)
+        if end > len(self._buf):
+            self._buf.extend(bytes(end - len(self._buf)))
+        self._buf[self._size : offset] = header
+        self._buf[offset:end] = data
         self._hash.update(header)
         self._hash.update(data)
-        self._size = offset + len(data)
+        self._size = end
         self.entries.append(BlobEntry(blob_hash, codec, offset, len(plain), len(data)))
 
     def finish_parts(self) -> tuple[str, list[bytes | memoryview], bytes]:
-        """(pack name, the pack's bytes as parts in order, index bytes); the builder is empty after.
+        """(pack name, the pack's bytes as parts in order, index bytes), for ``Backend.write``.
 
-        The parts go to :meth:`~.backend.Backend.write` as they are: nothing is joined."""
+        The first part is a view of the builder's buffer: write it before :meth:`release`."""
         index = encode_index(self.entries)
         self._hash.update(index)
-        parts, self._parts = self._parts, []
-        parts.append(index)
-        return self._hash.hexdigest(), parts, index
+        return self._hash.hexdigest(), [memoryview(self._buf)[: self._size], index], index
 
     def finish(self) -> tuple[str, bytes, bytes]:
         """(pack name, pack bytes, index bytes): :meth:`finish_parts` joined."""
         name, parts, index = self.finish_parts()
         return name, b"".join(parts), index
+
+    def release(self) -> bytearray:
+        """The buffer, for the next builder (no view of it may be left)."""
+        buf, self._buf = self._buf, bytearray()
+        return buf
 
 
 def encode_index(entries: list[BlobEntry]) -> bytes:

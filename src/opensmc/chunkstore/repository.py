@@ -100,7 +100,9 @@ class Repository:
         self._generation = self._read_generation()
         # Blobs in the open pack or in packs on their way to the backend: hash -> pack seq.
         self._pending: dict[bytes, int] = {}
-        self._open = PackBuilder()
+        # Pack buffers written and free for the next pack: at most PACKS_IN_FLIGHT + 1 exist.
+        self._buffers: list[bytearray] = []
+        self._open = self._builder()
         self._opened = 0.0  # monotonic time of the open pack's first blob
         self._seq = 1  # the open pack's sequence number
         self.durable_seq = 0
@@ -221,6 +223,13 @@ class Repository:
                 seqs.append(seq)
         return seqs
 
+    def _builder(self) -> PackBuilder:
+        """A builder for the next pack, on a free buffer when there is one (called locked)."""
+        if self._buffers:
+            return PackBuilder(self._buffers.pop())
+        # A pack, plus the blob that fills it past pack_size, plus one header: never grows.
+        return PackBuilder(capacity=self.pack_size + self.chunk_size + 64)
+
     def _seal_locked(self) -> None:
         if not self._open.count:
             return
@@ -228,7 +237,7 @@ class Repository:
             self._cond.wait()
         self._raise_writer_error()
         self._queue.append((self._seq, self._open))
-        self._open = PackBuilder()
+        self._open = self._builder()
         self._seq += 1
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(target=self._write_packs, name="opensmc-packs", daemon=True)
@@ -248,6 +257,10 @@ class Repository:
                 self.backend.write(f"data/{name[:2]}/{name}", pack)
                 crash_point("pack.written")
                 self.backend.write(f"index/{name}", index)
+                for part in pack:
+                    if isinstance(part, memoryview):
+                        part.release()  # so that the buffer can be reused (and resized)
+                del pack
             except BaseException as err:  # the disk is full, the store is gone: every writer hears it
                 with self._lock:
                     self._writer_error = err
@@ -255,7 +268,7 @@ class Repository:
                     # gets a new seq, so no seq means both "lost" and "durable".
                     self._lost.append((seq, self._seq))
                     self._seq += 1
-                    self._open = PackBuilder()
+                    self._open = self._builder()
                     self._queue.clear()
                     self._pending.clear()
                     self._writer = None
@@ -269,6 +282,7 @@ class Repository:
                     self._pending.pop(e.hash, None)
                 self._loaded.add(name)
                 self._queue.pop(0)
+                self._buffers.append(builder.release())
                 self.durable_seq = seq
                 self._cond.notify_all()
 

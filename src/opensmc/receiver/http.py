@@ -6,10 +6,10 @@ than uvicorn on loopback (PERF_FLOORS.md). Every request must carry
 checked by the ``authorize(token, volume_id)`` callback the caller supplies
 (the control plane backs it with a per-job expiring credential).
 
-Frames are read from the body one at a time, verified, then written into
-the chunk store: each chunk becomes a blob (stored once, however many disks
-or runs have it) and the disk's staging index records which blob it is
-(``opensmc.chunkstore.staging``). The verify+write of a group of frames runs
+Frames are read from the body into a few reused buffers (``framing.py``),
+verified, then written into the chunk store: each chunk becomes a blob
+(stored once, however many disks or runs have it) and the disk's staging
+index records which blob it is (``opensmc.chunkstore.staging``). The verify+write of a group of frames runs
 on a worker thread while the next is read off the socket. The first bad
 frame stops the request with 400 and nothing from it onward is written; the
 frames before it stay written (each was whole and verified), and replaying
@@ -32,15 +32,14 @@ from aiohttp import web
 
 from opensmc.chunkstore.repository import Repository, StoreError
 from opensmc.chunkstore.staging import StagingError, StagingIndex
+from opensmc.receiver.framing import BodyReader, BufferPool
 from opensmc.receiver.stats import STATS
 from opensmc.wire.frames import (
     HEADER_SIZE,
     FrameError,
     FrameHeader,
-    TruncatedFrame,
     decode_payload,
     encode_hash_array,
-    parse_header,
 )
 
 log = logging.getLogger("opensmc.receiver")
@@ -67,6 +66,7 @@ _ROOT = web.AppKey("root", Path)
 _AUTHORIZE: web.AppKey[Authorize] = web.AppKey("authorize")
 _OPEN_LOCK = web.AppKey("open_lock", asyncio.Lock)
 _IDENTS = web.AppKey("idents", dict[str, tuple[int, int]])
+_BUFFERS = web.AppKey("buffers", BufferPool)
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> web.Response:
@@ -165,10 +165,14 @@ async def get_hashes(request: web.Request) -> web.Response:
 #: Small frames are verified and written in groups of about this many bytes, so that an
 #: incremental run's thousands of 64 KiB frames do not each pay a hop to a worker thread.
 GROUP_BYTES = 2 * 1024 * 1024
+#: Body buffers (``framing.py``): a 4 MiB frame, as agents send, and its header fit in one.
+BUFFER_BYTES = 4 * 1024 * 1024 + 64 * 1024
+#: Free body buffers kept for reuse (two per body being read): up to 8 agents at once reuse theirs.
+BUFFERS_KEPT = 16
 
 
 def _verify_and_write(
-    vol: StagingIndex, repo: Repository, group: list[tuple[FrameHeader, bytes]]
+    vol: StagingIndex, repo: Repository, group: list[tuple[FrameHeader, memoryview]]
 ) -> tuple[int, int, FrameError | StagingError | None]:
     """Write the group's frames in order until the first bad one: (frames, plain bytes, error)."""
     frames = plain = 0
@@ -192,34 +196,15 @@ async def post_frames(request: web.Request) -> web.Response:
     if vol is None:
         return _not_found(request)
     loop = asyncio.get_running_loop()
-    content = request.content
     frames = plain = wire = 0
     repo = request.app[_REPO]
     error: FrameError | StagingError | None = None
     pending: asyncio.Future[tuple[int, int, FrameError | StagingError | None]] | None = None
-    group: list[tuple[FrameHeader, bytes]] = []
-    group_bytes = 0
-    while error is None:
-        end = False
-        try:
-            head = await content.readexactly(HEADER_SIZE)
-        except asyncio.IncompleteReadError as e:
-            if e.partial:
-                error = TruncatedFrame(f"frame header truncated: {len(e.partial)} of {HEADER_SIZE} bytes")
-            end = True
-        else:
-            try:
-                header = parse_header(head)
-                payload = await content.readexactly(header.payload_length)
-            except FrameError as e:
-                error = e
-            except asyncio.IncompleteReadError as e:
-                error = TruncatedFrame(f"frame payload truncated: {len(e.partial)} of {header.payload_length} bytes")
-            else:
-                group.append((header, payload))
-                group_bytes += HEADER_SIZE + header.payload_length
-                wire += HEADER_SIZE + header.payload_length
-        if group and (end or error is not None or group_bytes >= GROUP_BYTES):
+    reader = BodyReader(request.app[_BUFFERS], GROUP_BYTES)
+    groups = reader.groups(request.content.iter_any())
+    try:
+        async for group, parse_error in groups:
+            wire += sum(HEADER_SIZE + len(payload) for _h, payload in group)
             # One group on a worker thread while the next is read off the socket.
             if pending is not None:
                 n, p, err = await pending
@@ -227,14 +212,20 @@ async def post_frames(request: web.Request) -> web.Response:
                 if err is not None:
                     error = err
                     break
-            pending = loop.run_in_executor(None, _verify_and_write, vol, repo, group)
-            group, group_bytes = [], 0
-        if end:
-            break
-    if pending is not None:
-        n, p, err = await pending
-        frames, plain = frames + n, plain + p
-        error = err or error  # a bad frame in the group came before a later parse error
+            if group:
+                pending = loop.run_in_executor(None, _verify_and_write, vol, repo, group)
+            if parse_error is not None:
+                error = parse_error
+                break
+        if pending is not None:
+            n, p, err = await pending
+            frames, plain, pending = frames + n, plain + p, None
+            error = err or error  # a bad frame in the group came before a later parse error
+    finally:
+        await groups.aclose()
+        if pending is not None:  # the client went away: the worker must be done before the buffers are reused
+            await asyncio.wait([pending])
+        reader.release()
     STATS.accepted(frames, plain, wire)
     if error is not None:
         STATS.refused(error.code)
@@ -313,6 +304,7 @@ def make_app(volumes_root: str | Path, repo: Repository, authorize: Authorize) -
     app[_VOLUMES] = {}
     app[_OPEN_LOCK] = asyncio.Lock()
     app[_IDENTS] = {}
+    app[_BUFFERS] = BufferPool(BUFFER_BYTES, BUFFERS_KEPT)
     app.router.add_get("/v1/volumes/{vid}", get_volume)
     app.router.add_get("/v1/volumes/{vid}/hashes", get_hashes)
     app.router.add_post("/v1/volumes/{vid}/frames", post_frames)

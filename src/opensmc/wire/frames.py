@@ -173,12 +173,16 @@ class FrameHeader:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A verified frame: ``data`` is the plain bytes (empty for a zero frame)."""
+    """A verified frame: ``data`` is the plain bytes (empty for a zero frame).
+
+    For an uncompressed frame ``data`` is the payload the caller passed, not a copy: a view
+    of a buffer the caller reuses stays valid only as long as the caller keeps it unchanged.
+    """
 
     offset: int
     length: int
     digest: bytes
-    data: bytes
+    data: bytes | memoryview
     is_zero: bool = False
 
     @property
@@ -314,10 +318,11 @@ def decode_payload(header: FrameHeader, payload: bytes | memoryview) -> Frame:
         raise TruncatedFrame(f"frame payload truncated: {len(payload)} of {header.payload_length} bytes")
     if header.is_zero:
         return Frame(header.offset, header.plain_length, header.digest, b"", is_zero=True)
+    data: bytes | memoryview
     if header.codec == CODEC_ZSTD:
         data = _unzstd(payload, header.plain_length)
     else:
-        data = bytes(payload)
+        data = payload  # not copied: the receiver hands in views of its reused buffers
     if len(data) != header.plain_length:
         raise LengthMismatch(f"payload decodes to {len(data)} bytes, header says {header.plain_length}")
     if digest(data) != header.digest:
@@ -333,7 +338,7 @@ def decode_frame(buf: bytes | memoryview) -> Frame:
         raise TruncatedFrame(f"frame payload truncated: {len(buf) - HEADER_SIZE} of {header.payload_length}")
     if len(buf) > end:
         raise LengthMismatch(f"{len(buf) - end} bytes follow the frame's payload")
-    return decode_payload(header, memoryview(buf)[HEADER_SIZE:end])
+    return decode_payload(header, bytes(memoryview(buf)[HEADER_SIZE:end]))  # the frame owns its bytes
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
