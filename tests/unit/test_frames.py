@@ -55,7 +55,7 @@ def _corrupt(enc: bytes, pos: int, value: int) -> bytes:
     ("mutate", "error"),
     [
         (lambda e: _corrupt(e, 0, ord("X")), f.BadMagic),
-        (lambda e: _corrupt(e, 4, 2), f.UnsupportedVersion),
+        (lambda e: _corrupt(e, 4, 3), f.UnsupportedVersion),
         (lambda e: _corrupt(e, 5, 7), f.UnknownCodec),
         (lambda e: _corrupt(e, 6, 0x80), f.UnknownFlags),
         (lambda e: e[:20], f.TruncatedFrame),

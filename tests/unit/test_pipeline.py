@@ -54,7 +54,7 @@ def test_nonzero_chunks() -> None:
     buf = bytearray(b"\0" * (3 * CS + 100))
     buf[CS + 5] = 1
     buf[3 * CS + 99] = 1
-    assert nonzero_chunks(buf, CS).tolist() == [False, True, False, True]
+    assert nonzero_chunks(buf, CS) == [False, True, False, True]
 
 
 def test_full_then_incremental(tmp_path: Path) -> None:

@@ -8,14 +8,10 @@ fails on a dropped connection is retried once on a fresh one, which is safe
 because replayed frames are no-ops on the receiver.
 """
 
-from __future__ import annotations
-
 import http.client
 import json
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 from urllib.parse import quote, urlsplit
 
 from opensmc.wire.frames import HashArray
@@ -35,8 +31,7 @@ class ReceiverError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class VolumeInfo:
+class VolumeInfo(NamedTuple):
     volume_id: str
     size: int
     chunk_size: int
@@ -52,7 +47,7 @@ class HttpSender:
         token: str,
         *,
         timeout: float = 300.0,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: "ssl.SSLContext | None" = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -64,10 +59,10 @@ class HttpSender:
         self._headers = {"Authorization": f"Bearer {token}", "X-OpenSMC-Protocol": PROTOCOL_VERSION}
         self._timeout = timeout
         self._ssl = ssl_context
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: "http.client.HTTPConnection | None" = None
         self.volume_id = volume_id
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> "http.client.HTTPConnection":
         if self._conn is None:
             if self._scheme == "https":
                 self._conn = http.client.HTTPSConnection(
@@ -82,15 +77,15 @@ class HttpSender:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> HttpSender:
+    def __enter__(self) -> "HttpSender":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _request(
-        self, method: str, path: str, body: Sequence[bytes] | None = None, accept: str | None = None
-    ) -> tuple[int, str, bytes]:
+        self, method: str, path: str, body: "Sequence[bytes] | None" = None, accept: "str | None" = None
+    ) -> "tuple[int, str, bytes]":
         headers = dict(self._headers)
         if accept:
             headers["Accept"] = accept
@@ -127,19 +122,19 @@ class HttpSender:
         if status < 300:
             return
         try:
-            err: dict[str, Any] = json.loads(data)
+            err: "dict[str, Any]" = json.loads(data)
             raise ReceiverError(status, str(err.get("code")), str(err.get("message")))
         except ValueError:
             raise ReceiverError(status, "Http.Error", data[:200].decode("utf-8", "replace")) from None
 
-    def info(self) -> VolumeInfo:
+    def info(self) -> "VolumeInfo":
         status, _, data = self._request("GET", "")
         self._check(status, data)
         doc = json.loads(data)
         return VolumeInfo(str(doc["volume_id"]), int(doc["size"]), int(doc["chunk_size"]))
 
-    def fetch_hashes(self) -> tuple[int, HashArray]:
-        """The receiver's chunk map: ``(chunk_size, {index: xxh3-128})``; the pipeline's ``previous``.
+    def fetch_hashes(self) -> "tuple[int, HashArray]":
+        """The receiver's chunk map: ``(chunk_size, {index: digest})``; the pipeline's ``previous``.
 
         Kept as arrays (24 bytes a chunk held), so an agent's memory stays small whatever the disk.
         """
@@ -148,7 +143,7 @@ class HttpSender:
         hashes = HashArray.decode(data)
         return hashes.chunk_size, hashes
 
-    def send_batch(self, frames: Sequence[bytes]) -> None:
+    def send_batch(self, frames: "Sequence[bytes]") -> None:
         status, _, data = self._request("POST", "/frames", body=frames)
         self._check(status, data)
 
