@@ -9,8 +9,6 @@ is its own mapping and goes back to the kernel when freed. Only a hint: on a
 libc without ``mallopt`` nothing happens.
 """
 
-from __future__ import annotations
-
 import ctypes
 import ctypes.util
 

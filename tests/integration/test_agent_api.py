@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select, update
 from starlette.applications import Starlette
 
+from opensmc import __version__
 from opensmc.agent import runner
 from opensmc.agent import state as agent_state
 from opensmc.agent.runner import AgentError, run_agent
@@ -288,6 +289,7 @@ def test_heartbeat_and_liveness(
         "source_id": sid,
         "state": "Available",
         "heartbeat_rate": 10,
+        "server_version": __version__,
         "tasks": [],
     }
     now[0] = T0 + timedelta(minutes=5)

@@ -32,7 +32,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Tuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Tuple, Union
 
 if TYPE_CHECKING:
     from typing import Literal  # novermin (annotations only)
@@ -47,7 +47,7 @@ __all__ = [
     "read_partitions",
 ]
 
-Source = str | os.PathLike[str] | BinaryIO
+Source = Union[str, "os.PathLike[str]", BinaryIO]
 
 #: MBR partition types that hold a chain of logical partitions.
 _EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})

@@ -25,13 +25,16 @@ import threading
 from contextlib import contextmanager
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence
 
 from opensmc import __version__
 from opensmc.agent import state as agent_state
 from opensmc.agent.client import AgentClient, ApiRefused, ServerUnavailable
 from opensmc.agent.state import AgentState
 from opensmc.agent.tasks import TaskRunner
+
+if TYPE_CHECKING:
+    from opensmc.agent.upgrade import Upgrader
 
 log = logging.getLogger("opensmc.agent")
 
@@ -65,12 +68,14 @@ def run_agent(
     http: Any = None,
     report_fn: "ReportFn | None" = None,
     ca_cert: "Path | None" = None,
+    upgrader: "Optional[Upgrader]" = None,
 ) -> "AgentState | None":
     """Run until stopped (or, with `once`, until one heartbeat got through). Returns the last state.
 
     `http` and `report_fn` replace the HTTP client and the discovery report (tests).
     `ca_cert` is a PEM bundle to trust for the server's and the receiver's TLS
-    certificates (default: the system's trust store).
+    certificates (default: the system's trust store). `upgrader` replaces the
+    agent with the server's when the server runs another version (agent/upgrade.py).
     """
     tls = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     credentials = _credentials(token_id, token_code, access_key_id, access_key_secret)
@@ -78,6 +83,7 @@ def run_agent(
     stop = stop_event or threading.Event()
     with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http, ssl_context=tls) as client:
         runner = _Runner(client, server_url, credentials, state_dir, make_report, tls)
+        runner.upgrader = upgrader
         return runner.loop(stop, once)
 
 
@@ -100,6 +106,9 @@ class _Runner:
         self.tasks = TaskRunner(client, self._agent_token, tls)
         #: the task channel answered last time: heartbeat replies' tasks are then ignored
         self.channel_ok = False
+        self.upgrader: "Optional[Upgrader]" = None
+        #: the server's version as its last heartbeat reply gave it
+        self.server_version = ""
 
     def _agent_token(self) -> str:
         if self.state is None:
@@ -129,6 +138,8 @@ class _Runner:
             delay = BACKOFF_START
             if once:
                 break
+            if self.upgrader is not None and self.server_version and not self.tasks.busy():
+                self.upgrader.check(self.server_version)  # re-executes this process when it upgrades
             stop.wait(rate)
         if channel is not None:
             # Give an open long-poll a moment to end (it ends at once with a short CHANNEL_WAIT),
@@ -161,6 +172,7 @@ class _Runner:
         if isinstance(tasks, list) and not self.channel_ok:
             self.tasks.handle([t for t in tasks if isinstance(t, dict)])
         log.debug("heartbeat ok: source %s is %s", st.source_id, resp.get("state", "?"))
+        self.server_version = str(resp.get("server_version") or "")
         rate = resp.get("heartbeat_rate")
         return rate if isinstance(rate, int) and rate > 0 else 30
 
