@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     --token-code) [ $# -ge 2 ] || die "--token-code needs a value"; TOKEN_CODE=$2; shift 2 ;;
     --server) [ $# -ge 2 ] || die "--server needs a value"; SERVER=$2; shift 2 ;;
     --ca-cert) [ $# -ge 2 ] || die "--ca-cert needs a value"; CA_CERT=$2; shift 2 ;;
-    --disk) [ $# -ge 2 ] || die "--disk needs a value"; word --disk "$2"; DISKS="$DISKS $2"; shift 2 ;;
+    --disk) [ $# -ge 2 ] || die "--disk needs a value"; word --disk "$2"; DISKS="${DISKS:+$DISKS }$2"; shift 2 ;;
     --uninstall) UNINSTALL=1; shift ;;
     -h | --help) sed -n '2,18p' "$0" 2>/dev/null || true; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -121,11 +121,11 @@ chmod 0755 "$ROOT/opensmc-agent.pyz.new"
 
 # The activation code: kept from the last run when none is given (an upgrade).
 if [ -f "$ROOT/agent.env" ]; then
-  old_id=$(sed -n "s/^OPENSMC_TOKEN_ID=//p" "$ROOT/agent.env")
-  old_code=$(sed -n "s/^OPENSMC_TOKEN_CODE=//p" "$ROOT/agent.env")
+  old_id=$(sed -n "s/^OPENSMC_TOKEN_ID='\(.*\)'\$/\1/p" "$ROOT/agent.env")
+  old_code=$(sed -n "s/^OPENSMC_TOKEN_CODE='\(.*\)'\$/\1/p" "$ROOT/agent.env")
   [ -n "$TOKEN_ID" ] || TOKEN_ID=$old_id
   [ -n "$TOKEN_CODE" ] || TOKEN_CODE=$old_code
-  if [ -z "$DISKS" ]; then DISKS=$(sed -n "s/^OPENSMC_AGENT_DISKS=//p" "$ROOT/agent.env"); fi
+  if [ -z "$DISKS" ]; then DISKS=$(sed -n "s/^OPENSMC_AGENT_DISKS='\(.*\)'\$/\1/p" "$ROOT/agent.env"); fi
 fi
 if [ -z "$TOKEN_ID" ] && [ ! -f "$ROOT/state/agent.json" ]; then
   rm -f "$ROOT/opensmc-agent.pyz.new"
@@ -138,13 +138,15 @@ stop_agent
 mv -f "$ROOT/opensmc-agent.pyz.new" "$ROOT/opensmc-agent.pyz"
 mkdir -p "$ROOT/state"
 chmod 0700 "$ROOT/state"
+# Every value passed word() (no quotes, no blanks but between disks): safe in single quotes,
+# for this shell (run.sh sources the file) and for systemd's EnvironmentFile= alike.
 cat > "$ROOT/agent.env" <<EOF
-OPENSMC_TOKEN_ID=$TOKEN_ID
-OPENSMC_TOKEN_CODE=$TOKEN_CODE
-OPENSMC_SERVER=$SERVER
-OPENSMC_CA_CERT=$CA_CERT
-OPENSMC_AGENT_DISKS=$DISKS
-OPENSMC_PYTHON=$PYTHON
+OPENSMC_TOKEN_ID='$TOKEN_ID'
+OPENSMC_TOKEN_CODE='$TOKEN_CODE'
+OPENSMC_SERVER='$SERVER'
+OPENSMC_CA_CERT='$CA_CERT'
+OPENSMC_AGENT_DISKS='$DISKS'
+OPENSMC_PYTHON='$PYTHON'
 EOF
 chmod 0600 "$ROOT/agent.env"
 cat > "$ROOT/run.sh" <<'EOF'
