@@ -14,7 +14,7 @@ import http.client
 import json
 import ssl
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlencode, urlsplit
 
 from opensmc import __version__
@@ -41,7 +41,16 @@ class ServerUnavailable(Exception):
 
 
 class _Connections:
-    """A keep-alive ``http.client`` connection per thread to one server."""
+    """Keep-alive ``http.client`` connections to one server, lent to one request at a time.
+
+    Several threads call the API at once (the heartbeat loop, the task
+    channel's long-poll, each task's progress reports): each request takes an
+    idle connection or opens one, and gives it back when the answer is read;
+    at most :data:`MAX_IDLE` idle ones are kept, so threads that come and go
+    (one per task) leave no sockets behind.
+    """
+
+    MAX_IDLE = 4
 
     def __init__(self, server_url: str, timeout: float, ssl_context: "Optional[ssl.SSLContext]") -> None:
         url = urlsplit(server_url)
@@ -53,57 +62,59 @@ class _Connections:
         self.base = url.path.rstrip("/")
         self.timeout = timeout
         self.ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self._local = threading.local()
-        self._all: "list[http.client.HTTPConnection]" = []
+        self._idle: "List[http.client.HTTPConnection]" = []
         self._lock = threading.Lock()
 
-    def _conn(self, timeout: float) -> http.client.HTTPConnection:
-        conn: "Optional[http.client.HTTPConnection]" = getattr(self._local, "conn", None)
+    def _take(self, timeout: float) -> http.client.HTTPConnection:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             if self.scheme == "https":
                 conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl)
             else:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+        conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
-        conn.timeout = timeout
         return conn
 
-    def drop(self) -> None:
-        conn: "Optional[http.client.HTTPConnection]" = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all = []
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def request(
         self, method: str, path: str, body: "Optional[bytes]", headers: "Dict[str, str]", timeout: float
     ) -> "Tuple[int, bytes]":
         """One request; a keep-alive connection the server closed meanwhile is retried once on a new one."""
         for attempt in (0, 1):
-            conn = self._conn(timeout)
+            conn = self._take(timeout)
+            fresh = conn.sock is None
             try:
                 conn.request(method, self.base + path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                if resp.will_close:
-                    self.drop()
-                return resp.status, data
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self.drop()
-                if attempt:
+                conn.close()
+                if attempt or fresh:
                     raise
+                continue
             except BaseException:
-                self.drop()
+                conn.close()
                 raise
+            if resp.will_close:
+                conn.close()
+            else:
+                self._give_back(conn)
+            return resp.status, data
         raise AssertionError("unreachable")
 
 
