@@ -232,3 +232,25 @@ def test_hash_maps_name_their_family_and_decode_without_numpy(monkeypatch: pytes
     bad[5] = 9
     with pytest.raises(f.UnknownHash):
         f.HashArray.decode(bytes(bad))
+
+
+def test_hash_file_spools_the_map_and_searches_it_on_disk(tmp_path: Any) -> None:
+    hashes = {i * 3: os.urandom(16) for i in range(100_000)}
+    enc = f.encode_hash_map(16384, hashes, f.HASH_XXH3)
+    with open(tmp_path / "spool", "w+b") as spool:
+        hf = f.HashFile.receive(io.BytesIO(enc), spool, piece=1000)  # many pieces: order checked across them
+        assert (hf.chunk_size, hf.hash_id, len(hf)) == (16384, f.HASH_XXH3, len(hashes))
+        assert hf == hashes and hf[299_997] == hashes[299_997] and 1 not in hf
+        assert hf.window(10, 20) == {12: hashes[12], 15: hashes[15], 18: hashes[18]} and hf.window(1, 3) == {}
+        assert hf.window(299_990, 10**9) == {299_994: hashes[299_994], 299_997: hashes[299_997]}
+    records = enc[20:]
+    swapped = enc[:20] + records[24:48] + records[:24] + records[48:]
+    for bad, error in [
+        (enc[:-1], f.LengthMismatch),
+        (enc + b"\0", f.LengthMismatch),
+        (swapped, f.LengthMismatch),
+        (enc[:10], f.TruncatedFrame),
+        (b"JUNK" + enc[4:], f.BadMagic),
+    ]:
+        with open(tmp_path / "bad", "w+b") as spool, pytest.raises(error):
+            f.HashFile.receive(io.BytesIO(bad), spool, piece=1000)

@@ -34,6 +34,7 @@ from opensmc.wire.frames import (
     DEFAULT_HASH,
     HASH_XXH3,
     HashArray,
+    HashFile,
     encode_frame,
     encode_zero_frame,
     hash_function,
@@ -355,7 +356,7 @@ def _encode_buffer(
     cs = run.result.chunk_size
     base = pos // cs
     nonzero = nonzero_chunks(view, cs)
-    if isinstance(prev, HashArray):  # one lookup per buffer, not per chunk
+    if isinstance(prev, (HashArray, HashFile)):  # one lookup per buffer, not per chunk
         prev = prev.window(base, base + len(nonzero))
     hashes: "dict[int, bytes] | None" = run.result.hashes if run.keep_hashes else None
     # Classify every chunk: "d" send data, "z" send a zero frame, "" leave alone.

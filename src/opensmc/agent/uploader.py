@@ -10,15 +10,18 @@ because replayed frames are no-ops on the receiver.
 
 import http.client
 import json
+import os
 import ssl
-from typing import Any, NamedTuple, Sequence
+import tempfile
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import quote, urlsplit
 
-from opensmc.wire.frames import HashArray
+from opensmc.wire.frames import HashFile
 
 __all__ = ["HttpSender", "ReceiverError", "VolumeInfo"]
 
 PROTOCOL_VERSION = "1"
+_VAR_TMP = "/var/tmp"
 
 
 class ReceiverError(Exception):
@@ -48,6 +51,7 @@ class HttpSender:
         *,
         timeout: float = 300.0,
         ssl_context: "ssl.SSLContext | None" = None,
+        spool_dir: "Optional[str]" = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -60,6 +64,8 @@ class HttpSender:
         self._timeout = timeout
         self._ssl = ssl_context
         self._conn: "http.client.HTTPConnection | None" = None
+        # the receiver's hash map is spooled here: a disk-backed directory (not /tmp, often tmpfs: memory)
+        self._spool_dir = spool_dir or (_VAR_TMP if os.access(_VAR_TMP, os.W_OK) else None)
         self.volume_id = volume_id
 
     def _connect(self) -> "http.client.HTTPConnection":
@@ -84,7 +90,12 @@ class HttpSender:
         self.close()
 
     def _request(
-        self, method: str, path: str, body: "Sequence[bytes] | None" = None, accept: "str | None" = None
+        self,
+        method: str,
+        path: str,
+        body: "Sequence[bytes] | None" = None,
+        accept: "str | None" = None,
+        read: "Optional[Callable[[http.client.HTTPResponse], object]]" = None,
     ) -> "tuple[int, str, bytes]":
         headers = dict(self._headers)
         if accept:
@@ -108,7 +119,11 @@ class HttpSender:
                     # answer is still waiting in our socket buffer.
                     pass
                 resp = conn.getresponse()
-                data = resp.read()
+                if read is not None and resp.status == 200:
+                    read(resp)  # streamed by the caller (it reads the whole body)
+                    data = b""
+                else:
+                    data = resp.read()
                 if resp.will_close:
                     self.close()
                 return resp.status, resp.getheader("Content-Type", ""), data
@@ -116,6 +131,9 @@ class HttpSender:
                 self.close()
                 if attempt:
                     raise
+            except BaseException:
+                self.close()  # a body read halfway leaves the connection unusable
+                raise
         raise AssertionError("unreachable")
 
     def _check(self, status: int, data: bytes) -> None:
@@ -133,15 +151,27 @@ class HttpSender:
         doc = json.loads(data)
         return VolumeInfo(str(doc["volume_id"]), int(doc["size"]), int(doc["chunk_size"]))
 
-    def fetch_hashes(self) -> "tuple[int, HashArray]":
+    def fetch_hashes(self) -> "Tuple[int, HashFile]":
         """The receiver's chunk map: ``(chunk_size, {index: digest})``; the pipeline's ``previous``.
 
-        Kept as arrays (24 bytes a chunk held), so an agent's memory stays small whatever the disk.
+        Spooled to a temporary file (in ``spool_dir``) as it arrives and searched there, so the
+        agent's memory stays the same whatever the disk's size (``HashFile``). Close it when done.
         """
-        status, _, data = self._request("GET", "/hashes", accept="application/vnd.opensmc.hashmap.v1")
+        got: "List[HashFile]" = []
+
+        def receive(resp: "http.client.HTTPResponse") -> None:
+            spool = tempfile.TemporaryFile(prefix="opensmc-hashes-", dir=self._spool_dir)
+            try:
+                got.append(HashFile.receive(resp, spool))
+            except BaseException:
+                spool.close()
+                raise
+
+        status, _, data = self._request("GET", "/hashes", accept="application/vnd.opensmc.hashmap.v1", read=receive)
         self._check(status, data)
-        hashes = HashArray.decode(data)
-        return hashes.chunk_size, hashes
+        if not got:
+            raise ReceiverError(status, "Http.Error", "the receiver answered its hash map with no body")
+        return got[0].chunk_size, got[0]
 
     def send_batch(self, frames: "Sequence[bytes]") -> None:
         status, _, data = self._request("POST", "/frames", body=frames)

@@ -49,6 +49,7 @@ standard library only (docs/agent.md): annotations are strings, records are
 """
 
 import hashlib
+import os
 import struct
 import threading
 import zlib
@@ -82,6 +83,7 @@ __all__ = [
     "FrameError",
     "FrameHeader",
     "HashArray",
+    "HashFile",
     "HashMismatch",
     "LengthMismatch",
     "TruncatedFrame",
@@ -571,6 +573,101 @@ class HashArray(Mapping[int, bytes]):
 
     def __len__(self) -> int:
         return len(self._idx)
+
+
+class HashFile(Mapping[int, bytes]):
+    """A hash map spooled to a file and searched there with ``os.pread``: memory O(1) whatever its size.
+
+    What an agent holds the receiver's map as (agent/uploader.py): a 1 TiB
+    disk full of data at 16 KiB chunks is a 1.5 GiB map, which must not be in
+    the agent's memory. :meth:`window` (one call per read buffer) is a binary
+    search over the fixed 24-byte records and one read of the window's.
+    """
+
+    def __init__(self, spool: BinaryIO, chunk_size: int, count: int, hash_id: int) -> None:
+        self.chunk_size = chunk_size
+        self.hash_id = hash_id
+        self._f = spool
+        self._fd = spool.fileno()
+        self._count = count
+
+    @classmethod
+    def receive(cls, stream: BinaryIO, spool: BinaryIO, piece: int = 43690) -> "HashFile":
+        """Read an encoded map from ``stream`` into ``spool`` (a temporary file), checking it on the way."""
+        head = _read_exactly(stream, _HASHMAP_HEADER.size)
+        if len(head) < _HASHMAP_HEADER.size:
+            raise TruncatedFrame("hash map header truncated")
+        magic, version, hash_id, chunk_size, count = _HASHMAP_HEADER.unpack(head)
+        if magic != HASHMAP_MAGIC:
+            raise BadMagic(f"bad hash map magic {magic!r}")
+        if version != 1:
+            raise UnsupportedVersion(f"hash map version {version} is not supported (this build speaks 1)")
+        if hash_id not in HASH_NAMES:
+            raise UnknownHash(f"unknown hash map hash id {hash_id}")
+        spool.write(head)
+        left, last = count, -1
+        while left:
+            n = min(left, piece)
+            block = _read_exactly(stream, n * _RECORD.size)
+            if len(block) != n * _RECORD.size:
+                raise LengthMismatch(f"hash map says {count} records but ends after {count - left + len(block) // 24}")
+            idx = _indexes(block)
+            if idx[0] <= last or any(a >= b for a, b in zip(idx, idx[1:])):
+                raise LengthMismatch("hash map records are not in ascending chunk order")
+            last = idx[-1]
+            spool.write(block)
+            left -= n
+        if stream.read(1):
+            raise LengthMismatch(f"hash map holds more than its {count} records")
+        spool.flush()
+        return cls(spool, int(chunk_size), int(count), int(hash_id))
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _record(self, k: int, n: int = 1) -> bytes:
+        return os.pread(self._fd, n * _RECORD.size, _HASHMAP_HEADER.size + k * _RECORD.size)
+
+    def _bisect(self, idx: int) -> int:
+        lo, hi = 0, self._count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _RECORD.unpack(self._record(mid))[0] < idx:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def window(self, lo: int, hi: int) -> "Dict[int, bytes]":
+        """The entries for chunks ``lo`` (inclusive) to ``hi`` (exclusive)."""
+        a = self._bisect(lo)
+        b = self._bisect(hi)
+        return dict(_RECORD.iter_unpack(self._record(a, b - a))) if b > a else {}
+
+    def __getitem__(self, idx: int) -> bytes:
+        k = self._bisect(idx)
+        if k < self._count:
+            i, h = _RECORD.unpack(self._record(k))
+            if i == idx:
+                return bytes(h)
+        raise KeyError(idx)
+
+    def __iter__(self) -> "Iterator[int]":
+        for k in range(0, self._count, 43690):
+            for i, _h in _RECORD.iter_unpack(self._record(k, min(43690, self._count - k))):
+                yield i
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _indexes(block: bytes) -> "List[int]":
+    """The chunk indexes of a run of 24-byte records."""
+    np = accel.numpy
+    if np is not None:
+        idx: "List[int]" = np.frombuffer(block, np.dtype([("idx", "<u8"), ("digest", "V16")]))["idx"].tolist()
+        return idx
+    return [i for i, _h in _RECORD.iter_unpack(block)]
 
 
 def _check_hash_map(buf: "bytes | memoryview") -> "Tuple[int, int, int]":
