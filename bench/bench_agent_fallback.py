@@ -14,9 +14,10 @@ receiver's flush (fsync) included:
 
 Each does a full copy, then (after 1% of the 4 KiB blocks are overwritten) an
 incremental run against the receiver's hash map. An agent without xxhash
-cannot compare its hashes with the receiver's xxh3-128 map, so its
-incremental run sends every non-zero chunk again (docs/agent.md): the figure
-shows what that costs. Every variant's result is checked against the source.
+cannot compare its hashes with the receiver's xxh3-128 map: it compares with
+its own digests of the last run, paired with the receiver's map then
+(agent/owncache.py, kept in a directory beside the image here), as
+agent/tasks.py does. Every variant's result is checked against the source.
 Peak RSS of each agent process is reported (the memory bound of docs/agent.md).
 
     python bench/bench_agent_fallback.py [--dir /var/tmp/osmc-bench] [--size-mib 2048] [--level 0]
@@ -41,15 +42,21 @@ AGENT = """
 import json, resource, sys, time
 if len(sys.argv) > 6:
     sys.path.insert(0, sys.argv[6])
+from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import replicate
 from opensmc.agent.uploader import HttpSender
 from opensmc.wire import frames
-url, vid, src = sys.argv[1:4]
+url, vid, src, level, cache = sys.argv[1:6]
 t0 = time.monotonic()
 with HttpSender(url, vid, "bench") as s:
+    # as agent/tasks.py does it: an agent whose hash is not the receiver's compares with its own
     _, prev = s.fetch_hashes()
-    r = replicate(src, s, previous=prev, level=int(sys.argv[4]), chunk_size=16384, keep_hashes=False)
+    rec = Recorder(cache, vid, 16384, frames.DEFAULT_HASH) if prev.hash_id != frames.DEFAULT_HASH else None
+    r = replicate(src, s, previous=rec.previous(prev) if rec else prev, level=int(level), chunk_size=16384,
+                  keep_hashes=False, on_hash=rec.record if rec else None)
     s.flush()
+    if rec:
+        rec.keep(s.fetch_hashes()[1])
 print(json.dumps({"seconds": time.monotonic() - t0, "sent": r.chunks_sent, "bytes": r.bytes_plain,
                   "wire": r.bytes_wire, "hash": frames.HASH_NAMES[r.hash_id],
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -57,7 +64,8 @@ print(json.dumps({"seconds": time.monotonic() - t0, "sent": r.chunks_sent, "byte
 
 
 def run_agent(cmd: list[str], env: dict[str, str], url: str, vid: str, src: Path, level: int, pyz: str) -> dict:
-    args = [*cmd, "-c", AGENT, url, vid, str(src), str(level), "x", *([pyz] if pyz else [])]
+    cache = str(src.parent / "agent-hashes")
+    args = [*cmd, "-c", AGENT, url, vid, str(src), str(level), cache, *([pyz] if pyz else [])]
     out = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(out.stdout))
 
@@ -75,6 +83,7 @@ def main() -> None:
     from opensmc.api.agent_dist import build_pyz
     from opensmc.chunkstore.staging import StagingIndex
 
+    shutil.rmtree(work / "agent-hashes", ignore_errors=True)  # this run's volumes are new
     pyz = work / "opensmc-agent.pyz"
     pyz.write_bytes(build_pyz())
     variants: list[tuple[str, list[str], dict[str, str], str]] = [

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import replicate
 from opensmc.agent.uploader import HttpSender, ReceiverError
 from opensmc.chunkstore.backend import LocalBackend
@@ -181,6 +182,52 @@ def test_a_standard_library_agent_full_then_incremental(receiver: Receiver, tmp_
         assert third.chunks_sent == 0 and third.chunks_zeroed == 0
         sender.flush()
     assert held(receiver, "vb") == data
+
+
+def test_a_standard_library_agent_remembers_its_hashes_for_incremental_runs(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """agent/owncache.py: blake2b digests paired with the receiver's xxh3 map prove chunks unchanged."""
+    size = 4 * MiB
+    src = tmp_path / "disk.img"
+    data = make_image(src, size, seed=8)
+    data[0:CS] = os.urandom(CS)
+    src.write_bytes(data)
+    create(receiver, "vc", size)
+    cache = str(tmp_path / "hashes")
+
+    def run(sender: HttpSender, keep: bool = True) -> Any:
+        recorder = Recorder(cache, "vc", CS, HASH_BLAKE2B)
+        _cs, current = sender.fetch_hashes()
+        result = replicate(
+            str(src), sender, previous=recorder.previous(current), chunk_size=CS, hash_id=HASH_BLAKE2B,
+            on_hash=recorder.record, keep_hashes=False,
+        )  # fmt: skip
+        sender.flush()
+        if keep:
+            recorder.keep(sender.fetch_hashes()[1])
+        else:
+            recorder.discard()
+        return result
+
+    with HttpSender(receiver.url, "vc", TOKEN) as sender:
+        first = run(sender)
+        nonzero = {i for i in range(size // CS) if any(data[i * CS : (i + 1) * CS])}
+        assert first.chunks_sent == len(nonzero)
+        assert run(sender).chunks_sent == 0  # nothing changed: nothing sent
+        data[0:CS] = bytes(CS)
+        data[3 * CS : 3 * CS + 5] = b"12345"
+        src.write_bytes(data)
+        second = run(sender, keep=False)  # an attempt that never completes keeps the last pair
+        assert (second.chunks_sent, second.chunks_zeroed) == (1, 1)
+        assert run(sender).chunks_sent == 1  # chunk 3 again: the pair was not updated
+        # The receiver's chunk 5 changes behind the agent's back: its digest is no longer the
+        # remembered one, so the agent sends it again although the source did not change.
+        sender.send_batch([encode_frame(5 * CS, os.urandom(CS))])
+        sender.flush()
+        third = run(sender)
+        assert third.chunks_sent == 1
+    assert held(receiver, "vc") == data
 
 
 def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> None:

@@ -33,8 +33,6 @@ from opensmc.wire.frames import (
     DEFAULT_CODEC,
     DEFAULT_HASH,
     HASH_XXH3,
-    HashArray,
-    HashFile,
     encode_frame,
     encode_zero_frame,
     hash_function,
@@ -128,6 +126,7 @@ class _Run:
         self.hash = hash_function(hash_id)
         #: ``previous`` holds digests of this run's family: unchanged chunks can be recognised
         self.compare = True
+        self.on_hash: "Optional[Callable[[int, bytes], None]]" = None
         self.scanned = 0
         self.to_move = 0
         self.acked = 0
@@ -192,6 +191,7 @@ def replicate(
     keep_hashes: bool = True,
     hash_id: "Optional[int]" = None,
     codec: int = DEFAULT_CODEC,
+    on_hash: "Optional[Callable[[int, bytes], None]]" = None,
 ) -> "ReplicationResult":
     """Send the chunks of ``path[offset:offset+length]`` that differ from ``previous``.
 
@@ -204,6 +204,9 @@ def replicate(
     chunk is sent, and ``previous`` only says which ranges need a zero frame.
     ``level`` is a zstd level (see ``opensmc.wire.frames.zstd_level``), 0 for
     none, compressed with ``codec`` (zstd, or zlib where zstandard is missing).
+    ``on_hash(index, digest)`` is called (from an encoder thread) for every
+    non-zero chunk read: how an agent without xxhash remembers its digests
+    (agent/owncache.py).
     Raises the first error of any stage after stopping the others.
     ``target_offset`` places the range in the volume: frames (and the
     chunk indexes of ``previous`` and of the result's map) count from there, so
@@ -224,6 +227,7 @@ def replicate(
         run = _Run(src.length, chunk_size, progress, family)
         run.keep_hashes = keep_hashes
         run.compare = getattr(previous, "hash_id", HASH_XXH3) == family
+        run.on_hash = on_hash
         pool: "queue.Queue[bytearray]" = queue.Queue()
         for _ in range(encoders + 2):  # one being read, one per encoder, one queued
             pool.put(bytearray(read_size))
@@ -356,15 +360,16 @@ def _encode_buffer(
     cs = run.result.chunk_size
     base = pos // cs
     nonzero = nonzero_chunks(view, cs)
-    if isinstance(prev, (HashArray, HashFile)):  # one lookup per buffer, not per chunk
-        prev = prev.window(base, base + len(nonzero))
+    window = getattr(prev, "window", None)  # HashArray, HashFile, OwnHashes: one lookup per buffer
+    if window is not None:
+        prev = window(base, base + len(nonzero))
     hashes: "dict[int, bytes] | None" = run.result.hashes if run.keep_hashes else None
     # Classify every chunk: "d" send data, "z" send a zero frame, "" leave alone.
     kinds: "list[str]" = []
     one_hash: "dict[int, bytes]" = {}
     # Without a map of our own hash family there is nothing to compare a chunk's digest with:
     # skip the per-chunk pass (the frames are hashed whole anyway).
-    per_chunk = run.compare or hashes is not None
+    per_chunk = run.compare or hashes is not None or run.on_hash is not None
     digest = run.hash
     for i, nz in enumerate(nonzero):
         idx = base + i
@@ -375,6 +380,8 @@ def _encode_buffer(
             h = digest(view[i * cs : (i + 1) * cs])
             if hashes is not None:
                 hashes[idx] = h
+            if run.on_hash is not None:
+                run.on_hash(idx, h)
             if not run.compare or prev.get(idx) != h:
                 kinds.append("d")
                 one_hash[i] = h

@@ -103,7 +103,8 @@ class _Runner:
         self.state_dir = state_dir
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
-        self.tasks = TaskRunner(client, self._agent_token, tls)
+        # where an agent without xxhash keeps its chunk hashes between runs (agent/owncache.py)
+        self.tasks = TaskRunner(client, self._agent_token, tls, str(state_dir / "hashes"))
         #: the task channel answered last time: heartbeat replies' tasks are then ignored
         self.channel_ok = False
         self.upgrader: "Optional[Upgrader]" = None

@@ -25,17 +25,19 @@ that lose contact without moving any data end in a failure report.
 
 import http.client
 import logging
+import os
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from opensmc.agent.client import AgentClient, ServerUnavailable
+from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import Progress, RateLimitedSender, Sender, replicate
 from opensmc.agent.reader import source_size
 from opensmc.agent.uploader import HttpSender, ReceiverError
-from opensmc.wire.frames import zstd_level
+from opensmc.wire.frames import DEFAULT_HASH, zstd_level
 
 log = logging.getLogger("opensmc.agent.tasks")
 
@@ -137,7 +139,14 @@ def _limit_of(task: "dict[str, Any]") -> float:
 class TaskRunner:
     """Starts each task once and keeps track of the ones running."""
 
-    def __init__(self, client: "AgentClient", token: "Callable[[], str]", tls: "ssl.SSLContext | None" = None) -> None:
+    def __init__(
+        self,
+        client: "AgentClient",
+        token: "Callable[[], str]",
+        tls: "ssl.SSLContext | None" = None,
+        cache_dir: "Optional[str]" = None,
+    ) -> None:
+        self.cache_dir = cache_dir
         self.client = client
         self.tls = tls
         self.token = token
@@ -239,7 +248,7 @@ class TaskRunner:
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report, self.tls, control)
+            stats = run_task(task, report, self.tls, control, self.cache_dir)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
@@ -337,11 +346,15 @@ def run_task(
     report: "Callable[[int, int], tuple[bool, float]]",
     tls: "ssl.SSLContext | None" = None,
     control: "TaskControl | None" = None,
+    cache_dir: "Optional[str]" = None,
 ) -> "dict[str, Any]":
     """Send every disk of a task; returns totals. Raises TaskStopped when told to stop.
 
     `control` is how the channel stops or re-limits the task while it runs; the
-    progress replies (`report`) do the same about once a second.
+    progress replies (`report`) do the same about once a second. `cache_dir`
+    is where an agent whose hash is not the receiver's keeps, per volume, what
+    its incremental runs compare with (agent/owncache.py); without it they send
+    every non-zero chunk.
     """
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
@@ -400,7 +413,9 @@ def run_task(
                         f"prepared for {volume_size} bytes: the disk changed since the job started. "
                         "Start the job again to migrate the disk as it is now."
                     )
-                chunk_size, previous = http.fetch_hashes()
+                chunk_size, current = http.fetch_hashes()
+                recorder = _recorder(cache_dir, disk["volume_id"], chunk_size, current.hash_id)
+                previous = current if recorder is None else recorder.previous(current)
                 # The stop check sits under the rate limiter, right before each POST: a batch
                 # that waited out the limiter while the task was stopped does not go.
                 limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
@@ -421,6 +436,7 @@ def run_task(
                         max_frame=frame,
                         batch_bytes=batch,
                         keep_hashes=False,  # the receiver holds the map; the agent's memory stays flat
+                        on_hash=None if recorder is None else recorder.record,
                     )
                     state["base"] = int(state["base"]) + length
                     totals["bytes_plain"] += result.bytes_plain
@@ -430,6 +446,9 @@ def run_task(
                 if stopped.is_set():
                     raise TaskStopped("the server asked this task to stop")
                 http.flush()
+                if recorder is not None:
+                    _keep(recorder, http)
+                    recorder = None
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
         tell(total, force=True)
     except _LOST_CONTACT as exc:
@@ -461,6 +480,31 @@ def _batch_sizes(limit_mbit: float, chunk_size: int) -> "tuple[int, int, int]":
     batch = int(min(8 * MiB, max(4 * chunk_size, per_second * LIMITED_BATCH_SECONDS)))
     frame = max(chunk_size, min(4 * MiB, batch) // chunk_size * chunk_size)
     return frame, frame, max(batch, frame)
+
+
+def _recorder(cache_dir: "Optional[str]", volume_id: str, chunk_size: int, theirs: int) -> "Optional[Recorder]":
+    """A :class:`Recorder` when this agent's hash is not the receiver map's and there is a cache dir."""
+    if cache_dir is None or theirs == DEFAULT_HASH:
+        return None
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        return Recorder(cache_dir, volume_id, chunk_size, DEFAULT_HASH)
+    except OSError as e:
+        log.warning("cannot keep chunk hashes in %s (%s): incremental runs send every non-zero chunk", cache_dir, e)
+        return None
+
+
+def _keep(recorder: "Recorder", http: "HttpSender") -> None:
+    """After the flush: remember this run's digests with the receiver's map as it is now."""
+    try:
+        _cs, after = http.fetch_hashes()
+        try:
+            recorder.keep(after)
+        finally:
+            after.close()
+    except OSError as e:  # the state dir is full, say: the next run sends more, nothing worse
+        log.warning("cannot keep this run's chunk hashes (%s): the next run sends every non-zero chunk", e)
+        recorder.discard()
 
 
 def _ranges(disk: "dict[str, Any]", size: "int | None" = None) -> "list[tuple[int, int]]":

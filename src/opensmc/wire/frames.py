@@ -622,6 +622,29 @@ class HashFile(Mapping[int, bytes]):
         spool.flush()
         return cls(spool, int(chunk_size), int(count), int(hash_id))
 
+    @classmethod
+    def open(cls, f: BinaryIO) -> "HashFile":
+        """A map this agent spooled before (``write_to``): the header and the size are checked."""
+        head = os.pread(f.fileno(), _HASHMAP_HEADER.size, 0)
+        if len(head) < _HASHMAP_HEADER.size:
+            raise TruncatedFrame("hash map header truncated")
+        magic, version, hash_id, chunk_size, count = _HASHMAP_HEADER.unpack(head)
+        if magic != HASHMAP_MAGIC or version != 1 or hash_id not in HASH_NAMES:
+            raise BadMagic("not a hash map this build wrote")
+        if os.fstat(f.fileno()).st_size != _HASHMAP_HEADER.size + count * _RECORD.size:
+            raise LengthMismatch(f"hash map says {count} records but its file is another size")
+        return cls(f, int(chunk_size), int(count), int(hash_id))
+
+    def write_to(self, out: BinaryIO) -> None:
+        """Copy the encoded map to ``out``."""
+        pos, end = 0, _HASHMAP_HEADER.size + self._count * _RECORD.size
+        while pos < end:
+            block = os.pread(self._fd, min(1 << 20, end - pos), pos)
+            if not block:
+                raise TruncatedFrame("hash map spool file shrank")
+            out.write(block)
+            pos += len(block)
+
     def close(self) -> None:
         self._f.close()
 
