@@ -142,7 +142,8 @@ def run(args: "argparse.Namespace") -> int:
     import logging
 
     log = logging.getLogger("opensmc.agent")
-    done = priority.apply(args.nice, args.io_class)
+    # --once reads no disk (one registration and heartbeat): it leaves the caller's priorities alone
+    done = [] if args.once else priority.apply(args.nice, args.io_class)
     how = f" ({', '.join(done)})" if done else ""
     log.info("opensmc agent %s on Python %s%s", __version__, sys.version.split()[0], how)
     stop = threading.Event()
