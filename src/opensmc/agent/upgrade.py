@@ -127,4 +127,7 @@ class Upgrader:
         log.info("agent upgraded to the server's version %s; restarting", server_version)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.execv(sys.executable, [sys.executable, path, *sys.argv[1:]])
+        try:
+            os.execv(sys.executable, [sys.executable, path, *sys.argv[1:]])
+        except OSError as e:  # the new file is in place: a restart (systemd's, or the next install) runs it
+            log.error("cannot restart as the upgraded agent (%s); restart it to run version %s", e, server_version)
