@@ -1,6 +1,4 @@
 """OpenSMC: a self-hosted Server Migration Center speaking the SMC 2019-06-01 OpenAPI."""
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 API_VERSION = "2019-06-01"

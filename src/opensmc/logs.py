@@ -5,16 +5,14 @@
 ``message``, and the structured fields a record carries. Code that logs
 something a machine should filter on (an API call, a job transition) passes
 them as ``extra={"fields": {...}}`` and also writes them into the message, so
-the text format loses nothing.
+the text format loses nothing. Part of the agent's zipapp: Python 3.6 compatible (docs/agent.md).
 """
-
-from __future__ import annotations
 
 import json
 import logging
 import sys
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Dict
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
@@ -22,9 +20,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+    def format(self, record: "logging.LogRecord") -> str:
+        doc: "Dict[str, Any]" = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -37,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def add_arguments(p: Any) -> None:
+def add_arguments(p: "Any") -> None:
     p.add_argument("--log-level", choices=LEVELS, default="info", help="least severe level logged (default: info)")
     p.add_argument(
         "--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line (default: text)"

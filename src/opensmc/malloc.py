@@ -21,8 +21,6 @@ is trimmed above 16 MiB of free top. Only a hint: on a libc without
 ``mallopt`` nothing happens.
 """
 
-from __future__ import annotations
-
 import ctypes
 import ctypes.util
 

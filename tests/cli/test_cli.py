@@ -269,6 +269,9 @@ def test_agent_logs_json_lines(
     code, out, err = run(capsys, "call", "CreateAccessToken", "--Name", "logged-agent")
     assert code == 0, err
     token = json.loads(out)
+    endpoint = os.environ["OPENSMC_ENDPOINT"].rstrip("/")
+    install = f"curl -fsSL {endpoint}/agent/install.sh | sudo sh -s -- --token-id {token['AccessTokenId']} "
+    assert f"{install}--token-code {token['AccessTokenCode']}" in err  # on stderr: stdout stays the JSON
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
         f.truncate(4 << 20)

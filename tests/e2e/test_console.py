@@ -71,6 +71,8 @@ def test_console_migrates_a_disk(tmp_path: Path) -> None:
             command = page.locator("#agent-command").inner_text()
             found = re.search(r"--token-id (\S+) --token-code (\S+)", command)
             assert found and f"--server {server.endpoint}" in command, command
+            install = page.locator("#install-command").inner_text()
+            assert install == f"curl -fsSL {server.endpoint}/agent/install.sh | sudo sh -s -- {found[0]}", install
             agent = subprocess.Popen(
                 [*OPENSMC, "agent", "run", "--server", server.endpoint, "--token-id", found[1],
                  "--token-code", found[2], "--disk", str(disk), "--state-dir", str(tmp_path / "agent")],

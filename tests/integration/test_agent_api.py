@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import select, update
 from starlette.applications import Starlette
 
+from opensmc import __version__
 from opensmc.agent import runner
 from opensmc.agent import state as agent_state
 from opensmc.agent.runner import AgentError, run_agent
@@ -288,6 +290,7 @@ def test_heartbeat_and_liveness(
         "source_id": sid,
         "state": "Available",
         "heartbeat_rate": 10,
+        "server_version": __version__,
         "tasks": [],
     }
     now[0] = T0 + timedelta(minutes=5)
@@ -448,29 +451,23 @@ def test_run_agent_daemon_heartbeats_until_stopped(
 
 
 def test_run_agent_retries_then_gives_up_in_once_mode(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Nothing listens at the server's port: http.client's ConnectionRefusedError is retried, then fatal."""
     monkeypatch.setattr(runner, "BACKOFF_START", 0.01)
-    calls: list[str] = []
-
-    def refuse(request: httpx.Request) -> httpx.Response:
-        calls.append(request.url.path)
-        raise httpx.ConnectError("connection refused", request=request)
-
-    with (
-        httpx.Client(transport=httpx.MockTransport(refuse)) as http,
-        pytest.raises(AgentError, match="cannot reach"),
-    ):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connections are refused
+    with caplog.at_level("WARNING", logger="opensmc.agent"), pytest.raises(AgentError, match="cannot reach"):
         run_agent(
-            "http://nowhere",
+            f"http://127.0.0.1:{port}",
             token_id="at-x",
             token_code="c",
             state_dir=tmp_path,
             once=True,
-            http=http,
             report_fn=lambda: make_report("m"),
         )
-    assert len(calls) == runner.ONCE_ATTEMPTS
+    assert caplog.text.count("not reachable") == runner.ONCE_ATTEMPTS - 1
 
 
 def test_run_agent_with_real_discovery_of_an_image(

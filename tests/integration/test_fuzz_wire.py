@@ -365,7 +365,9 @@ def frame_bytes(draw: st.DrawFn) -> bytes:
     offset = draw(st.sampled_from([0, 65536, VOLUME_SIZE - 65536, VOLUME_SIZE, 1, 2**63 - 1]))
     if kind == 0:  # a valid frame (maybe out of the volume's range)
         data = draw(st.binary(min_size=1, max_size=2048)) * draw(st.sampled_from([1, 32]))
-        return f.encode_frame(offset, data, draw(st.sampled_from([0, 1, 3])))
+        hash_id = draw(st.sampled_from([f.HASH_XXH3, f.HASH_BLAKE2B]))  # version 1 or 2 frames
+        codec = draw(st.sampled_from([f.CODEC_ZSTD, f.CODEC_ZLIB]))
+        return f.encode_frame(offset, data, draw(st.sampled_from([0, 1, 3])), hash_id=hash_id, codec=codec)
     if kind == 1:
         return f.encode_zero_frame(offset, draw(st.sampled_from([1, 65536, 2**32 - 1])))
     if kind == 2:  # a valid frame with bytes overwritten
@@ -381,7 +383,7 @@ def frame_bytes(draw: st.DrawFn) -> bytes:
         payload = zstandard.ZstdCompressor(level=1).compress(bytes(declared)) if declared < (1 << 20) else (
             zstandard.ZstdCompressor(level=1).compress(bytes(1 << 20))
         )  # fmt: skip
-        header = struct.pack(f._HEADER.format, f.MAGIC, f.FORMAT_VERSION, f.CODEC_ZSTD, 0, offset & (2**63 - 1),
+        header = struct.pack(f._HEADER_V1.format, f.MAGIC, 1, f.CODEC_ZSTD, 0, offset & (2**63 - 1),
                              65536, len(payload), f.digest(bytes(65536)))  # fmt: skip
         return header + payload
     # a random header
@@ -389,7 +391,7 @@ def frame_bytes(draw: st.DrawFn) -> bytes:
                             st.integers(0, 0xFFFF), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
                             st.integers(0, 4096), st.binary(min_size=16, max_size=16)))  # fmt: skip
     payload_len = fields[6]
-    return struct.pack(f._HEADER.format, *fields) + os.urandom(min(payload_len, draw(st.integers(0, 4096))))
+    return struct.pack(f._HEADER_V1.format, *fields) + os.urandom(min(payload_len, draw(st.integers(0, 4096))))
 
 
 @FUZZ

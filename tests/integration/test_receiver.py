@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import replicate
 from opensmc.agent.uploader import HttpSender, ReceiverError
 from opensmc.chunkstore.backend import LocalBackend
@@ -30,7 +31,14 @@ from opensmc.chunkstore.repository import Repository
 from opensmc.chunkstore.staging import StagingIndex
 from opensmc.receiver.http import make_app
 from opensmc.receiver.stats import STATS
-from opensmc.wire.frames import encode_frame, encode_zero_frame
+from opensmc.wire.frames import (
+    CODEC_ZLIB,
+    HASH_BLAKE2B,
+    HASH_XXH3,
+    digest,
+    encode_frame,
+    encode_zero_frame,
+)
 
 MiB = 1024 * 1024
 CS = 16 * 1024
@@ -146,6 +154,82 @@ def test_full_and_incremental_replication(receiver: Receiver, tmp_path: Path) ->
     assert receiver.repo.blob_count() <= len(first.hashes) + len(changed)
 
 
+def test_a_standard_library_agent_full_then_incremental(receiver: Receiver, tmp_path: Path) -> None:
+    """An agent without xxhash/zstandard: blake2b-128 frames, zlib, and no dedupe against xxh3 maps."""
+    size = 8 * MiB
+    src = tmp_path / "disk.img"
+    data = make_image(src, size, seed=3)
+    data[MiB : 2 * MiB] = b"compressible text " * (MiB // 18) + b"\0" * (MiB % 18)
+    src.write_bytes(data)
+    create(receiver, "vb", size)
+    with HttpSender(receiver.url, "vb", TOKEN) as sender:
+        first = replicate(str(src), sender, chunk_size=CS, level=3, hash_id=HASH_BLAKE2B, codec=CODEC_ZLIB)
+        assert first.hash_id == HASH_BLAKE2B and first.bytes_wire < first.bytes_plain  # zlib took the text
+        sender.flush()
+        assert held(receiver, "vb") == data
+        # The receiver's map is the chunk store's xxh3-128 whatever the frames' hash was.
+        _cs, previous = sender.fetch_hashes()
+        assert previous.hash_id == HASH_XXH3
+        assert dict(previous) == {i: digest(bytes(data[i * CS : (i + 1) * CS])) for i in first.hashes}
+        data[0:CS] = bytes(CS)  # one chunk zeroed, one changed: both must reach the receiver
+        data[5 * CS : 5 * CS + 10] = b"changed!!!"
+        src.write_bytes(data)
+        # blake2b digests cannot be compared with xxh3: every non-zero chunk goes again, never a wrong skip
+        second = replicate(str(src), sender, previous=previous, chunk_size=CS, hash_id=HASH_BLAKE2B)
+        assert second.chunks_sent == len(second.hashes) and second.chunks_zeroed == (0 in previous)
+        # the same map with xxh3 (an accelerated agent) skips what is unchanged
+        third = replicate(str(src), sender, previous=sender.fetch_hashes()[1], chunk_size=CS, hash_id=HASH_XXH3)
+        assert third.chunks_sent == 0 and third.chunks_zeroed == 0
+        sender.flush()
+    assert held(receiver, "vb") == data
+
+
+def test_a_standard_library_agent_remembers_its_hashes_for_incremental_runs(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """agent/owncache.py: blake2b digests paired with the receiver's xxh3 map prove chunks unchanged."""
+    size = 4 * MiB
+    src = tmp_path / "disk.img"
+    data = make_image(src, size, seed=8)
+    data[0:CS] = os.urandom(CS)
+    src.write_bytes(data)
+    create(receiver, "vc", size)
+    cache = str(tmp_path / "hashes")
+
+    def run(sender: HttpSender, keep: bool = True) -> Any:
+        recorder = Recorder(cache, "vc", CS, HASH_BLAKE2B)
+        _cs, current = sender.fetch_hashes()
+        result = replicate(
+            str(src), sender, previous=recorder.previous(current), chunk_size=CS, hash_id=HASH_BLAKE2B,
+            on_hash=recorder.record, keep_hashes=False,
+        )  # fmt: skip
+        sender.flush()
+        if keep:
+            recorder.keep(sender.fetch_hashes()[1])
+        else:
+            recorder.discard()
+        return result
+
+    with HttpSender(receiver.url, "vc", TOKEN) as sender:
+        first = run(sender)
+        nonzero = {i for i in range(size // CS) if any(data[i * CS : (i + 1) * CS])}
+        assert first.chunks_sent == len(nonzero)
+        assert run(sender).chunks_sent == 0  # nothing changed: nothing sent
+        data[0:CS] = bytes(CS)
+        data[3 * CS : 3 * CS + 5] = b"12345"
+        src.write_bytes(data)
+        second = run(sender, keep=False)  # an attempt that never completes keeps the last pair
+        assert (second.chunks_sent, second.chunks_zeroed) == (1, 1)
+        assert run(sender).chunks_sent == 1  # chunk 3 again: the pair was not updated
+        # The receiver's chunk 5 changes behind the agent's back: its digest is no longer the
+        # remembered one, so the agent sends it again although the source did not change.
+        sender.send_batch([encode_frame(5 * CS, os.urandom(CS))])
+        sender.flush()
+        third = run(sender)
+        assert third.chunks_sent == 1
+    assert held(receiver, "vc") == data
+
+
 def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> None:
     create(receiver, "v2", 4 * MiB)
     _f, plain_before, _w, rejected_before = STATS.snapshot()
@@ -156,7 +240,7 @@ def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> Non
     status, body = post(receiver, "/v1/volumes/v2/frames", good0 + good1 + bytes(bad) + after)
     assert status == 400 and body["code"] == "InvalidFrame.HashMismatch" and body["accepted"] == 2
     wrong_version = bytearray(after)
-    wrong_version[4] = 2
+    wrong_version[4] = 3
     cases = [
         (bytes(wrong_version), "InvalidFrame.UnsupportedVersion"),
         (encode_frame(4 * MiB - CS, os.urandom(2 * CS)), "Frame.OutOfRange"),
@@ -168,7 +252,7 @@ def test_bad_frames_write_nothing_from_the_bad_one_on(receiver: Receiver) -> Non
     for frame, code in cases:
         status, body = post(receiver, "/v1/volumes/v2/frames", frame)
         assert (status, body["code"]) == (400, code), body
-        assert "version 2" in body["message"] or code != "InvalidFrame.UnsupportedVersion"
+        assert "version 3" in body["message"] or code != "InvalidFrame.UnsupportedVersion"
     # Replays are harmless.
     for _ in range(2):
         assert post(receiver, "/v1/volumes/v2/frames", good0 + good1)[1] == {"frames": 2, "bytes": 2 * CS}

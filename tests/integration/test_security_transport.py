@@ -16,11 +16,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from opensmc.agent.main import _plain_remote
 from opensmc.api import agent_routes
 from opensmc.api.app import create_app
 from opensmc.api.image_routes import routes as image_routes
 from opensmc.api.serving import KEEP_ALIVE, MAX_BODY, server_config
-from opensmc.cli.agent import _plain_remote
 from opensmc.images.store import repository_at
 from opensmc.receiver.serve import RECEIVER_KEEP_ALIVE, ReceiverThread
 from opensmc.service.accounts import new_key_pair

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
+import zlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -55,7 +58,7 @@ def _corrupt(enc: bytes, pos: int, value: int) -> bytes:
     ("mutate", "error"),
     [
         (lambda e: _corrupt(e, 0, ord("X")), f.BadMagic),
-        (lambda e: _corrupt(e, 4, 2), f.UnsupportedVersion),
+        (lambda e: _corrupt(e, 4, 3), f.UnsupportedVersion),
         (lambda e: _corrupt(e, 5, 7), f.UnknownCodec),
         (lambda e: _corrupt(e, 6, 0x80), f.UnknownFlags),
         (lambda e: e[:20], f.TruncatedFrame),
@@ -170,3 +173,84 @@ def test_hash_array_refuses_unordered_records() -> None:
     raw[20:28], raw[44:52] = raw[44:52], raw[20:28]
     with pytest.raises(f.LengthMismatch):
         f.HashArray.decode(bytes(raw))
+
+
+# -- the standard-library family (an agent without xxhash, zstandard, numpy) ---------------------------
+
+
+def test_blake2b_zlib_frames_round_trip_as_version_2() -> None:
+    text = b"an old server's disk " * 10_000
+    enc = f.encode_frame(8192, text, 3, hash_id=f.HASH_BLAKE2B, codec=f.CODEC_ZLIB)
+    assert enc[4] == 2 and enc[5] == f.CODEC_ZLIB and enc[6] == f.HASH_BLAKE2B and enc[7] == 0
+    assert enc[24:40] == hashlib.blake2b(text, digest_size=16).digest() and len(enc) < len(text) // 10
+    frame = f.decode_frame(enc)
+    assert (frame.offset, frame.data) == (8192, text)
+    assert f.parse_header(enc).hash_id == f.HASH_BLAKE2B
+    raw = f.encode_frame(0, os.urandom(5000), 0, hash_id=f.HASH_BLAKE2B)
+    assert raw[4:8] == bytes([2, f.CODEC_NONE, f.HASH_BLAKE2B, 0]) and f.decode_frame(raw).length == 5000
+    # xxh3 frames stay version 1, byte for byte what receivers before version 2 accept
+    assert f.encode_frame(0, text, 0)[4] == 1 and f.parse_header(f.encode_frame(0, text, 0)).hash_id == f.HASH_XXH3
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda e: _corrupt(e, 6, 9), f.UnknownHash),
+        (lambda e: _corrupt(e, 7, 0x80), f.UnknownFlags),
+        (lambda e: _corrupt(e, 6, f.HASH_XXH3), f.HashMismatch),  # a blake2b digest checked as xxh3
+        (lambda e: _corrupt(e, len(e) - 1, e[-1] ^ 1), f.HashMismatch),
+    ],
+)
+def test_version_2_rejections(mutate: Any, error: type[f.FrameError]) -> None:
+    enc = f.encode_frame(0, os.urandom(1000), 0, hash_id=f.HASH_BLAKE2B)
+    with pytest.raises(error):
+        f.decode_frame(mutate(enc))
+
+
+def test_a_zlib_bomb_is_refused_without_inflating_it() -> None:
+    plain = 1 << 20
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros claiming to be 1 MiB
+    header = struct.pack("<4sBBBBQII16s", f.MAGIC, 2, f.CODEC_ZLIB, f.HASH_BLAKE2B, 0, 0, plain, len(bomb), bytes(16))
+    with pytest.raises(f.LengthMismatch):
+        f.decode_frame(header + bomb)
+    short = zlib.compress(bytes(1000))
+    header = struct.pack("<4sBBBBQII16s", f.MAGIC, 2, f.CODEC_ZLIB, f.HASH_BLAKE2B, 0, 0, 2000, len(short), bytes(16))
+    with pytest.raises(f.LengthMismatch):
+        f.decode_frame(header + short)
+
+
+def test_hash_maps_name_their_family_and_decode_without_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    hashes = {3: b"a" * 16, 7: b"b" * 16, 1_000_000: b"c" * 16}
+    enc = f.encode_hash_map(4096, hashes, f.HASH_BLAKE2B)
+    assert enc[5] == f.HASH_BLAKE2B
+    with_numpy = f.HashArray.decode(enc)
+    monkeypatch.setattr(f.accel, "numpy", None)
+    without = f.HashArray.decode(enc)
+    for arr in (with_numpy, without):
+        assert arr.hash_id == f.HASH_BLAKE2B and dict(arr) == hashes and arr.window(4, 1_000_000) == {7: b"b" * 16}
+    bad = bytearray(enc)
+    bad[5] = 9
+    with pytest.raises(f.UnknownHash):
+        f.HashArray.decode(bytes(bad))
+
+
+def test_hash_file_spools_the_map_and_searches_it_on_disk(tmp_path: Any) -> None:
+    hashes = {i * 3: os.urandom(16) for i in range(100_000)}
+    enc = f.encode_hash_map(16384, hashes, f.HASH_XXH3)
+    with open(tmp_path / "spool", "w+b") as spool:
+        hf = f.HashFile.receive(io.BytesIO(enc), spool, piece=1000)  # many pieces: order checked across them
+        assert (hf.chunk_size, hf.hash_id, len(hf)) == (16384, f.HASH_XXH3, len(hashes))
+        assert hf == hashes and hf[299_997] == hashes[299_997] and 1 not in hf
+        assert hf.window(10, 20) == {12: hashes[12], 15: hashes[15], 18: hashes[18]} and hf.window(1, 3) == {}
+        assert hf.window(299_992, 10**9) == {299_994: hashes[299_994], 299_997: hashes[299_997]}
+    records = enc[20:]
+    swapped = enc[:20] + records[24:48] + records[:24] + records[48:]
+    for bad, error in [
+        (enc[:-1], f.LengthMismatch),
+        (enc + b"\0", f.LengthMismatch),
+        (swapped, f.LengthMismatch),
+        (enc[:10], f.TruncatedFrame),
+        (b"JUNK" + enc[4:], f.BadMagic),
+    ]:
+        with open(tmp_path / "bad", "w+b") as spool, pytest.raises(error):
+            f.HashFile.receive(io.BytesIO(bad), spool, piece=1000)

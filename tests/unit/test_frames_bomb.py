@@ -28,7 +28,7 @@ def _zeros_compressed(size: int, *, declare: bool) -> bytes:
 
 def _frame_header(payload: bytes) -> bytes:
     digest = f.digest(bytes(PLAIN))
-    return struct.pack(f._HEADER.format, f.MAGIC, f.FORMAT_VERSION, f.CODEC_ZSTD, 0, 0, PLAIN, len(payload), digest)
+    return struct.pack(f._HEADER_V1.format, f.MAGIC, 1, f.CODEC_ZSTD, 0, 0, PLAIN, len(payload), digest)
 
 
 @pytest.mark.parametrize("declare", [True, False], ids=["declared-size", "no-declared-size"])

@@ -54,7 +54,7 @@ def test_nonzero_chunks() -> None:
     buf = bytearray(b"\0" * (3 * CS + 100))
     buf[CS + 5] = 1
     buf[3 * CS + 99] = 1
-    assert nonzero_chunks(buf, CS).tolist() == [False, True, False, True]
+    assert nonzero_chunks(buf, CS) == [False, True, False, True]
 
 
 def test_full_then_incremental(tmp_path: Path) -> None:
@@ -229,3 +229,14 @@ def test_progress_counts_only_acknowledged_bytes(tmp_path: Path, encoders: int) 
     assert len(sink.arrivals) >= 3
     assert all(acked_then <= first for acked_then, first in sink.arrivals), sink.arrivals
     assert max(p.scanned for p in seen) == size
+
+
+def test_nonzero_chunks_without_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opensmc.wire import accel
+
+    buf = bytearray(b"\0" * (3 * CS + 100))
+    buf[CS + 5] = 1
+    buf[3 * CS + 99] = 1
+    monkeypatch.setattr(accel, "numpy", None)
+    assert nonzero_chunks(buf, CS) == [False, True, False, True]
+    assert nonzero_chunks(bytes(2 * CS + 7), CS) == [False, False, False]

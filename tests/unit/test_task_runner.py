@@ -49,6 +49,7 @@ def controls(monkeypatch: pytest.MonkeyPatch) -> list[TaskControl]:
         report: Callable[[int, int], tuple[bool, float]],
         tls: ssl.SSLContext | None = None,
         control: TaskControl | None = None,
+        cache_dir: str | None = None,
     ) -> dict[str, Any]:
         assert control is not None
         seen.append(control)
@@ -172,6 +173,7 @@ def test_an_attempt_that_lost_contact_starts_again_while_the_channel_wants_it(
         report: Callable[[int, int], tuple[bool, float]],
         tls: ssl.SSLContext | None = None,
         control: TaskControl | None = None,
+        cache_dir: str | None = None,
     ) -> dict[str, Any]:
         assert control is not None
         attempts.append(control)

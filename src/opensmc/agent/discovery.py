@@ -54,8 +54,6 @@ Choices made here:
   Linux filesystem is taken as System.
 """
 
-from __future__ import annotations
-
 import ipaddress
 import json
 import math
@@ -69,9 +67,8 @@ import subprocess
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opensmc.agent.partitions import (
     Partition,
@@ -107,8 +104,7 @@ _LINUX_ROOT_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
 _SKIP_BLOCK_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd")
 
 
-@dataclass(frozen=True)
-class SystemFacts:
+class SystemFacts(NamedTuple):
     """The machine as SMC's SystemInfo, Platform, KernelLevel and Architecture describe it."""
 
     machine_id: str
@@ -125,22 +121,21 @@ class SystemFacts:
     memory: str  #: GiB with 2 decimals, e.g. "1.00"
     cpu_usage: str  #: busy fraction with 2 decimals, e.g. "0.12"
     memory_usage: str  #: used fraction (1 - MemAvailable/MemTotal), 2 decimals
-    ipv4: list[str] = field(default_factory=list)
-    ipv6: list[str] = field(default_factory=list)
+    ipv4: "list[str]" = []
+    ipv6: "list[str]" = []
 
 
-@dataclass(frozen=True)
-class PartFacts:
+class PartFacts(NamedTuple):
     """One partition (or the whole disk, for a disk without a partition table)."""
 
     device: str  #: "<diskIndex>_<n>", n counting from 0
     number: int  #: partition number (sda<number>); 0 for a whole-disk pseudo-partition
     path: str  #: mount point if mounted, else node
     node: str  #: /dev/vda1, or "<image>#p<number>", or the disk itself for a pseudo-partition
-    mount_point: str | None
+    mount_point: "str | None"
     offset: int  #: bytes from the start of the disk
     size_bytes: int
-    fs_type: str | None
+    fs_type: "str | None"
     part_type: str  #: GPT type GUID or MBR type hex ("83"); "" for a pseudo-partition
     name: str  #: GPT partition name
     can_block: bool  #: its bytes are readable, so block replication can copy it
@@ -148,23 +143,22 @@ class PartFacts:
     type: str  #: "System", "Boot" or "Normal"
 
 
-@dataclass(frozen=True)
-class DiskFacts:
+class DiskFacts(NamedTuple):
     """A disk: index 0 is the system disk, 1..16 data disks."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index: fine at run time
     path: str  #: block device or image file
     size_bytes: int
     sector_size: int
-    label: str | None  #: "gpt", "dos", or None without a partition table
-    partitions: list[PartFacts] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    label: "str | None"  #: "gpt", "dos", or None without a partition table
+    partitions: "list[PartFacts]" = []
+    warnings: "list[str]" = []
 
 
 # -- system ------------------------------------------------------------------------------------------------
 
 
-def discover_system(state_dir: Path, *, root: Path = Path("/"), cpu_sample: float = 0.1) -> SystemFacts:
+def discover_system(state_dir: "Path", *, root: "Path" = Path("/"), cpu_sample: float = 0.1) -> "SystemFacts":
     """Facts about this machine. ``state_dir`` keeps a generated machine id when /etc has none.
 
     ``cpu_sample`` is how long (seconds) to watch /proc/stat for cpu_usage; 0
@@ -200,16 +194,16 @@ def kernel_level(release: str) -> int:
     return int(m[1]) * 100 + int(m[2]) if m else 0
 
 
-def _read(path: Path) -> str:
+def _read(path: "Path") -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
 
 
-def _os_release(root: Path) -> dict[str, str]:
+def _os_release(root: "Path") -> "dict[str, str]":
     text = _read(root / "etc/os-release") or _read(root / "usr/lib/os-release")
-    out: dict[str, str] = {}
+    out: "dict[str, str]" = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() and not key.startswith("#"):
@@ -220,7 +214,7 @@ def _os_release(root: Path) -> dict[str, str]:
     return out
 
 
-def _machine_id(root: Path, state_dir: Path) -> str:
+def _machine_id(root: "Path", state_dir: "Path") -> str:
     mid = _read(root / "etc/machine-id").strip()
     if re.fullmatch(r"[0-9a-f]{32}", mid):
         return mid
@@ -243,14 +237,14 @@ def _architecture(machine: str) -> str:
     return {"amd64": "x86_64", "aarch64": "arm64", "i486": "i386", "i586": "i386", "i686": "i386"}.get(m, m)
 
 
-def _cores(root: Path) -> int:
+def _cores(root: "Path") -> int:
     n = sum(1 for line in _read(root / "proc/cpuinfo").splitlines() if re.match(r"processor\s*:", line))
     return n or os.cpu_count() or 1
 
 
-def _meminfo(root: Path) -> tuple[int, int]:
+def _meminfo(root: "Path") -> "tuple[int, int]":
     """(MemTotal, MemAvailable) in bytes; (0, 0) without /proc/meminfo."""
-    values: dict[str, int] = {}
+    values: "dict[str, int]" = {}
     for line in _read(root / "proc/meminfo").splitlines():
         m = re.match(r"(\w+):\s+(\d+)", line)
         if m:
@@ -260,7 +254,7 @@ def _meminfo(root: Path) -> tuple[int, int]:
     return total, min(avail, total)
 
 
-def _cpu_times(root: Path) -> tuple[int, int]:
+def _cpu_times(root: "Path") -> "tuple[int, int]":
     """(idle, total) jiffies from the aggregate line of /proc/stat."""
     for line in _read(root / "proc/stat").splitlines():
         if line.startswith("cpu "):
@@ -272,7 +266,7 @@ def _cpu_times(root: Path) -> tuple[int, int]:
     return 0, 0
 
 
-def _cpu_usage(root: Path, sample: float) -> float:
+def _cpu_usage(root: "Path", sample: float) -> float:
     idle0, total0 = _cpu_times(root)
     if sample > 0:
         time.sleep(sample)
@@ -284,7 +278,7 @@ def _cpu_usage(root: Path, sample: float) -> float:
     return min(max(1 - idle0 / total0, 0.0), 1.0)
 
 
-def _addresses(root: Path) -> tuple[list[str], list[str]]:
+def _addresses(root: "Path") -> "tuple[list[str], list[str]]":
     v4 = _ipv4_from_fib_trie(_read(root / "proc/net/fib_trie"))
     v6 = _ipv6_from_if_inet6(_read(root / "proc/net/if_inet6"))
     if not v4 and not v6 and root == Path("/"):
@@ -292,9 +286,9 @@ def _addresses(root: Path) -> tuple[list[str], list[str]]:
     return v4, v6
 
 
-def _ipv4_from_fib_trie(text: str) -> list[str]:
+def _ipv4_from_fib_trie(text: str) -> "list[str]":
     # In the Local table each address of this host is a leaf followed by "/32 host LOCAL".
-    found: list[str] = []
+    found: "list[str]" = []
     last = ""
     for line in text.splitlines():
         m = re.search(r"[|+]-- (\d+\.\d+\.\d+\.\d+)", line)
@@ -306,8 +300,8 @@ def _ipv4_from_fib_trie(text: str) -> list[str]:
     return found
 
 
-def _ipv6_from_if_inet6(text: str) -> list[str]:
-    found: list[str] = []
+def _ipv6_from_if_inet6(text: str) -> "list[str]":
+    found: "list[str]" = []
     for line in text.splitlines():
         cols = line.split()
         if len(cols) < 6 or len(cols[0]) != 32:
@@ -324,17 +318,19 @@ def _ipv6_from_if_inet6(text: str) -> list[str]:
     return found
 
 
-def _addresses_from_ip() -> tuple[list[str], list[str]]:
+def _addresses_from_ip() -> "tuple[list[str], list[str]]":
     ip = shutil.which("ip")
     if ip is None:
         return [], []
     try:
-        out = subprocess.run([ip, "-j", "addr"], capture_output=True, check=True, timeout=5, text=True).stdout
+        out = subprocess.run(
+            [ip, "-j", "addr"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True, timeout=5
+        ).stdout.decode("utf-8", "replace")
         data = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError):
         return [], []
-    v4: list[str] = []
-    v6: list[str] = []
+    v4: "list[str]" = []
+    v6: "list[str]" = []
     for iface in data if isinstance(data, list) else []:
         for a in iface.get("addr_info", []) if isinstance(iface, dict) else []:
             if not isinstance(a, dict) or a.get("scope") != "global":
@@ -349,14 +345,13 @@ def _addresses_from_ip() -> tuple[list[str], list[str]]:
 # -- disks -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Mount:
+class _Mount(NamedTuple):
     dev: str  #: "major:minor"
     point: str
     source: str  #: the mount source as written, e.g. /dev/vda1
 
 
-def discover_disks(explicit: Sequence[str] | None = None, *, root: Path = Path("/")) -> list[DiskFacts]:
+def discover_disks(explicit: "Sequence[str] | None" = None, *, root: "Path" = Path("/")) -> "list[DiskFacts]":
     """The disks to migrate: ``explicit`` paths in order (first = system disk), else the machine's disks.
 
     Explicit paths may be image files or block devices; more than one system
@@ -385,12 +380,12 @@ def discover_disks(explicit: Sequence[str] | None = None, *, root: Path = Path("
             sys_names.insert(0, sys_names.pop(i))
             paths.insert(0, paths.pop(i))
         del sys_names[1 + MAX_DATA_DISKS :], paths[1 + MAX_DATA_DISKS :]
-    return [_disk_facts(root, i, p, n, mounts) for i, (p, n) in enumerate(zip(paths, sys_names, strict=True))]
+    return [_disk_facts(root, i, p, n, mounts) for i, (p, n) in enumerate(zip(paths, sys_names))]
 
 
-def _sys_block_disks(root: Path) -> list[tuple[str, str]]:
+def _sys_block_disks(root: "Path") -> "list[tuple[str, str]]":
     """(name, /dev node) of real disks with a non-zero size, sorted by name."""
-    out: list[tuple[str, str]] = []
+    out: "list[tuple[str, str]]" = []
     try:
         names = sorted(os.listdir(root / "sys/block"))
     except OSError:
@@ -404,7 +399,7 @@ def _sys_block_disks(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _sys_block_name(root: Path, path: str) -> str | None:
+def _sys_block_name(root: "Path", path: str) -> "str | None":
     """The /sys/block name of a block-device path, None for image files."""
     try:
         st = os.stat(path)
@@ -431,8 +426,8 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
 
 
-def _mounts(root: Path) -> list[_Mount]:
-    mounts: list[_Mount] = []
+def _mounts(root: "Path") -> "list[_Mount]":
+    mounts: "list[_Mount]" = []
     for line in _read(root / "proc/self/mountinfo").splitlines():
         left, sep, right = line.partition(" - ")
         f = left.split()
@@ -442,7 +437,7 @@ def _mounts(root: Path) -> list[_Mount]:
     return mounts
 
 
-def _block_names(root: Path, disk: str) -> dict[str, str]:
+def _block_names(root: "Path", disk: str) -> "dict[str, str]":
     """major:minor -> name for a disk and its partitions, plus whatever sits on them (dm, md)."""
     base = root / "sys/block" / disk
     names = {disk: _read(base / "dev").strip()}
@@ -455,9 +450,9 @@ def _block_names(root: Path, disk: str) -> dict[str, str]:
     return {dev: name for name, dev in names.items() if dev}
 
 
-def _holders(root: Path, name: str) -> list[str]:
+def _holders(root: "Path", name: str) -> "list[str]":
     """Devices built on ``name`` (LVM, RAID, crypt), recursively."""
-    out: list[str] = []
+    out: "list[str]" = []
     todo = [name]
     while todo and len(out) < 64:
         cur = todo.pop()
@@ -472,11 +467,11 @@ def _holders(root: Path, name: str) -> list[str]:
     return out
 
 
-def _mount_points(root: Path, name: str, mounts: list[_Mount]) -> list[str]:
+def _mount_points(root: "Path", name: str, mounts: "list[_Mount]") -> "list[str]":
     """Mount points of block device ``name`` or of anything stacked on it."""
     names = [name, *_holders(root, name)]
     devs = {_read(root / "sys/class/block" / n / "dev").strip() for n in names} - {""}
-    points: list[str] = []
+    points: "list[str]" = []
     for m in mounts:
         src = os.path.basename(os.path.realpath(m.source)) if m.source.startswith("/dev/") else ""
         if (m.dev in devs or src in names) and m.point not in points:
@@ -484,7 +479,7 @@ def _mount_points(root: Path, name: str, mounts: list[_Mount]) -> list[str]:
     return points
 
 
-def _disk_of_mount(root: Path, disks: list[str], mounts: list[_Mount], point: str) -> str | None:
+def _disk_of_mount(root: "Path", disks: "list[str]", mounts: "list[_Mount]", point: str) -> "str | None":
     for disk in disks:
         for name in _block_names(root, disk).values():
             if point in _mount_points(root, name, mounts):
@@ -497,9 +492,9 @@ def _node_name(disk: str, number: int) -> str:
     return f"{disk}{'p' if disk[-1:].isdigit() else ''}{number}"
 
 
-def _disk_facts(root: Path, index: int, path: str, sys_name: str | None, mounts: list[_Mount]) -> DiskFacts:
+def _disk_facts(root: "Path", index: int, path: str, sys_name: "str | None", mounts: "list[_Mount]") -> "DiskFacts":
     sector = _int(_read(root / "sys/block" / sys_name / "queue/logical_block_size")) if sys_name else 0
-    warnings: list[str] = []
+    warnings: "list[str]" = []
     readable = True
     try:
         table = read_partition_table(path, sector_size=sector or None)
@@ -517,7 +512,7 @@ def _disk_facts(root: Path, index: int, path: str, sys_name: str | None, mounts:
     if not raw_parts:
         fs = _safe_fs(path) if readable else None
         raw_parts = [Partition(0, 0, table.disk_size, "", fs_type=fs)]
-    parts: list[PartFacts] = []
+    parts: "list[PartFacts]" = []
     for n, p in enumerate(raw_parts):
         if sys_name:
             kname = sys_name if p.index == 0 else _node_name(sys_name, p.index)
@@ -548,18 +543,18 @@ def _disk_facts(root: Path, index: int, path: str, sys_name: str | None, mounts:
     if index == 0:
         if not any(p.type == "System" for p in parts) and not any(p.mount_point for p in parts):
             parts = _guess_system(parts)
-        parts = [replace(p, need=p.type in ("System", "Boot")) for p in parts]
+        parts = [p._replace(need=p.type in ("System", "Boot")) for p in parts]
     return DiskFacts(index, path, table.disk_size, table.sector_size, table.label, parts, warnings)
 
 
-def _safe_fs(path: str) -> str | None:
+def _safe_fs(path: str) -> "str | None":
     try:
         return detect_filesystem(path)
     except OSError:
         return None
 
 
-def _device_size(root: Path, path: str, sys_name: str | None) -> int:
+def _device_size(root: "Path", path: str, sys_name: "str | None") -> int:
     if sys_name:
         return _int(_read(root / "sys/block" / sys_name / "size")) * 512
     try:
@@ -569,12 +564,12 @@ def _device_size(root: Path, path: str, sys_name: str | None) -> int:
         return 0
 
 
-def _table_from_sysfs(root: Path, sys_name: str | None, sector: int) -> PartitionTable:
+def _table_from_sysfs(root: "Path", sys_name: "str | None", sector: int) -> "PartitionTable":
     # sysfs start/size are always in 512-byte units, whatever the logical sector size.
     if sys_name is None:
         return PartitionTable(None, sector, 0)
     base = root / "sys/block" / sys_name
-    parts: list[Partition] = []
+    parts: "list[Partition]" = []
     try:
         children = sorted(os.listdir(base))
     except OSError:
@@ -589,12 +584,12 @@ def _table_from_sysfs(root: Path, sys_name: str | None, sector: int) -> Partitio
     return PartitionTable(None, sector, _int(_read(base / "size")) * 512, parts)
 
 
-def _preferred_mount(points: list[str]) -> str | None:
+def _preferred_mount(points: "list[str]") -> "str | None":
     # A partition mounted twice (bind mounts) is named by its shortest path: "/" over "/mnt/x".
     return min(points, key=lambda p: (len(p), p)) if points else None
 
 
-def _part_type(p: Partition, points: list[str], system_disk: bool) -> str:
+def _part_type(p: "Partition", points: "list[str]", system_disk: bool) -> str:
     if "/" in points:
         return "System"
     if "/boot" in points or "/boot/efi" in points:
@@ -606,26 +601,26 @@ def _part_type(p: Partition, points: list[str], system_disk: bool) -> str:
     return "Normal"
 
 
-def _guess_system(parts: list[PartFacts]) -> list[PartFacts]:
+def _guess_system(parts: "list[PartFacts]") -> "list[PartFacts]":
     """For an image (no mounts): the largest Linux-filesystem partition that is not Boot is System."""
     candidates = [p for p in parts if p.fs_type in _LINUX_ROOT_FS and p.type != "Boot"]
     if not candidates:
         return parts
     best = max(candidates, key=lambda p: p.size_bytes)
-    return [replace(p, type="System") if p is best else p for p in parts]
+    return [p._replace(type="System") if p is best else p for p in parts]
 
 
 # -- report ------------------------------------------------------------------------------------------------
 
 
 def to_report(
-    system: SystemFacts,
-    disks: Sequence[DiskFacts],
+    system: "SystemFacts",
+    disks: "Sequence[DiskFacts]",
     *,
     agent_mode: str = "daemon",
     agent_type: str = "opensmc",
     client_type: str = "",
-) -> dict[str, Any]:
+) -> "dict[str, Any]":
     """The JSON-serialisable registration/heartbeat body; layout in the module docstring."""
     return {
         "report_version": REPORT_VERSION,
@@ -648,7 +643,7 @@ def to_report(
     }
 
 
-def system_info(system: SystemFacts, *, agent_mode: str, agent_type: str, client_type: str) -> str:
+def system_info(system: "SystemFacts", *, agent_mode: str, agent_type: str, client_type: str) -> str:
     """SMC's SystemInfo: compact JSON, string values, at most 1 KB (addresses dropped from the end to fit)."""
     v4, v6 = list(system.ipv4), list(system.ipv6)
     while True:
@@ -674,7 +669,7 @@ def _gib_up(n: int) -> int:
     return math.ceil(n / _GIB)
 
 
-def _disk_report(d: DiskFacts) -> dict[str, Any]:
+def _disk_report(d: "DiskFacts") -> "dict[str, Any]":
     return {
         "index": d.index,
         "path": d.path,

@@ -26,16 +26,16 @@ headers corrupt and no usable hybrid MBR, an EBR chain that loops) raises
 for bad bytes; ``OSError`` from opening or reading the source passes through.
 """
 
-from __future__ import annotations
-
 import os
 import struct
 import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Tuple, Union
+
+if TYPE_CHECKING:
+    from typing import Literal  # novermin (annotations only)
 
 __all__ = [
     "Partition",
@@ -47,7 +47,7 @@ __all__ = [
     "read_partitions",
 ]
 
-Source = str | os.PathLike[str] | BinaryIO
+Source = Union[str, "os.PathLike[str]", BinaryIO]
 
 #: MBR partition types that hold a chain of logical partitions.
 _EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
@@ -67,13 +67,12 @@ class PartitionTableError(ValueError):
     """A partition table is present but cannot be used (corrupt beyond repair)."""
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(NamedTuple):
     """One entry of a partition table."""
 
     #: Partition number as Linux names it (``sda<index>``): GPT entry slot + 1,
     #: MBR primaries 1-4, logicals from 5.
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index: fine at run time
     #: Offset of the first byte on the disk.
     start: int
     #: Length in bytes.
@@ -90,26 +89,25 @@ class Partition:
     #: True for an MBR extended partition: a container of logicals, holding no data itself.
     container: bool = False
     #: Filesystem found by :func:`detect_filesystem`, or None.
-    fs_type: str | None = None
+    fs_type: "str | None" = None
 
 
-@dataclass(frozen=True)
-class PartitionTable:
+class PartitionTable(NamedTuple):
     """A disk's partition table as read from its bytes."""
 
     #: ``"gpt"``, ``"dos"`` (MBR) or None when the disk has no table.
-    label: Literal["gpt", "dos"] | None
+    label: 'Literal["gpt", "dos"] | None'
     sector_size: int
     disk_size: int
-    partitions: list[Partition] = field(default_factory=list)
+    partitions: "list[Partition]" = []
     #: Problems that were worked around (e.g. primary GPT header corrupt, backup used).
-    warnings: list[str] = field(default_factory=list)
+    warnings: "list[str]" = []
 
 
 class _Disk:
     """Random-access reads that never come back short (zero padded past the end)."""
 
-    def __init__(self, fh: BinaryIO, size: int) -> None:
+    def __init__(self, fh: "BinaryIO", size: int) -> None:
         self._fh = fh
         self.size = size
 
@@ -123,10 +121,10 @@ class _Disk:
 
 
 @contextmanager
-def _open(source: Source) -> Iterator[_Disk]:
+def _open(source: "Source") -> "Iterator[_Disk]":
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb", buffering=0) as raw:
-            fh: BinaryIO = raw
+            fh: "BinaryIO" = raw
             yield _Disk(fh, _size_of(fh))
     else:
         here = source.tell()
@@ -136,7 +134,7 @@ def _open(source: Source) -> Iterator[_Disk]:
             source.seek(here)  # the caller's stream, left where the caller had it
 
 
-def _size_of(fh: BinaryIO) -> int:
+def _size_of(fh: "BinaryIO") -> int:
     # seek(0, SEEK_END) works for regular files and block devices alike, where
     # os.fstat reports size 0 for the latter.
     here = fh.tell()
@@ -146,12 +144,12 @@ def _size_of(fh: BinaryIO) -> int:
         fh.seek(here)
 
 
-def read_partitions(source: Source, *, sector_size: int | None = None) -> list[Partition]:
+def read_partitions(source: "Source", *, sector_size: "int | None" = None) -> "list[Partition]":
     """Partitions of ``source`` (path or binary file object), in table order; [] if it has no table."""
     return read_partition_table(source, sector_size=sector_size).partitions
 
 
-def read_partition_table(source: Source, *, sector_size: int | None = None) -> PartitionTable:
+def read_partition_table(source: "Source", *, sector_size: "int | None" = None) -> "PartitionTable":
     """Read the partition table of ``source`` and sniff each partition's filesystem.
 
     ``sector_size`` is the logical sector size when known (block devices:
@@ -160,11 +158,11 @@ def read_partition_table(source: Source, *, sector_size: int | None = None) -> P
     """
     with _open(source) as disk:
         table = _read_table(disk, sector_size)
-        parts = [p if p.container else replace(p, fs_type=_detect_at(disk, p.start, p.size)) for p in table.partitions]
+        parts = [p if p.container else p._replace(fs_type=_detect_at(disk, p.start, p.size)) for p in table.partitions]
         return PartitionTable(table.label, table.sector_size, disk.size, parts, table.warnings)
 
 
-def _read_table(disk: _Disk, sector_size: int | None) -> PartitionTable:
+def _read_table(disk: "_Disk", sector_size: "int | None") -> "PartitionTable":
     mbr = disk.read(0, 512)
     has_mbr_sig = mbr[510:512] == b"\x55\xaa"
     entries = _mbr_entries(mbr) if has_mbr_sig else None
@@ -186,12 +184,12 @@ def _read_table(disk: _Disk, sector_size: int | None) -> PartitionTable:
 
 # -- MBR ---------------------------------------------------------------------------------------------------
 
-_MbrEntry = tuple[int, int, int, int]  # (status, type, first LBA, sector count)
+_MbrEntry = Tuple[int, int, int, int]  # (status, type, first LBA, sector count)
 
 
-def _mbr_entries(sector: bytes) -> list[_MbrEntry] | None:
+def _mbr_entries(sector: bytes) -> "list[_MbrEntry] | None":
     """The four primary entries, or None if the sector is not a partition table."""
-    entries: list[_MbrEntry] = []
+    entries: "list[_MbrEntry]" = []
     for i in range(4):
         status, ptype, lba, count = _unpack_mbr_entry(sector, 446 + 16 * i)
         # libblkid's test: a boot indicator other than 0x00/0x80 means these 64
@@ -205,15 +203,15 @@ def _mbr_entries(sector: bytes) -> list[_MbrEntry] | None:
     return entries
 
 
-def _unpack_mbr_entry(buf: bytes, off: int) -> _MbrEntry:
+def _unpack_mbr_entry(buf: bytes, off: int) -> "_MbrEntry":
     status, ptype, lba, count = struct.unpack_from("<B3xB3xII", buf, off)
     return status, ptype, lba, count
 
 
-def _read_mbr(disk: _Disk, entries: list[_MbrEntry], ss: int) -> PartitionTable:
-    parts: list[Partition] = []
-    warnings: list[str] = []
-    extended: tuple[int, int] | None = None
+def _read_mbr(disk: "_Disk", entries: "list[_MbrEntry]", ss: int) -> "PartitionTable":
+    parts: "list[Partition]" = []
+    warnings: "list[str]" = []
+    extended: "tuple[int, int] | None" = None
     for slot, (status, ptype, lba, count) in enumerate(entries, start=1):
         if ptype == 0 or count == 0:
             continue
@@ -229,11 +227,11 @@ def _read_mbr(disk: _Disk, entries: list[_MbrEntry], ss: int) -> PartitionTable:
     return PartitionTable("dos", ss, disk.size, parts, warnings)
 
 
-def _read_logicals(disk: _Disk, ext_lba: int, ss: int) -> list[Partition]:
+def _read_logicals(disk: "_Disk", ext_lba: int, ss: int) -> "list[Partition]":
     """Follow the EBR chain: entry 0 is a logical (relative to its EBR), entry 1 the next EBR (relative to
     the extended partition's start)."""
-    logicals: list[Partition] = []
-    seen: set[int] = set()
+    logicals: "list[Partition]" = []
+    seen: "set[int]" = set()
     ebr = ext_lba
     number = 5
     while True:
@@ -261,8 +259,7 @@ def _read_logicals(disk: _Disk, ext_lba: int, ss: int) -> list[Partition]:
 _GPT_HEADER = struct.Struct("<8sIII4xQQQQ16sQIII")
 
 
-@dataclass(frozen=True)
-class _GptHeader:
+class _GptHeader(NamedTuple):
     my_lba: int
     entries_lba: int
     num_entries: int
@@ -270,7 +267,7 @@ class _GptHeader:
     entries_crc: int
 
 
-def _parse_gpt_header(disk: _Disk, lba: int, ss: int) -> tuple[_GptHeader | None, str]:
+def _parse_gpt_header(disk: "_Disk", lba: int, ss: int) -> "tuple[_GptHeader | None, str]":
     """The header at ``lba`` if valid, else (None, reason)."""
     raw = disk.read(lba * ss, ss)
     (sig, _rev, hsize, hcrc, my_lba, _alt, _first, _last, _guid, entries_lba, num, esize, ecrc) = (
@@ -291,9 +288,9 @@ def _parse_gpt_header(disk: _Disk, lba: int, ss: int) -> tuple[_GptHeader | None
     return _GptHeader(my_lba, entries_lba, num, esize, ecrc), ""
 
 
-def _read_gpt(disk: _Disk, ss: int, hybrid: list[_MbrEntry] | None) -> PartitionTable:
+def _read_gpt(disk: "_Disk", ss: int, hybrid: "list[_MbrEntry] | None") -> "PartitionTable":
     last_lba = disk.size // ss - 1
-    warnings: list[str] = []
+    warnings: "list[str]" = []
     for lba in (1, last_lba):
         header, problem = _parse_gpt_header(disk, lba, ss)
         if header is not None:
@@ -315,8 +312,8 @@ def _read_gpt(disk: _Disk, ss: int, hybrid: list[_MbrEntry] | None) -> Partition
     raise PartitionTableError("corrupt GPT: " + "; ".join(warnings))
 
 
-def _gpt_entries(array: bytes, header: _GptHeader, ss: int) -> list[Partition]:
-    parts: list[Partition] = []
+def _gpt_entries(array: bytes, header: "_GptHeader", ss: int) -> "list[Partition]":
+    parts: "list[Partition]" = []
     for slot in range(header.num_entries):
         off = slot * header.entry_size
         type_raw = array[off : off + 16]
@@ -354,7 +351,7 @@ def _looks_like_boot_sector(sector: bytes) -> bool:
     return _fat_or_ntfs(sector) is not None
 
 
-def _fat_or_ntfs(sector: bytes) -> str | None:
+def _fat_or_ntfs(sector: bytes) -> "str | None":
     if sector[3:11] == b"NTFS    ":
         return "ntfs"
     if sector[510:512] != b"\x55\xaa":
@@ -367,7 +364,7 @@ def _fat_or_ntfs(sector: bytes) -> str | None:
     return None
 
 
-def detect_filesystem(source: Source, offset: int = 0, size: int | None = None) -> str | None:
+def detect_filesystem(source: "Source", offset: int = 0, size: "int | None" = None) -> "str | None":
     """Filesystem at ``offset`` of ``source`` from its superblock magic, or None.
 
     Names follow blkid: ext2, ext3, ext4, xfs, btrfs, vfat, ntfs, swap,
@@ -377,7 +374,7 @@ def detect_filesystem(source: Source, offset: int = 0, size: int | None = None) 
         return _detect_at(disk, offset, disk.size - offset if size is None else size)
 
 
-def _detect_at(disk: _Disk, offset: int, size: int) -> str | None:
+def _detect_at(disk: "_Disk", offset: int, size: int) -> "str | None":
     def at(rel: int, length: int) -> bytes:
         # Never look past the partition: the next one's superblock is not ours.
         if rel + length > size:

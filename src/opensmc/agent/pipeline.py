@@ -23,17 +23,25 @@ of order. A run killed midway leaves the receiver with every batch that
 ``send_batch`` acknowledged; the next run re-sends only the rest.
 """
 
-from __future__ import annotations
-
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from opensmc.agent.reader import BlockSource, nonzero_chunks
-from opensmc.wire.frames import HashArray, digest, encode_frame, encode_zero_frame
+from opensmc.wire.frames import (
+    DEFAULT_CODEC,
+    DEFAULT_HASH,
+    HASH_XXH3,
+    encode_frame,
+    encode_zero_frame,
+    hash_function,
+)
+
+if TYPE_CHECKING:
+    from typing import Protocol  # novermin
+else:  # Python 3.6 and 3.7 have no typing.Protocol; at run time it is only a base class
+    Protocol = object
 
 __all__ = ["Progress", "RateLimitedSender", "ReplicationResult", "Sender", "replicate"]
 
@@ -49,11 +57,10 @@ class Sender(Protocol):
     be retried with the same frames: receivers treat replays as no-ops.
     """
 
-    def send_batch(self, frames: Sequence[bytes]) -> None: ...
+    def send_batch(self, frames: "Sequence[bytes]") -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(NamedTuple):
     """A snapshot passed to the progress callback (called from pipeline threads)."""
 
     scanned: int  #: bytes of the source read and classified so far
@@ -65,19 +72,41 @@ class Progress:
     acked: int = 0
 
 
-@dataclass(slots=True)
 class ReplicationResult:
-    """What a run did. ``hashes`` is the source's chunk map: every non-zero chunk's xxh3-128."""
+    """What a run did. ``hashes`` is the source's chunk map: every non-zero chunk's digest.
 
-    total: int
-    chunk_size: int
-    chunks_sent: int = 0
-    chunks_zeroed: int = 0
-    frames: int = 0
-    bytes_plain: int = 0
-    bytes_wire: int = 0
-    seconds: float = 0.0
-    hashes: dict[int, bytes] = field(default_factory=dict)
+    The digests are of the family ``hash_id`` (``opensmc.wire.frames``: xxh3-128
+    where xxhash is importable, BLAKE2b-128 otherwise).
+    """
+
+    __slots__ = (
+        "bytes_plain",
+        "bytes_wire",
+        "chunk_size",
+        "chunks_sent",
+        "chunks_zeroed",
+        "frames",
+        "hash_id",
+        "hashes",
+        "seconds",
+        "total",
+    )
+
+    def __init__(self, total: int, chunk_size: int, hash_id: int = HASH_XXH3) -> None:
+        self.total = total
+        self.chunk_size = chunk_size
+        self.hash_id = hash_id
+        self.chunks_sent = 0
+        self.chunks_zeroed = 0
+        self.frames = 0
+        self.bytes_plain = 0
+        self.bytes_wire = 0
+        self.seconds = 0.0
+        self.hashes: "Dict[int, bytes]" = {}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "hashes")
+        return f"ReplicationResult({fields}, hashes=<{len(self.hashes)}>)"
 
 
 class _Stop(Exception):
@@ -87,19 +116,25 @@ class _Stop(Exception):
 class _Run:
     """The shared state of one run: queues, counters, the first error."""
 
-    def __init__(self, total: int, chunk_size: int, progress: Callable[[Progress], None] | None) -> None:
+    def __init__(
+        self, total: int, chunk_size: int, progress: "Callable[[Progress], None] | None", hash_id: int
+    ) -> None:
         self.stop = threading.Event()
-        self.error: BaseException | None = None
+        self.error: "BaseException | None" = None
         self.lock = threading.Lock()
-        self.result = ReplicationResult(total=total, chunk_size=chunk_size)
+        self.result = ReplicationResult(total=total, chunk_size=chunk_size, hash_id=hash_id)
+        self.hash = hash_function(hash_id)
+        #: ``previous`` holds digests of this run's family: unchanged chunks can be recognised
+        self.compare = True
+        self.on_hash: "Optional[Callable[[int, bytes], None]]" = None
         self.scanned = 0
         self.to_move = 0
         self.acked = 0
-        self._spans: dict[int, int] = {}  # acknowledged (start -> end) beyond `acked` (encoders finish out of order)
+        self._spans: "dict[int, int]" = {}  # acknowledged (start -> end) beyond `acked` (encoders finish out of order)
         self.progress = progress
         self.keep_hashes = True
 
-    def acknowledge(self, spans: Sequence[tuple[int, int]]) -> None:
+    def acknowledge(self, spans: "Sequence[tuple[int, int]]") -> None:
         """The frames of these source spans are acknowledged: move `acked` over every contiguous one."""
         with self.lock:
             for start, end in spans:
@@ -107,13 +142,13 @@ class _Run:
             while self.acked in self._spans:
                 self.acked = self._spans.pop(self.acked)
 
-    def fail(self, e: BaseException) -> None:
+    def fail(self, e: "BaseException") -> None:
         with self.lock:
             if self.error is None:
                 self.error = e
         self.stop.set()
 
-    def put(self, q: queue.Queue[_T], item: _T) -> None:
+    def put(self, q: "queue.Queue[_T]", item: "_T") -> None:
         while True:
             if self.stop.is_set():
                 raise _Stop
@@ -123,7 +158,7 @@ class _Run:
             except queue.Full:
                 continue
 
-    def get(self, q: queue.Queue[_T]) -> _T:
+    def get(self, q: "queue.Queue[_T]") -> "_T":
         while True:
             if self.stop.is_set():
                 raise _Stop
@@ -140,27 +175,39 @@ class _Run:
 
 def replicate(
     path: str,
-    sender: Sender,
+    sender: "Sender",
     *,
     offset: int = 0,
-    length: int | None = None,
-    previous: Mapping[int, bytes] | None = None,
+    length: "int | None" = None,
+    previous: "Mapping[int, bytes] | None" = None,
     chunk_size: int = 64 * 1024,
     level: int = 0,
     max_frame: int = 4 * MiB,
     read_size: int = 4 * MiB,
     batch_bytes: int = 8 * MiB,
     encoders: int = 1,
-    progress: Callable[[Progress], None] | None = None,
+    progress: "Callable[[Progress], None] | None" = None,
     target_offset: int = 0,
     keep_hashes: bool = True,
-) -> ReplicationResult:
+    hash_id: "Optional[int]" = None,
+    codec: int = DEFAULT_CODEC,
+    on_hash: "Optional[Callable[[int, bytes], None]]" = None,
+) -> "ReplicationResult":
     """Send the chunks of ``path[offset:offset+length]`` that differ from ``previous``.
 
-    ``previous`` maps chunk index to xxh3-128 for the non-zero chunks the
-    receiver holds (absent = zeros). ``level`` is a zstd level (see
-    ``opensmc.wire.frames.zstd_level``), 0 for none. Raises the first error of
-    any stage after stopping the others.
+    ``previous`` maps chunk index to digest for the non-zero chunks the
+    receiver holds (absent = zeros); its family is its ``hash_id`` attribute
+    (a :class:`HashArray`'s), xxh3-128 for a plain mapping. ``hash_id`` is the
+    family this run hashes with (default: ``DEFAULT_HASH``, xxh3-128 where
+    xxhash is importable). When the two differ (an agent without xxhash against
+    a receiver's xxh3-128 map) no chunk can be proved unchanged: every non-zero
+    chunk is sent, and ``previous`` only says which ranges need a zero frame.
+    ``level`` is a zstd level (see ``opensmc.wire.frames.zstd_level``), 0 for
+    none, compressed with ``codec`` (zstd, or zlib where zstandard is missing).
+    ``on_hash(index, digest)`` is called (from an encoder thread) for every
+    non-zero chunk read: how an agent without xxhash remembers its digests
+    (agent/owncache.py).
+    Raises the first error of any stage after stopping the others.
     ``target_offset`` places the range in the volume: frames (and the
     chunk indexes of ``previous`` and of the result's map) count from there, so
     several ranges of one disk (the partitions a job selects) can go to one
@@ -173,22 +220,25 @@ def replicate(
         raise ValueError(f"target_offset must be a multiple of chunk_size, got {target_offset}")
     if read_size % chunk_size or max_frame % chunk_size or max_frame > read_size:
         raise ValueError("read_size and max_frame must be chunk multiples, max_frame <= read_size")
-    prev: Mapping[int, bytes] = previous if previous is not None else {}
+    prev: "Mapping[int, bytes]" = previous if previous is not None else {}
     started = time.monotonic()
     with BlockSource(path, offset, length) as src:
-        run = _Run(src.length, chunk_size, progress)
+        family = DEFAULT_HASH if hash_id is None else hash_id
+        run = _Run(src.length, chunk_size, progress, family)
         run.keep_hashes = keep_hashes
-        pool: queue.Queue[bytearray] = queue.Queue()
+        run.compare = getattr(previous, "hash_id", HASH_XXH3) == family
+        run.on_hash = on_hash
+        pool: "queue.Queue[bytearray]" = queue.Queue()
         for _ in range(encoders + 2):  # one being read, one per encoder, one queued
             pool.put(bytearray(read_size))
-        work: queue.Queue[tuple[int, int, bytearray] | None] = queue.Queue(maxsize=1)
+        work: "queue.Queue[tuple[int, int, bytearray] | None]" = queue.Queue(maxsize=1)
         # Each item is the frames of one read buffer, so thousands of small incremental frames
         # cost few hops. The queue is bounded in bytes, frames queued or in the batch being
         # sent: a bound in items let an incremental run (a few hundred KiB of frames per
         # buffer) queue only ~1 MiB, so it sent hundreds of tiny batches, each a round trip.
         # Each item also names the span of the source it covers, so that the sender can move the
         # acknowledged position over it once its frames (if any) are acknowledged.
-        out: queue.Queue[tuple[list[bytes], int, int] | None] = queue.Queue()
+        out: "queue.Queue[tuple[list[bytes], int, int] | None]" = queue.Queue()
         budget = _ByteBudget(run, 2 * batch_bytes)
 
         def read_stage() -> None:
@@ -202,18 +252,29 @@ def replicate(
                 run.put(work, None)
 
         def encode_stage() -> None:
-            while (item := run.get(work)) is not None:
+            while True:
+                item = run.get(work)
+                if item is None:
+                    break
                 pos, n, buf = item
                 _encode_buffer(
-                    run, memoryview(buf)[:n], target_offset + pos, prev, level, max_frame, out, budget, (pos, pos + n)
+                    run,
+                    memoryview(buf)[:n],
+                    target_offset + pos,
+                    prev,
+                    (level, codec),
+                    max_frame,
+                    out,
+                    budget,
+                    (pos, pos + n),
                 )
                 pool.put(buf)
             run.put(out, None)
 
         def send_stage() -> None:
             open_encoders = encoders
-            batch: list[bytes] = []
-            spans: list[tuple[int, int]] = []  # source spans whose frames are in `batch` (or none)
+            batch: "list[bytes]" = []
+            spans: "list[tuple[int, int]]" = []  # source spans whose frames are in `batch` (or none)
             size = 0
             while open_encoders:
                 item = run.get(out)
@@ -256,7 +317,7 @@ class _ByteBudget:
     One item may exceed the limit alone, so any frame can pass.
     """
 
-    def __init__(self, run: _Run, limit: int) -> None:
+    def __init__(self, run: "_Run", limit: int) -> None:
         self._run = run
         self._limit = limit
         self._used = 0
@@ -276,7 +337,7 @@ class _ByteBudget:
             self._cond.notify_all()
 
 
-def _guard(run: _Run, stage: Callable[[], None]) -> None:
+def _guard(run: "_Run", stage: "Callable[[], None]") -> None:
     try:
         stage()
     except _Stop:
@@ -286,32 +347,42 @@ def _guard(run: _Run, stage: Callable[[], None]) -> None:
 
 
 def _encode_buffer(
-    run: _Run,
-    view: memoryview,
+    run: "_Run",
+    view: "memoryview",
     pos: int,
-    prev: Mapping[int, bytes],
-    level: int,
+    prev: "Mapping[int, bytes]",
+    compression: "Tuple[int, int]",
     max_frame: int,
-    out: queue.Queue[tuple[list[bytes], int, int] | None],
-    budget: _ByteBudget,
-    span: tuple[int, int],
+    out: "queue.Queue[tuple[list[bytes], int, int] | None]",
+    budget: "_ByteBudget",
+    span: "tuple[int, int]",
 ) -> None:
     cs = run.result.chunk_size
     base = pos // cs
     nonzero = nonzero_chunks(view, cs)
-    if isinstance(prev, HashArray):  # one lookup per buffer, not per chunk
-        prev = prev.window(base, base + len(nonzero))
-    hashes: dict[int, bytes] | None = run.result.hashes if run.keep_hashes else None
+    window = getattr(prev, "window", None)  # HashArray, HashFile, OwnHashes: one lookup per buffer
+    if window is not None:
+        prev = window(base, base + len(nonzero))
+    hashes: "dict[int, bytes] | None" = run.result.hashes if run.keep_hashes else None
     # Classify every chunk: "d" send data, "z" send a zero frame, "" leave alone.
-    kinds: list[str] = []
-    one_hash: dict[int, bytes] = {}
-    for i, nz in enumerate(nonzero.tolist()):
+    kinds: "list[str]" = []
+    one_hash: "dict[int, bytes]" = {}
+    # Without a map of our own hash family there is nothing to compare a chunk's digest with:
+    # skip the per-chunk pass (the frames are hashed whole anyway).
+    per_chunk = run.compare or hashes is not None or run.on_hash is not None
+    digest = run.hash
+    for i, nz in enumerate(nonzero):
         idx = base + i
+        if nz and not per_chunk:
+            kinds.append("d")
+            continue
         if nz:
             h = digest(view[i * cs : (i + 1) * cs])
             if hashes is not None:
                 hashes[idx] = h
-            if prev.get(idx) != h:
+            if run.on_hash is not None:
+                run.on_hash(idx, h)
+            if not run.compare or prev.get(idx) != h:
                 kinds.append("d")
                 one_hash[i] = h
                 continue
@@ -319,7 +390,7 @@ def _encode_buffer(
             kinds.append("z")
             continue
         kinds.append("")
-    encoded: list[bytes] = []
+    encoded: "list[bytes]" = []
     sent = zeroed = moved = 0
     per_frame = max_frame // cs
     i = 0
@@ -331,8 +402,12 @@ def _encode_buffer(
         if kind:
             start, end = i * cs, min(j * cs, len(view))
             if kind == "d":
-                known = one_hash[i] if j == i + 1 else None  # a one-chunk frame is already hashed
-                encoded.append(encode_frame(pos + start, view[start:end], level, hash_=known))
+                known = one_hash.get(i) if j == i + 1 else None  # a one-chunk frame is already hashed
+                level, codec = compression
+                frame = encode_frame(
+                    pos + start, view[start:end], level, hash_=known, hash_id=run.result.hash_id, codec=codec
+                )
+                encoded.append(frame)
                 sent += j - i
                 moved += end - start
             else:
@@ -364,12 +439,12 @@ class RateLimitedSender:
 
     def __init__(
         self,
-        inner: Sender,
+        inner: "Sender",
         mbit_per_s: float = 0.0,
         *,
         burst_seconds: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        clock: "Callable[[], float]" = time.monotonic,
+        sleep: "Callable[[float], None]" = time.sleep,
     ) -> None:
         self.inner = inner
         self._lock = threading.Lock()
@@ -402,7 +477,7 @@ class RateLimitedSender:
             self._tokens = min(cap, self._tokens + (now - self._last) * self._rate)
         self._last = now
 
-    def send_batch(self, frames: Sequence[bytes]) -> None:
+    def send_batch(self, frames: "Sequence[bytes]") -> None:
         n = sum(len(f) for f in frames)
         while True:
             with self._lock:

@@ -4,26 +4,26 @@
 so a pipeline can recycle a few fixed buffers however large the disk is: new
 buffers cost page faults that halve read throughput (PERF_FLOORS.md).
 :func:`nonzero_chunks` is the zero map: which chunks of a buffer hold any
-non-zero byte, computed by numpy, which releases the GIL (``bytes ==`` and
-``memoryview ==`` do not, or crawl).
+non-zero byte, computed by numpy where it is importable, which releases the
+GIL; otherwise by comparing each chunk with a chunk of zeros (``bytes ==`` is a
+``memcmp``, fast but holding the GIL). Python 3.6 compatible (docs/agent.md).
 """
-
-from __future__ import annotations
 
 import os
 import stat
 from types import TracebackType
+from typing import Dict, List
 
-import numpy as np
-import numpy.typing as npt
+from opensmc.wire import accel
 
 __all__ = ["DROP_BEHIND", "BlockSource", "nonzero_chunks", "source_size"]
 
+_PREADV = hasattr(os, "preadv")
 #: Drop the source's pages from the page cache every this many bytes read (see BlockSource).
 DROP_BEHIND = 32 * 1024 * 1024
 
 
-def source_size(path: str | os.PathLike[str]) -> int:
+def source_size(path: "str | os.PathLike[str]") -> int:
     """Size in bytes of a regular file or a block device."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -50,7 +50,7 @@ class BlockSource:
     it, the copy into fresh pages costing the difference.
     """
 
-    def __init__(self, path: str | os.PathLike[str], offset: int = 0, length: int | None = None) -> None:
+    def __init__(self, path: "str | os.PathLike[str]", offset: int = 0, length: "int | None" = None) -> None:
         size = source_size(path)
         if length is None:
             length = size - offset
@@ -64,13 +64,13 @@ class BlockSource:
         # Range-relative: the contiguous reads since _dropped are dropped once DROP_BEHIND long.
         self._dropped = self._next = 0
 
-    def read_into(self, buf: bytearray | memoryview, pos: int) -> int:
+    def read_into(self, buf: "bytearray | memoryview", pos: int) -> int:
         """Fill ``buf`` from ``pos``; returns the bytes read (fewer only at the end of the range)."""
         view = memoryview(buf)
         want = min(len(view), self.length - pos)
         got = 0
         while got < want:
-            n = os.preadv(self._fd, [view[got:want]], self.offset + pos + got)
+            n = self._pread(view[got:want], self.offset + pos + got)
             if n == 0:
                 raise OSError(f"{self.path}: unexpected end of data at {self.offset + pos + got}")
             got += n
@@ -83,26 +83,52 @@ class BlockSource:
             self._dropped = end
         return got
 
+    def _pread(self, view: memoryview, at: int) -> int:
+        if _PREADV:
+            return os.preadv(self._fd, [view], at)  # novermin (guarded by _PREADV)
+        # Python 3.6 has no os.preadv: seek and readv (the reader is one thread, the fd is ours)
+        os.lseek(self._fd, at, os.SEEK_SET)
+        return os.readv(self._fd, [view])
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> BlockSource:
+    def __enter__(self) -> "BlockSource":
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, t: "type[BaseException] | None", v: "BaseException | None", tb: "TracebackType | None") -> None:
         self.close()
 
 
-def nonzero_chunks(buf: bytes | bytearray | memoryview, chunk_size: int) -> npt.NDArray[np.bool_]:
+def nonzero_chunks(buf: "bytes | bytearray | memoryview", chunk_size: int) -> "List[bool]":
     """One bool per chunk of ``buf`` (the last may be short): True if it holds a non-zero byte."""
     n = len(buf)
     full = n // chunk_size
-    out = np.empty(-(-n // chunk_size), dtype=np.bool_)
-    if full:
-        words = np.frombuffer(buf, dtype=np.uint64, count=full * chunk_size // 8)
-        out[:full] = words.reshape(full, chunk_size // 8).any(axis=1)
-    if full < len(out):
-        out[full] = bool(np.frombuffer(buf, dtype=np.uint8, offset=full * chunk_size).any())
-    return out
+    np = accel.numpy
+    if np is not None:
+        out = np.empty(-(-n // chunk_size), dtype=np.bool_)
+        if full:
+            words = np.frombuffer(buf, dtype=np.uint64, count=full * chunk_size // 8)
+            out[:full] = words.reshape(full, chunk_size // 8).any(axis=1)
+        if full < len(out):
+            out[full] = bool(np.frombuffer(buf, dtype=np.uint8, offset=full * chunk_size).any())
+        flags: "List[bool]" = out.tolist()
+        return flags
+    view = memoryview(buf)
+    zero = _zeros(chunk_size)
+    result = [view[i * chunk_size : (i + 1) * chunk_size].tobytes() != zero for i in range(full)]
+    if full * chunk_size < n:
+        result.append(view[full * chunk_size :].tobytes().count(0) != n - full * chunk_size)
+    return result
+
+
+_ZEROS: "Dict[int, bytes]" = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z

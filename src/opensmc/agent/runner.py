@@ -17,25 +17,24 @@ a refused registration (wrong, disabled, expired or used-up code) is fatal:
 two calls.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import signal
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from http.client import HTTPException
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence
 
 from opensmc import __version__
 from opensmc.agent import state as agent_state
 from opensmc.agent.client import AgentClient, ApiRefused, ServerUnavailable
 from opensmc.agent.state import AgentState
 from opensmc.agent.tasks import TaskRunner
+
+if TYPE_CHECKING:
+    from opensmc.agent.upgrade import Upgrader
 
 log = logging.getLogger("opensmc.agent")
 
@@ -48,7 +47,7 @@ CHANNEL_WAIT = 25.0
 #: seconds between attempts to open the channel on a server that has none (an older version)
 NO_CHANNEL_RETRY = 60.0
 
-ReportFn = Callable[[], dict[str, Any]]
+ReportFn = Callable[[], Dict[str, Any]]
 
 
 class AgentError(Exception):
@@ -57,24 +56,26 @@ class AgentError(Exception):
 
 def run_agent(
     server_url: str,
-    token_id: str | None = None,
-    token_code: str | None = None,
-    access_key_id: str | None = None,
-    access_key_secret: str | None = None,
-    disks: Sequence[str] | None = None,
-    state_dir: Path = Path("opensmc-agent"),
+    token_id: "str | None" = None,
+    token_code: "str | None" = None,
+    access_key_id: "str | None" = None,
+    access_key_secret: "str | None" = None,
+    disks: "Sequence[str] | None" = None,
+    state_dir: "Path" = Path("opensmc-agent"),
     once: bool = False,
-    stop_event: threading.Event | None = None,
+    stop_event: "threading.Event | None" = None,
     *,
-    http: httpx.Client | None = None,
-    report_fn: ReportFn | None = None,
-    ca_cert: Path | None = None,
-) -> AgentState | None:
+    http: Any = None,
+    report_fn: "ReportFn | None" = None,
+    ca_cert: "Path | None" = None,
+    upgrader: "Optional[Upgrader]" = None,
+) -> "AgentState | None":
     """Run until stopped (or, with `once`, until one heartbeat got through). Returns the last state.
 
     `http` and `report_fn` replace the HTTP client and the discovery report (tests).
     `ca_cert` is a PEM bundle to trust for the server's and the receiver's TLS
-    certificates (default: the system's trust store).
+    certificates (default: the system's trust store). `upgrader` replaces the
+    agent with the server's when the server runs another version (agent/upgrade.py).
     """
     tls = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     credentials = _credentials(token_id, token_code, access_key_id, access_key_secret)
@@ -82,18 +83,19 @@ def run_agent(
     stop = stop_event or threading.Event()
     with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http, ssl_context=tls) as client:
         runner = _Runner(client, server_url, credentials, state_dir, make_report, tls)
+        runner.upgrader = upgrader
         return runner.loop(stop, once)
 
 
 class _Runner:
     def __init__(
         self,
-        client: AgentClient,
+        client: "AgentClient",
         server_url: str,
-        credentials: dict[str, str],
-        state_dir: Path,
-        make_report: ReportFn,
-        tls: ssl.SSLContext | None = None,
+        credentials: "dict[str, str]",
+        state_dir: "Path",
+        make_report: "ReportFn",
+        tls: "ssl.SSLContext | None" = None,
     ) -> None:
         self.client = client
         self.server_url = server_url.rstrip("/")
@@ -101,19 +103,23 @@ class _Runner:
         self.state_dir = state_dir
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
-        self.tasks = TaskRunner(client, self._agent_token, tls)
+        # where an agent without xxhash keeps its chunk hashes between runs (agent/owncache.py)
+        self.tasks = TaskRunner(client, self._agent_token, tls, str(state_dir / "hashes"))
         #: the task channel answered last time: heartbeat replies' tasks are then ignored
         self.channel_ok = False
+        self.upgrader: "Optional[Upgrader]" = None
+        #: the server's version as its last heartbeat reply gave it
+        self.server_version = ""
 
     def _agent_token(self) -> str:
         if self.state is None:
             raise AgentError("the agent is not registered")
         return self.state.agent_token
 
-    def loop(self, stop: threading.Event, once: bool) -> AgentState | None:
+    def loop(self, stop: "threading.Event", once: bool) -> "AgentState | None":
         delay = BACKOFF_START
         failures = 0
-        channel: threading.Thread | None = None
+        channel: "threading.Thread | None" = None
         if not once:
             # A daemon thread: it may be inside a long-poll when the agent stops, and must not hold it up.
             channel = threading.Thread(target=self.channel, args=(stop,), name="task-channel", daemon=True)
@@ -121,7 +127,7 @@ class _Runner:
         while not stop.is_set():
             try:
                 rate = self.beat()
-            except (httpx.TransportError, ServerUnavailable) as exc:
+            except (OSError, HTTPException, ServerUnavailable) as exc:
                 failures += 1
                 if once and failures >= ONCE_ATTEMPTS:
                     raise AgentError(f"cannot reach the server at {self.server_url}: {exc}") from exc
@@ -133,6 +139,8 @@ class _Runner:
             delay = BACKOFF_START
             if once:
                 break
+            if self.upgrader is not None and self.server_version and not self.tasks.busy():
+                self.upgrader.check(self.server_version)  # re-executes this process when it upgrades
             stop.wait(rate)
         if channel is not None:
             # Give an open long-poll a moment to end (it ends at once with a short CHANNEL_WAIT),
@@ -165,10 +173,11 @@ class _Runner:
         if isinstance(tasks, list) and not self.channel_ok:
             self.tasks.handle([t for t in tasks if isinstance(t, dict)])
         log.debug("heartbeat ok: source %s is %s", st.source_id, resp.get("state", "?"))
+        self.server_version = str(resp.get("server_version") or "")
         rate = resp.get("heartbeat_rate")
         return rate if isinstance(rate, int) and rate > 0 else 30
 
-    def channel(self, stop: threading.Event) -> None:
+    def channel(self, stop: "threading.Event") -> None:
         """Keep the task long-poll open until `stop`; apply every task view it answers."""
         since = ""
         delay = BACKOFF_START
@@ -192,7 +201,7 @@ class _Runner:
                 if isinstance(exc, ApiRefused) and exc.status == 401:
                     stop.wait(BACKOFF_START)  # the heartbeat loop registers again; then the new token works
                     continue
-                if not isinstance(exc, (httpx.TransportError, ServerUnavailable, ApiRefused)):
+                if not isinstance(exc, (OSError, HTTPException, ServerUnavailable, ApiRefused)):
                     log.exception("task channel failed")
                 log.warning("task channel to %s lost (%s); reconnecting in %.0f s", self.server_url, exc, delay)
                 stop.wait(delay)
@@ -207,7 +216,7 @@ class _Runner:
             if isinstance(tasks, list):
                 self.tasks.apply([t for t in tasks if isinstance(t, dict)])
 
-    def register(self, report: dict[str, Any]) -> AgentState:
+    def register(self, report: "dict[str, Any]") -> "AgentState":
         if not self.credentials:
             raise AgentError(
                 "no saved credential for this server and no activation code or AccessKey given: "
@@ -215,7 +224,7 @@ class _Runner:
                 "or --access-key-id and --access-key-secret"
             )
         machine_id = str(report.get("machine_id", ""))
-        body: dict[str, Any] = {
+        body: "dict[str, Any]" = {
             **self.credentials,
             "machine_id": machine_id,
             "instance_id": agent_state.instance_id(self.state_dir, machine_id),
@@ -246,8 +255,8 @@ class _Runner:
 
 
 def _credentials(
-    token_id: str | None, token_code: str | None, key_id: str | None, key_secret: str | None
-) -> dict[str, str]:
+    token_id: "str | None", token_code: "str | None", key_id: "str | None", key_secret: "str | None"
+) -> "dict[str, str]":
     if token_id or token_code:
         if not (token_id and token_code):
             raise AgentError("give both --token-id and --token-code")
@@ -259,7 +268,7 @@ def _credentials(
     return {}
 
 
-def _discovery_report(disks: Sequence[str] | None, state_dir: Path, mode: str) -> ReportFn:
+def _discovery_report(disks: "Sequence[str] | None", state_dir: "Path", mode: str) -> "ReportFn":
     from opensmc.agent import discovery
 
     for path in disks or ():
@@ -268,9 +277,9 @@ def _discovery_report(disks: Sequence[str] | None, state_dir: Path, mode: str) -
     if disks and len(disks) > 1 + discovery.MAX_DATA_DISKS:
         raise AgentError(f"at most {1 + discovery.MAX_DATA_DISKS} disks (1 system + {discovery.MAX_DATA_DISKS} data)")
 
-    last: dict[str, Any] = {}
+    last: "dict[str, Any]" = {}
 
-    def report() -> dict[str, Any]:
+    def report() -> "dict[str, Any]":
         try:
             system = discovery.discover_system(state_dir)
             found = discovery.discover_disks(list(disks) if disks else None)
@@ -293,7 +302,7 @@ def _discovery_report(disks: Sequence[str] | None, state_dir: Path, mode: str) -
 
 
 @contextmanager
-def _signals(stop: threading.Event, *, install: bool) -> Iterator[None]:
+def _signals(stop: "threading.Event", *, install: bool) -> "Iterator[None]":
     """SIGTERM/SIGINT set `stop` (only when we own it and run in the main thread)."""
     if not install or threading.current_thread() is not threading.main_thread():
         yield

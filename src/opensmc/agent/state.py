@@ -11,31 +11,28 @@ source. Both files are mode 0600 in a 0700 directory, replaced atomically
 behind.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 STATE_FILE = "agent.json"
 INSTANCE_FILE = "instance.json"
 
 
-@dataclass(frozen=True)
-class AgentState:
+class AgentState(NamedTuple):
     server_url: str
     source_id: str
     agent_token: str  #: `<source_id>.<secret>`, sent as Authorization: Bearer
     machine_id: str
 
 
-def state_path(state_dir: Path) -> Path:
+def state_path(state_dir: "Path") -> "Path":
     return state_dir / STATE_FILE
 
 
-def load(state_dir: Path) -> AgentState | None:
+def load(state_dir: "Path") -> "AgentState | None":
     """The saved state, or None when there is none or it is unreadable (then the agent registers anew)."""
     try:
         data = json.loads(state_path(state_dir).read_text(encoding="utf-8"))
@@ -49,7 +46,7 @@ def load(state_dir: Path) -> AgentState | None:
         return None
 
 
-def instance_id(state_dir: Path, machine_id: str) -> str:
+def instance_id(state_dir: "Path", machine_id: str) -> str:
     """This state dir's instance id on this machine, made (and saved) on first use."""
     path = state_dir / INSTANCE_FILE
     try:
@@ -65,11 +62,11 @@ def instance_id(state_dir: Path, machine_id: str) -> str:
     return new
 
 
-def save(state_dir: Path, state: AgentState) -> Path:
-    return _write_json(state_dir, STATE_FILE, asdict(state))
+def save(state_dir: "Path", state: "AgentState") -> "Path":
+    return _write_json(state_dir, STATE_FILE, dict(state._asdict()))
 
 
-def _write_json(state_dir: Path, name: str, doc: dict[str, str]) -> Path:
+def _write_json(state_dir: "Path", name: str, doc: "dict[str, str]") -> "Path":
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / name
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
@@ -83,11 +80,18 @@ def _write_json(state_dir: Path, name: str, doc: dict[str, str]) -> Path:
         os.chmod(tmp, 0o600)  # in case the file existed with wider permissions
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
         raise
     return path
 
 
-def clear(state_dir: Path) -> None:
+def clear(state_dir: "Path") -> None:
     """Forget the credential (the server no longer accepts it)."""
-    state_path(state_dir).unlink(missing_ok=True)
+    _unlink(state_path(state_dir))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

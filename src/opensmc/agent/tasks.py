@@ -23,23 +23,21 @@ receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
 that lose contact without moving any data end in a failure report.
 """
 
-from __future__ import annotations
-
 import http.client
 import logging
+import os
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import httpx
+from typing import Any, Callable, Optional, Sequence
 
 from opensmc.agent.client import AgentClient, ServerUnavailable
+from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import Progress, RateLimitedSender, Sender, replicate
 from opensmc.agent.reader import source_size
 from opensmc.agent.uploader import HttpSender, ReceiverError
-from opensmc.wire.frames import zstd_level
+from opensmc.wire.frames import DEFAULT_HASH, zstd_level
 
 log = logging.getLogger("opensmc.agent.tasks")
 
@@ -48,7 +46,15 @@ MAX_LOST_CONTACT = 10  # attempts in a row that lose contact without sending any
 RETRY_MAX = 15.0  # seconds: the longest wait before an attempt that lost contact starts again
 
 #: errors that mean "cannot reach the server or the receiver right now", not "the disk is bad"
-_LOST_CONTACT = (httpx.TransportError, ServerUnavailable, ConnectionError, TimeoutError, http.client.HTTPException)
+# (socket.timeout is TimeoutError only from Python 3.10; socket.gaierror: the name does not resolve now)
+_LOST_CONTACT = (
+    ServerUnavailable,
+    ConnectionError,
+    TimeoutError,
+    socket.timeout,
+    socket.gaierror,
+    http.client.HTTPException,
+)
 
 
 class TaskStopped(Exception):
@@ -62,7 +68,7 @@ class DiskChanged(Exception):
 class LostContact(Exception):
     """The server or the receiver could not be reached; ``sent`` bytes went through before."""
 
-    def __init__(self, cause: BaseException, sent: int) -> None:
+    def __init__(self, cause: "BaseException", sent: int) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.sent = sent
 
@@ -70,11 +76,11 @@ class LostContact(Exception):
 class _StoppableSender:
     """Refuses further batches once the task is told to stop, which unwinds the pipeline."""
 
-    def __init__(self, inner: Sender, stopped: threading.Event) -> None:
+    def __init__(self, inner: "Sender", stopped: "threading.Event") -> None:
         self.inner = inner
         self.stopped = stopped
 
-    def send_batch(self, frames: Sequence[bytes]) -> None:
+    def send_batch(self, frames: "Sequence[bytes]") -> None:
         if self.stopped.is_set():
             raise TaskStopped("the server asked this task to stop")
         self.inner.send_batch(frames)
@@ -91,7 +97,7 @@ class TaskControl:
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         self._limit = limit
-        self._limiter: RateLimitedSender | None = None
+        self._limiter: "RateLimitedSender | None" = None
         #: the task channel is up and speaks for this task: its answers, not the progress
         #: replies, set the limit (two sources a second apart would flip it back and forth)
         self.follows_channel = False
@@ -101,7 +107,7 @@ class TaskControl:
         with self._lock:
             return self._limit
 
-    def attach(self, limiter: RateLimitedSender) -> None:
+    def attach(self, limiter: "RateLimitedSender") -> None:
         """The limiter of the disk being sent now: limit changes go to it."""
         with self._lock:
             self._limiter = limiter
@@ -121,7 +127,7 @@ class TaskControl:
         self.stopped.set()
 
 
-def _limit_of(task: dict[str, Any]) -> float:
+def _limit_of(task: "dict[str, Any]") -> float:
     params = task.get("replication_parameters") or {}
     try:
         limit = float(params.get("bandwidth_limit") or 0)
@@ -133,22 +139,29 @@ def _limit_of(task: dict[str, Any]) -> float:
 class TaskRunner:
     """Starts each task once and keeps track of the ones running."""
 
-    def __init__(self, client: AgentClient, token: Callable[[], str], tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        client: "AgentClient",
+        token: "Callable[[], str]",
+        tls: "ssl.SSLContext | None" = None,
+        cache_dir: "Optional[str]" = None,
+    ) -> None:
+        self.cache_dir = cache_dir
         self.client = client
         self.tls = tls
         self.token = token
-        self._running: dict[str, tuple[threading.Thread, TaskControl]] = {}
-        self._lost: dict[str, int] = {}  # task id -> attempts in a row that lost contact
+        self._running: "dict[str, tuple[threading.Thread, TaskControl]]" = {}
+        self._lost: "dict[str, int]" = {}  # task id -> attempts in a row that lost contact
         self._lock = threading.Lock()
         #: the channel's last view (task id -> task), None before its first answer
-        self._view: dict[str, dict[str, Any]] | None = None
+        self._view: "dict[str, dict[str, Any]] | None" = None
         self._channel_up = False
 
-    def handle(self, tasks: Sequence[dict[str, Any]]) -> None:
+    def handle(self, tasks: "Sequence[dict[str, Any]]") -> None:
         """Start the tasks not running yet (a heartbeat's list: it never stops one)."""
         self._update(tasks, authoritative=False, origin="heartbeat")
 
-    def apply(self, tasks: Sequence[dict[str, Any]]) -> None:
+    def apply(self, tasks: "Sequence[dict[str, Any]]") -> None:
         """The whole task view from the channel: start new tasks, stop the ones gone, re-limit the rest."""
         with self._lock:
             self._view = {str(t.get("task_id", "")): dict(t) for t in tasks}
@@ -162,7 +175,7 @@ class TaskRunner:
             for _th, control in self._running.values():
                 control.follows_channel = False
 
-    def _retry_later(self, tid: str, control: TaskControl, delay: float) -> None:
+    def _retry_later(self, tid: str, control: "TaskControl", delay: float) -> None:
         """Start an attempt that lost contact again after `delay` s, if the server still wants it.
 
         The channel answers only when the view changes, and a lost receiver does not
@@ -186,16 +199,16 @@ class TaskRunner:
 
     def _update(
         self,
-        tasks: Sequence[dict[str, Any]],
+        tasks: "Sequence[dict[str, Any]]",
         *,
         authoritative: bool,
         origin: str,
-        follows_channel: bool | None = None,
+        follows_channel: "bool | None" = None,
     ) -> None:
         with self._lock:
             for tid in [t for t, (th, _c) in self._running.items() if not th.is_alive()]:
                 del self._running[tid]
-            wanted: set[str] = set()
+            wanted: "set[str]" = set()
             for task in tasks:
                 tid = str(task.get("task_id", ""))
                 if not tid:
@@ -223,19 +236,19 @@ class TaskRunner:
         with self._lock:
             return any(th.is_alive() for th, _c in self._running.values())
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: "float | None" = None) -> None:
         with self._lock:
             threads = [th for th, _c in self._running.values()]
         for th in threads:
             th.join(timeout)
 
-    def _run(self, task: dict[str, Any], control: TaskControl) -> None:
+    def _run(self, task: "dict[str, Any]", control: "TaskControl") -> None:
         job_id, run_id = task["job_id"], task["run_id"]
         log.info("task %s: sending %d disk(s) of job %s", task["task_id"], len(task["disks"]), job_id)
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report, self.tls, control)
+            stats = run_task(task, report, self.tls, control, self.cache_dir)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
@@ -294,7 +307,7 @@ class TaskRunner:
         )
 
     @staticmethod
-    def _still_wanted(report: Callable[[int, int], tuple[bool, float]]) -> bool:
+    def _still_wanted(report: "Callable[[int, int], tuple[bool, float]]") -> bool:
         """Does the server still want this task? (True when it cannot tell.)"""
         try:
             go_on, _limit = report(-1, -1)  # negative counts record nothing on the server
@@ -302,8 +315,8 @@ class TaskRunner:
             return True
         return go_on
 
-    def _reporter(self, task: dict[str, Any]) -> Callable[[int, int], tuple[bool, float]]:
-        def report(done: int, total: int) -> tuple[bool, float]:
+    def _reporter(self, task: "dict[str, Any]") -> "Callable[[int, int], tuple[bool, float]]":
+        def report(done: int, total: int) -> "tuple[bool, float]":
             reply = self.client.task_progress(
                 self.token(),
                 {
@@ -317,7 +330,7 @@ class TaskRunner:
 
         return report
 
-    def _post_result(self, body: dict[str, Any]) -> None:
+    def _post_result(self, body: "dict[str, Any]") -> None:
         for attempt in range(5):
             try:
                 self.client.task_result(self.token(), body)
@@ -329,15 +342,19 @@ class TaskRunner:
 
 
 def run_task(
-    task: dict[str, Any],
-    report: Callable[[int, int], tuple[bool, float]],
-    tls: ssl.SSLContext | None = None,
-    control: TaskControl | None = None,
-) -> dict[str, Any]:
+    task: "dict[str, Any]",
+    report: "Callable[[int, int], tuple[bool, float]]",
+    tls: "ssl.SSLContext | None" = None,
+    control: "TaskControl | None" = None,
+    cache_dir: "Optional[str]" = None,
+) -> "dict[str, Any]":
     """Send every disk of a task; returns totals. Raises TaskStopped when told to stop.
 
     `control` is how the channel stops or re-limits the task while it runs; the
-    progress replies (`report`) do the same about once a second.
+    progress replies (`report`) do the same about once a second. `cache_dir`
+    is where an agent whose hash is not the receiver's keeps, per volume, what
+    its incremental runs compare with (agent/owncache.py); without it they send
+    every non-zero chunk.
     """
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
@@ -347,8 +364,8 @@ def run_task(
     total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks)
     ctl = control or TaskControl(_limit_of(task))
     stopped = ctl.stopped
-    state: dict[str, float] = {"base": 0, "last": 0.0, "done": 0}
-    totals: dict[str, Any] = {
+    state: "dict[str, float]" = {"base": 0, "last": 0.0, "done": 0}
+    totals: "dict[str, Any]" = {
         "bytes_total": total,
         "bytes_plain": 0,
         "bytes_wire": 0,
@@ -371,7 +388,7 @@ def run_task(
         if not ctl.follows_channel:
             ctl.set_limit(limit, "progress reply")
 
-    def on_progress(p: Progress) -> None:
+    def on_progress(p: "Progress") -> None:
         # Only what the receiver acknowledged counts (p.acked), not what was read: with a
         # low bandwidth_limit the reader runs far ahead of the wire.
         tell(int(state["base"]) + p.acked)
@@ -396,7 +413,9 @@ def run_task(
                         f"prepared for {volume_size} bytes: the disk changed since the job started. "
                         "Start the job again to migrate the disk as it is now."
                     )
-                chunk_size, previous = http.fetch_hashes()
+                chunk_size, current = http.fetch_hashes()
+                recorder = _recorder(cache_dir, disk["volume_id"], chunk_size, current.hash_id)
+                previous = current if recorder is None else recorder.previous(current)
                 # The stop check sits under the rate limiter, right before each POST: a batch
                 # that waited out the limiter while the task was stopped does not go.
                 limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
@@ -417,6 +436,7 @@ def run_task(
                         max_frame=frame,
                         batch_bytes=batch,
                         keep_hashes=False,  # the receiver holds the map; the agent's memory stays flat
+                        on_hash=None if recorder is None else recorder.record,
                     )
                     state["base"] = int(state["base"]) + length
                     totals["bytes_plain"] += result.bytes_plain
@@ -426,6 +446,9 @@ def run_task(
                 if stopped.is_set():
                     raise TaskStopped("the server asked this task to stop")
                 http.flush()
+                if recorder is not None:
+                    _keep(recorder, http)
+                    recorder = None
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
         tell(total, force=True)
     except _LOST_CONTACT as exc:
@@ -441,7 +464,7 @@ LIMITED_BATCH_SECONDS = 0.5
 MiB = 1 << 20
 
 
-def _batch_sizes(limit_mbit: float, chunk_size: int) -> tuple[int, int, int]:
+def _batch_sizes(limit_mbit: float, chunk_size: int) -> "tuple[int, int, int]":
     """(read size, max frame, batch bytes) for a send at `limit_mbit` (0 = none).
 
     Progress counts a batch once the receiver acknowledged it, and the limiter
@@ -459,13 +482,38 @@ def _batch_sizes(limit_mbit: float, chunk_size: int) -> tuple[int, int, int]:
     return frame, frame, max(batch, frame)
 
 
-def _ranges(disk: dict[str, Any], size: int | None = None) -> list[tuple[int, int]]:
+def _recorder(cache_dir: "Optional[str]", volume_id: str, chunk_size: int, theirs: int) -> "Optional[Recorder]":
+    """A :class:`Recorder` when this agent's hash is not the receiver map's and there is a cache dir."""
+    if cache_dir is None or theirs == DEFAULT_HASH:
+        return None
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        return Recorder(cache_dir, volume_id, chunk_size, DEFAULT_HASH)
+    except OSError as e:
+        log.warning("cannot keep chunk hashes in %s (%s): incremental runs send every non-zero chunk", cache_dir, e)
+        return None
+
+
+def _keep(recorder: "Recorder", http: "HttpSender") -> None:
+    """After the flush: remember this run's digests with the receiver's map as it is now."""
+    try:
+        _cs, after = http.fetch_hashes()
+        try:
+            recorder.keep(after)
+        finally:
+            after.close()
+    except OSError as e:  # the state dir is full, say: the next run sends more, nothing worse
+        log.warning("cannot keep this run's chunk hashes (%s): the next run sends every non-zero chunk", e)
+        recorder.discard()
+
+
+def _ranges(disk: "dict[str, Any]", size: "int | None" = None) -> "list[tuple[int, int]]":
     """(offset, length) pieces of a task's disk to copy, within `size` when known."""
     limit = int(disk["size_bytes"]) if size is None else size
     raw = disk.get("ranges")
     if not raw:
         return [(0, limit)]
-    out: list[tuple[int, int]] = []
+    out: "list[tuple[int, int]]" = []
     for offset, length in raw:
         offset, length = int(offset), int(length)
         end = min(offset + length, limit)
@@ -477,18 +525,18 @@ def _ranges(disk: dict[str, Any], size: int | None = None) -> list[tuple[int, in
 class _Counting:
     """Counts the wire bytes the receiver acknowledged in this attempt (for :class:`LostContact`)."""
 
-    def __init__(self, inner: Sender, on_batch: Callable[[int], None]) -> None:
+    def __init__(self, inner: "Sender", on_batch: "Callable[[int], None]") -> None:
         self.inner = inner
         self.on_batch = on_batch
         self.sent = 0
 
-    def send_batch(self, frames: Sequence[bytes]) -> None:
+    def send_batch(self, frames: "Sequence[bytes]") -> None:
         self.inner.send_batch(frames)
         self.sent += sum(len(f) for f in frames)
         self.on_batch(self.sent)
 
 
-def _describe(exc: BaseException) -> tuple[str, str]:
+def _describe(exc: "BaseException") -> "tuple[str, str]":
     if isinstance(exc, DiskChanged):
         return "Agent.DiskChanged", str(exc)
     if isinstance(exc, ReceiverError):

@@ -8,21 +8,20 @@ fails on a dropped connection is retried once on a fresh one, which is safe
 because replayed frames are no-ops on the receiver.
 """
 
-from __future__ import annotations
-
 import http.client
 import json
+import os
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import tempfile
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import quote, urlsplit
 
-from opensmc.wire.frames import HashArray
+from opensmc.wire.frames import HashFile
 
 __all__ = ["HttpSender", "ReceiverError", "VolumeInfo"]
 
 PROTOCOL_VERSION = "1"
+_VAR_TMP = "/var/tmp"
 
 
 class ReceiverError(Exception):
@@ -35,8 +34,7 @@ class ReceiverError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class VolumeInfo:
+class VolumeInfo(NamedTuple):
     volume_id: str
     size: int
     chunk_size: int
@@ -52,7 +50,8 @@ class HttpSender:
         token: str,
         *,
         timeout: float = 300.0,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: "ssl.SSLContext | None" = None,
+        spool_dir: "Optional[str]" = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -64,10 +63,12 @@ class HttpSender:
         self._headers = {"Authorization": f"Bearer {token}", "X-OpenSMC-Protocol": PROTOCOL_VERSION}
         self._timeout = timeout
         self._ssl = ssl_context
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: "http.client.HTTPConnection | None" = None
+        # the receiver's hash map is spooled here: a disk-backed directory (not /tmp, often tmpfs: memory)
+        self._spool_dir = spool_dir or (_VAR_TMP if os.access(_VAR_TMP, os.W_OK) else None)
         self.volume_id = volume_id
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> "http.client.HTTPConnection":
         if self._conn is None:
             if self._scheme == "https":
                 self._conn = http.client.HTTPSConnection(
@@ -82,15 +83,20 @@ class HttpSender:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> HttpSender:
+    def __enter__(self) -> "HttpSender":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _request(
-        self, method: str, path: str, body: Sequence[bytes] | None = None, accept: str | None = None
-    ) -> tuple[int, str, bytes]:
+        self,
+        method: str,
+        path: str,
+        body: "Sequence[bytes] | None" = None,
+        accept: "str | None" = None,
+        read: "Optional[Callable[[http.client.HTTPResponse], object]]" = None,
+    ) -> "tuple[int, str, bytes]":
         headers = dict(self._headers)
         if accept:
             headers["Accept"] = accept
@@ -113,7 +119,11 @@ class HttpSender:
                     # answer is still waiting in our socket buffer.
                     pass
                 resp = conn.getresponse()
-                data = resp.read()
+                if read is not None and resp.status == 200:
+                    read(resp)  # streamed by the caller (it reads the whole body)
+                    data = b""
+                else:
+                    data = resp.read()
                 if resp.will_close:
                     self.close()
                 return resp.status, resp.getheader("Content-Type", ""), data
@@ -121,34 +131,49 @@ class HttpSender:
                 self.close()
                 if attempt:
                     raise
+            except BaseException:
+                self.close()  # a body read halfway leaves the connection unusable
+                raise
         raise AssertionError("unreachable")
 
     def _check(self, status: int, data: bytes) -> None:
         if status < 300:
             return
         try:
-            err: dict[str, Any] = json.loads(data)
+            err: "dict[str, Any]" = json.loads(data)
             raise ReceiverError(status, str(err.get("code")), str(err.get("message")))
         except ValueError:
             raise ReceiverError(status, "Http.Error", data[:200].decode("utf-8", "replace")) from None
 
-    def info(self) -> VolumeInfo:
+    def info(self) -> "VolumeInfo":
         status, _, data = self._request("GET", "")
         self._check(status, data)
         doc = json.loads(data)
         return VolumeInfo(str(doc["volume_id"]), int(doc["size"]), int(doc["chunk_size"]))
 
-    def fetch_hashes(self) -> tuple[int, HashArray]:
-        """The receiver's chunk map: ``(chunk_size, {index: xxh3-128})``; the pipeline's ``previous``.
+    def fetch_hashes(self) -> "Tuple[int, HashFile]":
+        """The receiver's chunk map: ``(chunk_size, {index: digest})``; the pipeline's ``previous``.
 
-        Kept as arrays (24 bytes a chunk held), so an agent's memory stays small whatever the disk.
+        Spooled to a temporary file (in ``spool_dir``) as it arrives and searched there, so the
+        agent's memory stays the same whatever the disk's size (``HashFile``). Close it when done.
         """
-        status, _, data = self._request("GET", "/hashes", accept="application/vnd.opensmc.hashmap.v1")
-        self._check(status, data)
-        hashes = HashArray.decode(data)
-        return hashes.chunk_size, hashes
+        got: "List[HashFile]" = []
 
-    def send_batch(self, frames: Sequence[bytes]) -> None:
+        def receive(resp: "http.client.HTTPResponse") -> None:
+            spool = tempfile.TemporaryFile(prefix="opensmc-hashes-", dir=self._spool_dir)
+            try:
+                got.append(HashFile.receive(resp, spool))
+            except BaseException:
+                spool.close()
+                raise
+
+        status, _, data = self._request("GET", "/hashes", accept="application/vnd.opensmc.hashmap.v1", read=receive)
+        self._check(status, data)
+        if not got:
+            raise ReceiverError(status, "Http.Error", "the receiver answered its hash map with no body")
+        return got[0].chunk_size, got[0]
+
+    def send_batch(self, frames: "Sequence[bytes]") -> None:
         status, _, data = self._request("POST", "/frames", body=frames)
         self._check(status, data)
 

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opensmc import __version__
+from opensmc.api import agent_dist
 from opensmc.domain import strictjson
 from opensmc.domain.errors import InvalidParameter, SmcError
 from opensmc.service import agents, wakeup
@@ -212,4 +213,6 @@ routes: list[Route] = [
     Route(f"{PREFIX}/tasks", tasks, methods=["GET"]),
     Route(f"{PREFIX}/tasks/progress", task_progress, methods=["POST"]),
     Route(f"{PREFIX}/tasks/result", task_result, methods=["POST"]),
+    # the agent itself: GET /agent/opensmc-agent.pyz, its .sha256 and /agent/install.sh
+    *agent_dist.routes,
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -152,5 +153,12 @@ def call_ok(creds: ClientCredentials, action: str, params: dict[str, str]) -> di
 def run(creds: ClientCredentials, action: str, args: list[str]) -> int:
     params = parse_pairs(args)
     check_params(action, params)
-    print(json.dumps(call_ok(creds, action, params), indent=2, ensure_ascii=False))
+    body = call_ok(creds, action, params)
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    if action == "CreateAccessToken" and body.get("AccessTokenId") and body.get("AccessTokenCode"):
+        from opensmc.api.agent_dist import install_command
+
+        # On stderr: stdout stays the JSON answer, for scripts.
+        line = install_command(creds.endpoint, str(body["AccessTokenId"]), str(body["AccessTokenCode"]))
+        print(f"Install the agent on a source server (Python 3.6+, nothing else needed):\n  {line}", file=sys.stderr)
     return 0

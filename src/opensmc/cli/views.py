@@ -14,12 +14,13 @@ import json
 import time
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from opensmc.cli.call import invoke
-from opensmc.cli.credentials import ClientCredentials, load
+from opensmc.cli.credentials import ClientCredentials, load, tls_verify
 from opensmc.cli.errors import CliError
 from opensmc.cli.output import id_columns, plain_console
 
@@ -105,16 +106,47 @@ def show_sources(creds: ClientCredentials, console: Console, as_json: bool = Fal
     if as_json:
         print(json.dumps(items, indent=2, ensure_ascii=False))
         return
-    table = Table("SourceId", "Name", "State", "Platform", "Disks", "JobId", "Error")
+    server = server_version(creds)
+    table = Table("SourceId", "Name", "State", "Platform", "Disks", "Agent", "JobId", "Error")
     for s in items:
         disks = s.get("Disks") or {}
         sizes = [str((disks.get("System") or {}).get("Size", "?"))]
         sizes += [str(d.get("Size", "?")) for d in ((disks.get("Data") or {}).get("Data") or [])]
+        agent = str(s.get("AgentVersion") or "")
+        if agent and server and _older(agent, server):
+            agent += f" (older than the server's {server}: it upgrades at its next heartbeat)"
         table.add_row(
-            s["SourceId"], s["Name"], s["State"], s["Platform"], " + ".join(sizes) + " GiB", s["JobId"], s["ErrorCode"]
+            s["SourceId"],
+            s["Name"],
+            s["State"],
+            s["Platform"],
+            " + ".join(sizes) + " GiB",
+            agent,
+            s["JobId"],
+            s["ErrorCode"],
         )
     id_columns(table, "SourceId", "JobId")
     console.print(table)
+
+
+def server_version(creds: ClientCredentials) -> str:
+    """The server's version (``GET /agent/v1/info``), "" when it cannot be asked."""
+    try:
+        doc = httpx.get(f"{creds.endpoint.rstrip('/')}/agent/v1/info", timeout=10, verify=tls_verify()).json()
+    except (httpx.HTTPError, ValueError):
+        return ""
+    return str(doc.get("server_version") or "") if isinstance(doc, dict) else ""
+
+
+def _older(agent: str, server: str) -> bool:
+    """``agent`` is an older version than ``server`` (dotted numbers; any other difference counts as older)."""
+
+    def key(v: str) -> tuple[int, ...] | None:
+        parts = v.split(".")
+        return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+    a, s = key(agent), key(server)
+    return a < s if a is not None and s is not None else agent != server
 
 
 def _bytes(n: float) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from opensmc import __version__
 from opensmc.clock import iso, new_id
 from opensmc.domain.enums import SourceState
 from opensmc.domain.errors import SmcError
@@ -434,6 +435,8 @@ def heartbeat(svc: Services, authorization: str | None, body: Mapping[str, Any])
         "source_id": who.source_id,
         "state": state,
         "heartbeat_rate": svc.settings.heartbeat_rate,
+        # An agent of another version replaces itself with this server's (agent/upgrade.py).
+        "server_version": __version__,
         # What the data plane wants this agent to do now (service/agent_tasks.py).
         "tasks": agent_tasks.tasks_for(svc, who.source_id),
     }

@@ -141,12 +141,16 @@ async function sourcesPage() {
 
 async function createToken() {
   const body = await call("CreateAccessToken", { Name: `console-${Date.now()}`, Count: 1, TimeToLiveInDays: 1 });
-  const args = `--server ${location.origin} --token-id ${body.AccessTokenId} --token-code ${body.AccessTokenCode}`;
+  const code = `--token-id ${body.AccessTokenId} --token-code ${body.AccessTokenCode}`;
+  const args = `--server ${location.origin} ${code}`;
   document.getElementById("token").replaceChildren(
-    h("p", {}, "Run on the source server (the code is shown once, valid for one registration within a day):"),
+    h("p", {}, "Run on the source server (the code is shown once, valid for one registration within a day). " +
+      "It installs the agent from this server (Python 3.6 or newer, nothing else) and starts it:"),
+    h("pre", { id: "install-command" }, `curl -fsSL ${location.origin}/agent/install.sh | sudo sh -s -- ${code}`),
+    h("p", {}, "or, without curl:"),
+    h("pre", {}, `wget -qO- ${location.origin}/agent/install.sh | sudo sh -s -- ${code}`),
+    h("p", {}, "or, where the opensmc package is installed, in the foreground:"),
     h("pre", { id: "agent-command" }, `opensmc agent run ${args}`),
-    h("p", {}, "or, to keep it running as a systemd service:"),
-    h("pre", {}, `sudo opensmc agent install ${args}`),
   );
 }
 

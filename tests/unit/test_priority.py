@@ -1,0 +1,36 @@
+"""The agent lowers its own CPU and I/O priority (agent/priority.py), in a child process of its own."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, ctypes.util, os, sys
+from opensmc.agent import priority
+before = os.nice(0)
+done = priority.apply(int(sys.argv[1]), sys.argv[2])
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+io = libc.syscall(252, 1, 0)  # ioprio_get(IOPRIO_WHO_PROCESS, self) on x86_64
+print(os.nice(0) - before, io >> 13, ";".join(done))
+"""
+
+
+def probe(nice: int, io_class: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(nice), io_class], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.split(maxsplit=2)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe reads ioprio_get by its x86_64 number")
+def test_defaults_are_nice_10_and_the_idle_io_class() -> None:
+    delta, io_class, done = probe(10, "idle")
+    assert (delta, io_class) == ("10", "3") and "I/O class idle" in done
+    delta, io_class, *_ = probe(0, "best-effort")
+    assert (delta, io_class) == ("0", "2")
+    delta, io_class, *_ = probe(0, "none")  # left as it was: the kernel's default (no class set) is 0
+    assert delta == "0" and io_class in ("0", "2")
