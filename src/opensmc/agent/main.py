@@ -120,9 +120,9 @@ def run(args: "argparse.Namespace") -> int:
     """Run the agent as ``args`` say; :class:`AgentUsageError` for a command line that cannot work."""
     from opensmc.agent.runner import AgentError, run_agent
     from opensmc.agent.upgrade import Upgrader
-    from opensmc.malloc import tune_for_big_buffers
+    from opensmc.malloc import AGENT_MMAP_THRESHOLD, tune_for_big_buffers
 
-    tune_for_big_buffers()
+    tune_for_big_buffers(AGENT_MMAP_THRESHOLD)
     check_disks(args.disk)
     has_token = bool(args.token_id and args.token_code)
     has_key = bool(args.access_key_id and args.access_key_secret)

@@ -367,9 +367,10 @@ def _encode_buffer(
     # Classify every chunk: "d" send data, "z" send a zero frame, "" leave alone.
     kinds: "list[str]" = []
     one_hash: "dict[int, bytes]" = {}
-    # Without a map of our own hash family there is nothing to compare a chunk's digest with:
-    # skip the per-chunk pass (the frames are hashed whole anyway).
-    per_chunk = run.compare or hashes is not None or run.on_hash is not None
+    # Without a map of our own hash family, or where the receiver holds nothing of this buffer
+    # (a full run), there is nothing to compare a chunk's digest with: skip the per-chunk pass
+    # (the frames are hashed whole anyway).
+    per_chunk = (run.compare and len(prev) > 0) or hashes is not None or run.on_hash is not None
     digest = run.hash
     for i, nz in enumerate(nonzero):
         idx = base + i
