@@ -191,15 +191,20 @@ def run_opensmc(inst: Installation, args: argparse.Namespace, disks: list[Path],
     }
     engine = create_engine(normalize_url(inst.pg_url))
     with engine.connect() as conn:
-        times = [
-            (r.finished - r.started).total_seconds()
-            for r in conn.execute(
-                text(
-                    "SELECT job_id, MIN(at) FILTER (WHERE event = 'start') AS started, "
-                    "MAX(at) FILTER (WHERE to_status = 'Finished') AS finished FROM job_events GROUP BY job_id"
-                )
+        rows = conn.execute(
+            text(
+                "SELECT job_id, MIN(at) FILTER (WHERE event = 'start') AS started, "
+                "MIN(at) FILTER (WHERE to_business = 'Syncing') AS syncing, "
+                "MIN(at) FILTER (WHERE to_business = 'Processing') AS processing, "
+                "MAX(at) FILTER (WHERE to_status = 'Finished') AS finished FROM job_events GROUP BY job_id"
             )
-        ]
+        ).all()
+        times = [(r.finished - r.started).total_seconds() for r in rows]
+        phases = {
+            "Preparing": [(r.syncing - r.started).total_seconds() for r in rows],
+            "Syncing": [(r.processing - r.syncing).total_seconds() for r in rows],
+            "Processing+Cleaning": [(r.finished - r.processing).total_seconds() for r in rows],
+        }
         # The receiver each run was placed on (kept on the job after it finished).
         placed = {str(r[0]): int(r[1]) for r in conn.execute(text("SELECT receiver, count(*) FROM jobs GROUP BY 1"))}
         disk_of = {r.id: json.loads(r.disks)[0]["path"] for r in conn.execute(text("SELECT id, disks FROM sources"))}
@@ -216,7 +221,15 @@ def run_opensmc(inst: Installation, args: argparse.Namespace, disks: list[Path],
     out.unlink(missing_ok=True)
     inst.stop_all()
     inst.procs.clear()
-    return {"makespan": makespan, "times": times, "rss": rss, "placed": placed, "bad": bad, "n": len(image_of)}
+    return {
+        "makespan": makespan,
+        "times": times,
+        "phases": phases,
+        "rss": rss,
+        "placed": placed,
+        "bad": bad,
+        "n": len(image_of),
+    }
 
 
 def run_rsync(inst: Installation, args: argparse.Namespace, disks: list[Path], work: Path) -> dict[str, Any]:
@@ -227,28 +240,31 @@ def run_rsync(inst: Installation, args: argparse.Namespace, disks: list[Path], w
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
         conf = work / f"rsyncd-{h}.conf"
-        conf.write_text(f"use chroot = no\nmax connections = 0\n[bench]\npath = {dest}\nread only = no\nuid = root\ngid = root\n")
+        module = f"[bench]\npath = {dest}\nread only = no\nuid = root\ngid = root\n"
+        conf.write_text(f"use chroot = no\nmax connections = 0\n{module}")
         cmd = ["rsync", "--daemon", "--no-detach", f"--address={inst.hosts.addr(h)}", f"--port={RECEIVER_PORT}"]
         daemons.append(subprocess.Popen(inst.hosts.cmd(h, [*cmd, f"--config={conf}"])))
         dests.append((h, dest))
     time.sleep(1.0)
-    t0 = time.monotonic()
-    procs = []
-    for i, disk in enumerate(disks):
-        h, _dest = dests[i % 2]
-        url = f"rsync://{inst.hosts.addr(h)}:{RECEIVER_PORT}/bench/{disk.name}"
-        argv = ["rsync", "--whole-file", "--sparse", str(disk), url]
-        procs.append((time.monotonic(), subprocess.Popen(inst.hosts.cmd(f"src{i % args.hosts}", argv))))
-    times = []
-    for started, p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"rsync failed: {p.args}")
-        times.append(time.monotonic() - started)
-    subprocess.run(["sync"], check=True)
-    makespan = time.monotonic() - t0
-    for d in daemons:
-        d.terminate()
-        d.wait(10)
+    try:
+        t0 = time.monotonic()
+        procs = []
+        for i, disk in enumerate(disks):
+            h, _dest = dests[i % 2]
+            url = f"rsync://{inst.hosts.addr(h)}:{RECEIVER_PORT}/bench/{disk.name}"
+            argv = ["rsync", "--whole-file", "--sparse", str(disk), url]
+            procs.append((time.monotonic(), subprocess.Popen(inst.hosts.cmd(f"src{i % args.hosts}", argv))))
+        times = []
+        for started, p in procs:
+            if p.wait() != 0:
+                raise SystemExit(f"rsync failed: {p.args}")
+            times.append(time.monotonic() - started)
+        subprocess.run(["sync"], check=True)
+        makespan = time.monotonic() - t0
+    finally:
+        for d in daemons:
+            d.terminate()
+            d.wait(10)
     bad = [d.name for i, d in enumerate(disks) if sha(dests[i % 2][1] / d.name) != sha(d)]
     for _h, dest in dests:
         shutil.rmtree(dest, ignore_errors=True)
@@ -295,6 +311,8 @@ def main() -> None:
     print()
     print(f"{n} migrations of {args.size_mib} MiB disks ({args.data_mib} MiB of data each) from {args.hosts} hosts")
     print(f"  opensmc, 2 receivers: all Finished in {osmc['makespan']:.1f} s; per job {spread(osmc['times'])}")
+    for phase, values in osmc["phases"].items():
+        print(f"    {phase}: {spread(values)}")
     print(f"    runs per receiver: {osmc['placed']}")
     print(f"    peak RSS: receivers {osmc['rss']['receivers_mib']} MiB, API+orchestrator {osmc['rss']['api_mib']} MiB")
     print(f"    byte-identical: {osmc['n'] - len(osmc['bad'])}/{osmc['n']}")
