@@ -148,3 +148,21 @@ def test_a_held_lease_is_renewed_until_released(
     assert leases.claim(services, job_id, BusinessStatus.PREPARING)
     leases.release(services, job_id)
     assert leases.LEASE <= timedelta(seconds=30)
+
+
+def test_a_dead_receiver_process_of_this_machine_is_not_waited_for(
+    call: ActionCaller, services: Services, caller: Caller, clock: Clock
+) -> None:
+    """A server restarted here on another port: its old receiver's row is fresh, but its process is gone."""
+    from tests.integration.test_dataplane_leases import dead_pid
+
+    with services.db.begin() as conn:
+        rq.beat(conn, A, f"{leases.MACHINE}:{dead_pid()}", 10, clock.now)
+    job_id, _src = started_job(call, services, caller)
+    receivers.heartbeat(services, B, 10)
+    assert staging.prepare(services) == 1
+    assert job_row(services, job_id).receiver == B  # A is not live, although it beat just now
+    with services.db.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(receiver=A))
+    assert receivers.hand_over(services) == 1  # and its runs move at once
+    assert job_row(services, job_id).receiver == B

@@ -27,8 +27,10 @@ import logging
 import threading
 from datetime import datetime, timedelta
 
+from sqlalchemy import Connection
+
 from opensmc.service.context import Services
-from opensmc.service.leases import OWNER
+from opensmc.service.leases import OWNER, dead_local_owner
 from opensmc.store import receivers as q
 from opensmc.store.receivers import ReceiverLoad
 
@@ -97,6 +99,12 @@ def alive_since(svc: Services) -> datetime:
     return svc.clock() - TTL
 
 
+def live(svc: Services, conn: Connection) -> list[ReceiverLoad]:
+    """The live receivers with their load: heartbeated within TTL, and not a dead process of this
+    machine (a server restarted here on another port need not wait TTL for its old receiver)."""
+    return [r for r in q.loads(conn, alive_since(svc)) if not dead_local_owner(r.instance)]
+
+
 def place(svc: Services, job_id: str) -> str | None:
     """Place the job's run on a receiver; its endpoint, or None for this server's own one.
 
@@ -106,7 +114,7 @@ def place(svc: Services, job_id: str) -> str | None:
         if not q.any_registered(conn):
             q.set_receiver(conn, job_id, None)
             return None
-        target = pick(q.loads(conn, alive_since(svc)))
+        target = pick(live(svc, conn))
         if target is None:
             raise NoRoom("no live receiver has room for another run")
         q.set_receiver(conn, job_id, target)
@@ -115,13 +123,12 @@ def place(svc: Services, job_id: str) -> str | None:
 
 def hand_over(svc: Services) -> int:
     """Move the runs of receivers that stopped heartbeating to live ones; how many moved."""
-    since = alive_since(svc)
     with svc.db.connect() as conn:
-        lost = q.orphaned(conn, since)
+        lost = q.orphaned(conn, [r.endpoint for r in live(svc, conn)])
     moved = 0
     for job_id, old in lost:
         with svc.db.begin() as conn:
-            target = pick(q.loads(conn, since), exclude=old)
+            target = pick(live(svc, conn), exclude=old)
             if target is None:
                 continue  # nobody has room: the agent keeps retrying; the next pass tries again
             if q.set_receiver(conn, job_id, target, expected=old):

@@ -23,6 +23,7 @@ ACTIVE = (BusinessStatus.PREPARING.value, BusinessStatus.SYNCING.value)
 @dataclass(frozen=True)
 class ReceiverLoad:
     endpoint: str
+    instance: str  #: the process that last beat for it
     capacity: int
     active: int  #: runs placed on it now (Running/Preparing or Syncing)
     heartbeat_at: datetime
@@ -68,11 +69,12 @@ def loads(conn: Connection, alive_since: datetime) -> list[ReceiverLoad]:
         .subquery()
     )
     rows = conn.execute(
-        select(receivers.c.endpoint, receivers.c.capacity, receivers.c.heartbeat_at, active.c.n)
+        select(receivers.c.endpoint, receivers.c.instance, receivers.c.capacity, receivers.c.heartbeat_at, active.c.n)
         .outerjoin(active, active.c.receiver == receivers.c.endpoint)
         .where(receivers.c.heartbeat_at >= alive_since)
+        .order_by(receivers.c.endpoint)
     )
-    return [ReceiverLoad(r.endpoint, int(r.capacity), int(r.n or 0), r.heartbeat_at) for r in rows]
+    return [ReceiverLoad(r.endpoint, r.instance, int(r.capacity), int(r.n or 0), r.heartbeat_at) for r in rows]
 
 
 def set_receiver(conn: Connection, job_id: str, endpoint: str | None, expected: str | None = None) -> bool:
@@ -84,9 +86,8 @@ def set_receiver(conn: Connection, job_id: str, endpoint: str | None, expected: 
     return conn.execute(update(jobs).where(*cond).values(receiver=endpoint)).rowcount == 1
 
 
-def orphaned(conn: Connection, alive_since: datetime, limit: int = 100) -> list[tuple[str, str]]:
-    """(job id, receiver) of syncing runs placed on a receiver that has not heartbeated since `alive_since`."""
-    live = select(receivers.c.endpoint).where(receivers.c.heartbeat_at >= alive_since)
+def orphaned(conn: Connection, live: list[str], limit: int = 100) -> list[tuple[str, str]]:
+    """(job id, receiver) of active runs placed on a receiver that is not one of `live`."""
     rows = conn.execute(
         select(jobs.c.id, jobs.c.receiver)
         .where(
