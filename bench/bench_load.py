@@ -124,7 +124,7 @@ class Sdk:
             items = body.source_servers.source_server or []
             out += [str(s.source_id) for s in items if s.state == "Available"]
             if len(items) < 50:
-                return out
+                return sorted(set(out))  # pages of a listing that changes meanwhile may overlap
             page += 1
 
     def jobs(self) -> list[Any]:
@@ -135,7 +135,7 @@ class Sdk:
             items = self.client.describe_replication_jobs(req).body.replication_jobs.replication_job or []
             out += items
             if len(items) < 50:
-                return out
+                return list({j.job_id: j for j in out}.values())
             page += 1
 
     def create_and_start(self, source_id: str, name: str) -> str:
@@ -156,9 +156,7 @@ def wait(probe: Any, timeout: float, what: str, every: float = 1.0) -> Any:
 
 
 def run_opensmc(inst: Installation, args: argparse.Namespace, disks: list[Path], work: Path) -> dict[str, Any]:
-    server = inst.server(
-        "api", "api,orchestrator", "--heartbeat-rate", "10", "--heartbeat-grace", "300", "--log-level", "warning"
-    )
+    server = inst.server("api", "api,orchestrator", "--heartbeat-rate", "10", "--heartbeat-grace", "300")
     receivers = [inst.server(h, "receiver", "--log-level", "warning") for h in ("recv1", "recv2")]
     sdk = Sdk(server.endpoint.removeprefix("http://"), server.credentials)
     token = sdk.token(len(disks) + 10)

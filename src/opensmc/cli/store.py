@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "mostly dead. The server does this on its own after images are deleted; this runs it now.",
     )
     gc.add_argument("--data-dir", type=Path, default=Path("opensmc-data"), help="the server's data dir")
+    gc.add_argument(
+        "--staging-dir",
+        type=Path,
+        default=None,
+        help="the servers' --staging-dir, if they have one (default: <data-dir>/staging): its indexes are roots",
+    )
     cp = sub.add_parser(
         "copy",
         help="copy the data dir's image store to an S3 bucket (or another directory)",
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 + ("no errors" if report.ok else f"{len(report.errors)} error(s)")
             )
         return 0 if report.ok else 1
-    staging = args.data_dir / "staging"
+    staging = args.staging_dir or args.data_dir / "staging"
     roots = (StagingIndex.read_disk(p) for p in sorted(staging.glob("*.fidx")) if staging.is_dir())
     gc = store.gc(roots)
     if gc.deferred:
