@@ -163,8 +163,13 @@ def run_opensmc(inst: Installation, args: argparse.Namespace, disks: list[Path],
     print(f"starting {len(disks)} agents on {args.hosts} hosts ...", flush=True)
     t0 = time.monotonic()
     (work / "agents").mkdir(exist_ok=True)
-    for i, disk in enumerate(disks):
-        inst.agent(f"src{i % args.hosts}", server, token, disk, work / "agents" / f"a{i:03d}")
+    # In batches: 200 Python processes starting at once on 2 cores starve the API for so long that
+    # registrations time out on the agent's side (see docs/performance.md).
+    for start in range(0, len(disks), args.start_batch):
+        for i in range(start, min(start + args.start_batch, len(disks))):
+            inst.agent(f"src{i % args.hosts}", server, token, disks[i], work / "agents" / f"a{i:03d}")
+        n = min(start + args.start_batch, len(disks))
+        wait(lambda n=n: len(sdk.available_sources()) >= n, 600, f"{n} agents registered", 1.0)
     sources = wait(lambda: (s := sdk.available_sources()) and len(s) == len(disks) and s, 600, "every agent", 2.0)
     print(
         f"{len(sources)} sources Available after {time.monotonic() - t0:.0f} s; starting {len(sources)} jobs",
@@ -276,6 +281,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=32)
     ap.add_argument("--data-mib", type=int, default=4, help="random data in each disk (the rest is zeros)")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-load"))
+    ap.add_argument("--start-batch", type=int, default=25, help="agents started at once (each batch registers first)")
     args = ap.parse_args()
     why = netns.probe()
     if why:

@@ -91,8 +91,16 @@ class Installation:
         return f"http://{self.hosts.addr(host)}:{RECEIVER_PORT}"
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
+        """SIGTERM to every process at once, then SIGKILL to those still running after 15 s."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stop(proc, sig_kill=True)
 
 
 class HostedAgent(Agent):
