@@ -158,6 +158,9 @@ def wait(probe: Any, timeout: float, what: str, every: float = 1.0) -> Any:
 def run_opensmc(inst: Installation, args: argparse.Namespace, disks: list[Path], work: Path) -> dict[str, Any]:
     server = inst.server("api", "api,orchestrator", "--heartbeat-rate", "10", "--heartbeat-grace", "300")
     receivers = [inst.server(h, "receiver", "--log-level", "warning") for h in ("recv1", "recv2")]
+    # More orchestrators, if asked, on the receiver hosts (they share the data dir and the database).
+    for k in range(args.orchestrators - 1):
+        inst.server(("recv1", "recv2")[k % 2], "orchestrator", "--log-level", "warning")
     sdk = Sdk(server.endpoint.removeprefix("http://"), server.credentials)
     token = sdk.token(len(disks) + 10)
     print(f"starting {len(disks)} agents on {args.hosts} hosts ...", flush=True)
@@ -281,6 +284,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=32)
     ap.add_argument("--data-mib", type=int, default=4, help="random data in each disk (the rest is zeros)")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-load"))
+    ap.add_argument("--orchestrators", type=int, default=1, help="orchestrator processes (the first with the API)")
     ap.add_argument("--start-batch", type=int, default=25, help="agents started at once (each batch registers first)")
     args = ap.parse_args()
     why = netns.probe()
@@ -314,7 +318,8 @@ def main() -> None:
     n = args.migrations
     print()
     print(f"{n} migrations of {args.size_mib} MiB disks ({args.data_mib} MiB of data each) from {args.hosts} hosts")
-    print(f"  opensmc, 2 receivers: all Finished in {osmc['makespan']:.1f} s; per job {spread(osmc['times'])}")
+    who = f"2 receivers, {args.orchestrators} orchestrator(s)"
+    print(f"  opensmc, {who}: all Finished in {osmc['makespan']:.1f} s; per job {spread(osmc['times'])}")
     for phase, values in osmc["phases"].items():
         print(f"    {phase}: {spread(values)}")
     print(f"    runs per receiver: {osmc['placed']}")

@@ -79,9 +79,13 @@ class Installation:
             *extra,
         ]
         proc = self._start(host, argv, log)
-        self._wait_listening(proc, host, API_PORT if "api" in roles else RECEIVER_PORT, log)
-        if "api" not in roles:
+        if "api" in roles:
+            self._wait_listening(proc, host, API_PORT, log)
+        elif "receiver" in roles:
+            self._wait_listening(proc, host, RECEIVER_PORT, log)
             wait_logged(log, "Data receiver on", proc)  # registered in the database by then
+        else:
+            wait_logged(log, "Orchestrator running", proc)
         return ServerProcess(proc, f"http://{addr}:{API_PORT}", self.data, log)
 
     def agent(self, host: str, server: ServerProcess, token: dict[str, Any], disk: Path, state: Path) -> Agent:
