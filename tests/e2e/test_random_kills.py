@@ -23,11 +23,10 @@ margin; and less than a full send when that kill came after 30% had landed.
 
 Two more tests kill the server while the job is Processing (the image being made
 under the job's lease, ``service/leases.py``). The lease owner is
-``<hostname>:<pid>`` and ``LEASE`` is 10 minutes; a restarted server is a new owner,
-and it takes over at once only because a lease whose owner is a dead process of
-the same host counts as free (``_dead_local_owner``). A lease of another host (a
-server on a new machine or container hostname over the same database) is still
-waited out.
+``<machine>:<pid>`` and ``LEASE`` is 15 seconds (renewed while held); a restarted
+server is a new owner, and it takes over at once because a lease whose owner is a
+dead process of the same machine counts as free (``dead_local_owner``). A lease of
+another machine is waited out, for at most ``LEASE``.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from typing import Any
 
 import pytest
 
+from opensmc.service import leases
 from tests.e2e.conftest import ServerProcess, free_port, start_server, stop
 from tests.e2e.disks import Disk, MiB, build_disk, fsck_partitions, nonzero_bytes, require_tools, sha256_file
 from tests.e2e.flows import (
@@ -319,11 +319,11 @@ def test_server_killed_while_processing(tmp_path: Path) -> None:
                 rig.server = rig.start_api()
             else:
                 pytest.skip(f"every kill landed after the image was made; seed {seed}")
-            assert row["lease_owner"] == f"{os.uname().nodename}:{dead_pid}", row["lease_owner"]
+            assert row["lease_owner"] == f"{leases.MACHINE}:{dead_pid}", row["lease_owner"]
 
             rig.server = rig.start_api()
             events.append(f"restarted as pid {rig.server.proc.pid}")
-            # The lease (LEASE = 10 minutes) names a process that is gone: the restarted server
+            # The lease (LEASE, 15 s) names a process that is gone: the restarted server
             # takes the job over at once instead of waiting it out.
             job = wait_end(rig, job_id, 30)
             if job["Status"] == "InError":

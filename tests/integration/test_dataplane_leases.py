@@ -24,11 +24,16 @@ def dead_pid() -> int:
 
 
 def test_dead_local_owner() -> None:
-    host = os.uname().nodename
+    host = leases.MACHINE
     assert leases.dead_local_owner(f"{host}:{dead_pid()}")
     assert not leases.dead_local_owner(f"{host}:{os.getppid()}")  # alive
     assert not leases.dead_local_owner(f"{host}:{os.getpid()}")  # ourselves
     assert not leases.dead_local_owner(f"some-other-host:{dead_pid()}")  # can only expire
+    # Another machine with our host name (a clone, a container): its pids are not ours to judge.
+    same_name = f"{os.uname().nodename[:24]}/0123456789"
+    assert same_name != host
+    assert not leases.dead_local_owner(f"{same_name}:{dead_pid()}")
+    assert not leases.dead_local_owner(f"{os.uname().nodename}:{dead_pid()}")  # the format before machines
     assert not leases.dead_local_owner(None)
 
 
@@ -36,7 +41,7 @@ def test_lease_of_a_dead_process_is_taken_over(call: ActionCaller, services: Ser
     src = add_source(services, caller)
     job_id = call("CreateReplicationJob", RegionId="local", SourceId=src)["JobId"]
     call("StartReplicationJob", JobId=job_id)
-    host = os.uname().nodename
+    host = leases.MACHINE
     held_by_dead = f"{host}:{dead_pid()}"
     with services.db.begin() as conn:
         conn.execute(

@@ -8,6 +8,7 @@ never a Python traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -135,6 +136,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     db_sub = p_db.add_subparsers(dest="db_command", metavar="SUBCOMMAND")
     p_up = db_sub.add_parser("upgrade", help="apply schema migrations")
     p_up.add_argument("--database", required=True, help="database URL, e.g. postgresql://user@host/db")
+    p_copy = db_sub.add_parser(
+        "copy",
+        help="copy a whole database into a new, empty one (e.g. SQLite to PostgreSQL)",
+        description="Copy every row of one OpenSMC database into another, empty one, in one transaction: move "
+        "an embedded install (SQLite) onto PostgreSQL. Stop every server first. Both are migrated to the current "
+        "schema. The servers on the destination need the same master key (master.key or OPENSMC_MASTER_KEY).",
+    )
+    p_copy.add_argument("--from", dest="source", required=True, help="e.g. sqlite:////var/lib/opensmc/opensmc.db")
+    p_copy.add_argument("--to", dest="destination", required=True, help="e.g. postgresql://smc@db/opensmc")
     return parser
 
 
@@ -247,8 +257,34 @@ def _main(argv: list[str]) -> int:
             raise CliError(f"cannot upgrade {_safe_url(args.database)}: {str(exc).splitlines()[0]}") from None
         print(f"schema at revision {current(db)}")
         return 0
+    if args.command == "db" and args.db_command == "copy":
+        return _db_copy(args.source, args.destination)
     parser.print_help()
     return errors.USAGE
+
+
+def _db_copy(source: str, destination: str) -> int:
+    from opensmc.store.copy import CopyError, copy_database
+    from opensmc.store.db import Database
+
+    dbs = []
+    try:
+        for url in (source, destination):
+            try:
+                dbs.append(Database(url))
+            except Exception as exc:
+                raise CliError(f"cannot open {_safe_url(url)}: {str(exc).splitlines()[0]}") from None
+        try:
+            copied = copy_database(dbs[0], dbs[1])
+        except CopyError as exc:
+            raise CliError(str(exc)) from None
+        except Exception as exc:  # SQLAlchemy's first line names the problem (unreachable host, bad schema…)
+            raise CliError(f"copy failed, nothing was written: {str(exc).splitlines()[0]}") from None
+    finally:
+        for db in dbs:
+            db.dispose()
+    print(json.dumps({"copied": copied, "to": _safe_url(destination)}, indent=2))
+    return 0
 
 
 def _safe_url(url: str) -> str:

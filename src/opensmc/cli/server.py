@@ -77,6 +77,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="URL agents send disk data to (default from --receiver-listen)",
     )
     p.add_argument(
+        "--receiver-capacity",
+        type=int,
+        default=None,
+        help="runs this receiver takes at once (default 100); a job waits in Preparing while every live "
+        "receiver is full",
+    )
+    p.add_argument(
+        "--staging-dir",
+        type=Path,
+        default=None,
+        help="where staging indexes live (default: <data-dir>/staging); every receiver and every orchestrator "
+        "of an installation must share it (one filesystem, e.g. NFS)",
+    )
+    p.add_argument(
         "--tls-cert", type=Path, default=None, help="PEM certificate (chain): serve API and receiver over TLS"
     )
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
@@ -166,6 +180,7 @@ def build_services(args: argparse.Namespace) -> Services:
         s3_endpoint=args.s3_endpoint or "",
         s3_region=args.s3_region or "",
         insecure_http=bool(getattr(args, "insecure_http", False)),
+        staging=args.staging_dir.resolve() if getattr(args, "staging_dir", None) else None,
     )
     secure_data_dir(data_dir)
     db = Database(url)
@@ -242,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     from opensmc.orchestrator.loop import Orchestrator
     from opensmc.receiver.serve import ReceiverThread
     from opensmc.service import accounts, agent_tasks
+    from opensmc.service.receivers import DEFAULT_CAPACITY, Presence
 
     tune_for_big_buffers()
     logs.configure(args.log_level, args.log_format)
@@ -301,7 +317,12 @@ def run(args: argparse.Namespace) -> int:
             f"data dir: {svc.settings.data_dir}, images: {svc.settings.image_store or 'in the data dir'})",
             flush=True,
         )
+    capacity = args.receiver_capacity if args.receiver_capacity is not None else DEFAULT_CAPACITY
+    if capacity < 1:
+        print("opensmc server: error: --receiver-capacity must be at least 1", file=sys.stderr)
+        return 2
     receiver = None
+    presence = None
     if "receiver" in roles:
         r_host, r_port = receiver_address(args)
         receiver = ReceiverThread(
@@ -317,7 +338,21 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"opensmc server: error: {exc}", file=sys.stderr)
             return 2
-        print(f"Data receiver on {svc.settings.receiver_endpoint}", flush=True)
+        # Registered under the URL agents are told: the orchestrators place runs on it from now on.
+        presence = Presence(svc, svc.settings.receiver_endpoint, capacity)
+        try:
+            presence.start()
+        except Exception as exc:
+            receiver.stop()
+            print(f"opensmc server: error: cannot register the receiver in the database: {exc}", file=sys.stderr)
+            return 2
+        if r_host in ("0.0.0.0", "::", "") and not args.receiver_endpoint:
+            log.warning(
+                "the receiver listens on all addresses but tells agents %s: give it --receiver-endpoint "
+                "with an address agents on other hosts reach",
+                svc.settings.receiver_endpoint,
+            )
+        print(f"Data receiver on {svc.settings.receiver_endpoint} (capacity {capacity} runs)", flush=True)
     if "orchestrator" in roles:
         # A crash may have left packs without index or an unfinished collection: the first
         # pass after a start collects them (it costs one look at the store when there are none).
@@ -336,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if orchestrator:
                 orchestrator.stop()
+            if presence:
+                presence.stop()
             if receiver:
                 receiver.stop()
             svc.db.dispose()
@@ -357,6 +394,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if orchestrator:
             orchestrator.stop()
+        if presence:
+            presence.stop()
         if receiver:
             receiver.stop()
         svc.db.dispose()

@@ -34,6 +34,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "mostly dead. The server does this on its own after images are deleted; this runs it now.",
     )
     gc.add_argument("--data-dir", type=Path, default=Path("opensmc-data"), help="the server's data dir")
+    gc.add_argument(
+        "--staging-dir",
+        type=Path,
+        default=None,
+        help="the servers' --staging-dir, if they have one (default: <data-dir>/staging): its indexes are roots",
+    )
+    cp = sub.add_parser(
+        "copy",
+        help="copy the data dir's image store to an S3 bucket (or another directory)",
+        description="Copy every object of the data dir's chunk store (packs, indexes, images) to --to, then check "
+        "the copy (its indexes and images, without reading the packs). Objects the destination holds already are "
+        "skipped, so an interrupted copy is finished by running it again. Stop the servers first. S3 credentials "
+        "come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile.",
+    )
+    cp.add_argument("--data-dir", type=Path, default=Path("opensmc-data"), help="the server's data dir")
+    cp.add_argument("--to", required=True, help="s3://BUCKET/PREFIX (the bucket must exist), or a directory")
+    cp.add_argument("--s3-endpoint", default="", help="URL of the S3 service (default: AWS_ENDPOINT_URL)")
+    cp.add_argument("--s3-region", default="", help="S3 region (default: AWS_REGION, else us-east-1)")
 
 
 def _store(data_dir: Path) -> object:
@@ -53,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from opensmc.images.store import ImageStore
 
     if not args.store_command:
-        raise UsageError("give a subcommand: check or gc")
+        raise UsageError("give a subcommand: check, gc or copy")
     store = _store(args.data_dir)
+    if args.store_command == "copy":
+        return _copy(store, args)
     assert isinstance(store, ImageStore)
     if args.store_command == "check":
         report = store.check(read_data=not args.no_read_data)
@@ -71,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 + ("no errors" if report.ok else f"{len(report.errors)} error(s)")
             )
         return 0 if report.ok else 1
-    staging = args.data_dir / "staging"
+    staging = args.staging_dir or args.data_dir / "staging"
     roots = (StagingIndex.read_disk(p) for p in sorted(staging.glob("*.fidx")) if staging.is_dir())
     gc = store.gc(roots)
     if gc.deferred:
@@ -83,3 +103,30 @@ def run(args: argparse.Namespace) -> int:
         f"{gc.blobs_freed} blob(s) and {gc.bytes_freed / 2**20:.1f} MiB freed"
     )
     return 0 if not gc.errors else 1
+
+
+def _copy(store: object, args: argparse.Namespace) -> int:
+    from opensmc.chunkstore.copy import CopyRefused, copy_store
+    from opensmc.chunkstore.location import StoreLocation, backend_for
+    from opensmc.images.store import ImageStore
+
+    assert isinstance(store, ImageStore)
+    to = StoreLocation(str(args.to), args.s3_endpoint, args.s3_region)
+    try:
+        dst = backend_for(to)
+    except ValueError as exc:
+        raise UsageError(f"--to: {exc}") from None
+    source = args.data_dir / "store"
+    if not to.is_s3 and Path(args.to).resolve() == source.resolve():
+        raise UsageError("--to is the data dir's store itself")
+    try:
+        report = copy_store(store.repo.backend, dst)
+        check = ImageStore(to).check(read_data=False)
+    except CopyRefused as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # botocore and OS errors say in one line what failed (credentials, bucket, space)
+        raise CliError(f"copy to {args.to} failed: {str(exc).splitlines()[0]}; run it again to go on") from None
+    print(json.dumps({"to": str(args.to), "copied": report.copied, "skipped": report.skipped,
+                      "bytes": report.bytes, "images": check.snapshots, "ok": check.ok,
+                      "errors": check.errors}, indent=2))  # fmt: skip
+    return 0 if check.ok else 1

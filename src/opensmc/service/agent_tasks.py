@@ -105,27 +105,33 @@ def _params_view(raw: str | None) -> dict[str, Any]:
     }
 
 
-def _version(entries: list[tuple[str, int, dict[str, Any]]]) -> str:
+def _version(entries: list[tuple[str, int, dict[str, Any], str]]) -> str:
     """A short name for a task view: what the agent sends back as ``since``.
 
-    It covers what a task's agent must react to: which job run is wanted and
-    its replication parameters (a bandwidth change is a new version).
+    It covers what a task's agent must react to: which job run is wanted, its
+    replication parameters (a bandwidth change is a new version) and the
+    receiver to send to (a run handed over to another receiver is a new version).
     """
-    text = json.dumps(sorted([job, run, params] for job, run, params in entries), sort_keys=True)
+    text = json.dumps(sorted([job, run, params, recv] for job, run, params, recv in entries), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def receiver_of(svc: Services, placed: str | None) -> str:
+    """The URL a run sends to: the receiver it was placed on, else this server's own."""
+    return placed or svc.settings.receiver_endpoint
 
 
 def view_version(svc: Services, source_id: str) -> str:
     """The version of the source's task view, in two indexed queries (the long-poll asks it often)."""
     with svc.db.connect() as conn:
         found = q.syncing_run_of_source(conn, source_id)
-    return _version([(job, run, _params_view(raw)) for job, run, raw in found])
+    return _version([(job, run, _params_view(raw), receiver_of(svc, recv)) for job, run, raw, recv in found])
 
 
 def task_view(svc: Services, source_id: str) -> dict[str, Any]:
     """What ``GET /agent/v1/tasks`` answers: the version and the tasks."""
     tasks = tasks_for(svc, source_id)
-    version = _version([(t["job_id"], t["run_id"], t["replication_parameters"]) for t in tasks])
+    version = _version([(t["job_id"], t["run_id"], t["replication_parameters"], t["receiver"]) for t in tasks])
     return {"version": version, "tasks": tasks}
 
 
@@ -149,7 +155,7 @@ def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
             "task_id": f"{job.id}:{run_id}",
             "job_id": job.id,
             "run_id": run_id,
-            "receiver": svc.settings.receiver_endpoint,
+            "receiver": receiver_of(svc, job.receiver),
             "token": data_token(svc, job.id, run_id),
             "replication_parameters": _params_view(job.replication_parameters),
             "chunk_size": CHUNK_SIZE,

@@ -37,6 +37,9 @@ class Settings:
     image_store: str = ""
     s3_endpoint: str = ""  #: for an s3:// image store; "" leaves it to AWS_ENDPOINT_URL
     s3_region: str = ""  #: for an s3:// image store; "" leaves it to AWS_REGION
+    #: where staging indexes live (``--staging-dir``); None: ``<data dir>/staging``. Several
+    #: receivers, and the orchestrators that seal their images, must share it.
+    staging: Path | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -50,7 +53,7 @@ class Settings:
 
     @property
     def staging_dir(self) -> Path:
-        return self.data_dir / "staging"
+        return self.staging or self.data_dir / "staging"
 
 
 def is_loopback(host: str) -> bool:

@@ -1,30 +1,60 @@
 """Leases on a job's long data-plane steps (allocation, sealing, cleaning).
 
 A step takes the job's lease before it starts and drops it when done, so two
-server processes never work on one job at once. A lease held by a process of
-this host that no longer runs is taken over at once; other hosts' leases can
-only expire.
+server processes never work on one job at once. A lease lasts :data:`LEASE`
+(seconds, not minutes) and is renewed every :data:`RENEW` seconds by a thread
+of the holding process for as long as it holds it, so a process that dies
+(or loses its host) frees its leases within :data:`LEASE`, however long the
+step, while a slow step keeps its own. A lease held by a process of this
+machine that no longer runs is taken over at once.
+
+The owner's name is ``<machine>:<pid>``, where the machine is the host name
+(for people) and a digest of the kernel's boot id and the process's PID
+namespace: two hosts (or containers) that share a host name never take each
+other's leases for their own processes', and a restarted host is a new machine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 from opensmc.domain.enums import BusinessStatus
 from opensmc.service.context import Services
 from opensmc.store import dataplane as q
 
-LEASE = timedelta(minutes=10)
-_HOST = os.uname().nodename
-OWNER = f"{_HOST}:{os.getpid()}"
+log = logging.getLogger("opensmc.dataplane")
+
+LEASE = timedelta(seconds=15)
+#: seconds between renewals of the leases this process holds (well inside LEASE)
+RENEW = 3.0
+
+
+def _machine() -> str:
+    """This host name (shortened) and what makes this boot's PID space unique."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text() if "boot_id" in path else os.readlink(path))
+        except OSError:
+            parts.append(os.urandom(8).hex())  # unknown: only expiry frees our leases then
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
+    return f"{os.uname().nodename[:24]}/{digest}"
+
+
+MACHINE = _machine()
+OWNER = f"{MACHINE}:{os.getpid()}"
 
 
 def dead_local_owner(owner: str | None) -> bool:
-    """A lease held by a process of this host that no longer runs (killed, crashed)."""
+    """A lease held by a process of this machine that no longer runs (killed, crashed)."""
     host, _, pid = (owner or "").rpartition(":")
-    if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+    if host != MACHINE or not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
@@ -35,14 +65,61 @@ def dead_local_owner(owner: str | None) -> bool:
     return False
 
 
+class _Keeper:
+    """Renews the leases this process holds, every RENEW seconds, while it holds any."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, Services] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, svc: Services, job_id: str) -> None:
+        with self._lock:
+            self._held[job_id] = svc
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="opensmc-lease-keeper", daemon=True)
+                self._thread.start()
+
+    def drop(self, job_id: str) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(RENEW)
+            with self._lock:
+                held = dict(self._held)
+                if not held:
+                    self._thread = None
+                    return
+            for job_id, svc in held.items():
+                try:
+                    now = svc.clock()
+                    with svc.db.begin() as conn:
+                        q.renew_lease(conn, job_id, OWNER, now + LEASE)
+                except Exception as exc:  # the database is away: the next round tries again
+                    log.warning("cannot renew the lease on job %s (%s)", job_id, exc)
+
+
+_KEEPER = _Keeper()
+
+
 def claim(svc: Services, job_id: str, business: BusinessStatus, stale_owner: str | None = None) -> bool:
-    """Take the job's lease if it is Running/`business` and nobody else (alive) holds it."""
+    """Take the job's lease if it is Running/`business` and nobody else (alive) holds it.
+
+    It is renewed in the background until :func:`release`.
+    """
     now = svc.clock()
     with svc.db.begin() as conn:
-        return q.claim_lease(conn, job_id, business, OWNER, now, now + LEASE, stale_owner)
+        got = q.claim_lease(conn, job_id, business, OWNER, now, now + LEASE, stale_owner)
+    if got:
+        _KEEPER.hold(svc, job_id)
+    return got
 
 
 def release(svc: Services, job_id: str) -> None:
+    _KEEPER.drop(job_id)
     with svc.db.begin() as conn:
         q.release_lease(conn, job_id, OWNER)
 

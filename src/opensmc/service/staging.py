@@ -27,7 +27,7 @@ from opensmc.domain.runs import MAY_RUN_AGAIN
 from opensmc.domain.selection import copy_ranges, excluded_devices
 from opensmc.faults import crash_point
 from opensmc.service import jobs as job_service
-from opensmc.service import leases
+from opensmc.service import leases, receivers
 from opensmc.service.context import Services
 from opensmc.service.jobs_params import source_disks
 from opensmc.store import dataplane as q
@@ -117,6 +117,11 @@ def prepare(svc: Services) -> int:
             ti = job.transition_instance_id or staging_id(job_id)
             for disk in selected_disks(job, disks_json):
                 allocate_volume(svc, volume_id(ti, disk["index"]), disk["size_bytes"])
+            try:
+                receivers.place(svc, job_id)
+            except receivers.NoRoom as why:
+                log.debug("job %s waits in Preparing: %s", job_id, why)
+                continue
             crash_point("prepare.allocated")
             job_service.mark_prepared(svc, job_id, ti)
             done += 1

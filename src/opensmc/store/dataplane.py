@@ -43,6 +43,10 @@ def claim_lease(
     return res.rowcount == 1
 
 
+def renew_lease(conn: Connection, job_id: str, owner: str, until: datetime) -> None:
+    conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(lease_until=until))
+
+
 def release_lease(conn: Connection, job_id: str, owner: str) -> None:
     conn.execute(
         update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(lease_owner=None, lease_until=None)
@@ -106,14 +110,14 @@ def jobs_that_may_run(conn: Connection, job_ids: list[str], statuses: tuple[str,
     return {r.id for r in conn.execute(select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.status.in_(statuses)))}
 
 
-def syncing_run_of_source(conn: Connection, source_id: str) -> list[tuple[str, int, str]]:
-    """(job id, open run id, replication_parameters) of the source's job in Running/Syncing.
+def syncing_run_of_source(conn: Connection, source_id: str) -> list[tuple[str, int, str, str | None]]:
+    """(job id, open run id, replication_parameters, receiver) of the source's job in Running/Syncing.
 
     One query on indexed columns (jobs.source_id, job_runs.job_id): the agent
     channel's long-poll asks it a few times a second per connected agent.
     """
     rows = conn.execute(
-        select(jobs.c.id, job_runs.c.id.label("run_id"), jobs.c.replication_parameters)
+        select(jobs.c.id, job_runs.c.id.label("run_id"), jobs.c.replication_parameters, jobs.c.receiver)
         .join(job_runs, (job_runs.c.job_id == jobs.c.id) & job_runs.c.end_time.is_(None))
         .where(
             jobs.c.source_id == source_id,
@@ -122,7 +126,7 @@ def syncing_run_of_source(conn: Connection, source_id: str) -> list[tuple[str, i
         )
         .order_by(job_runs.c.id.desc())
     )
-    out: dict[str, tuple[str, int, str]] = {}
+    out: dict[str, tuple[str, int, str, str | None]] = {}
     for r in rows:
-        out.setdefault(r.id, (r.id, int(r.run_id), str(r.replication_parameters or "")))
+        out.setdefault(r.id, (r.id, int(r.run_id), str(r.replication_parameters or ""), r.receiver))
     return list(out.values())

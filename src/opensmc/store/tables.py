@@ -188,6 +188,9 @@ jobs = Table(
     Column("final_run", Boolean, nullable=False, default=False),  #: cut-over with SyncData=true
     Column("lease_owner", String(64), nullable=True),
     Column("lease_until", TS, nullable=True),
+    #: the receiver (its advertised endpoint) the job's current run sends to; NULL: the
+    #: server's own --receiver-endpoint (no receiver registered, as before receivers registered)
+    Column("receiver", String(255), nullable=True, index=True),
 )
 Index("uq_jobs_account_name", jobs.c.account_id, jobs.c.name, unique=True)
 # DescribeReplicationJobs: every filter is an equality within one account, and pages are
@@ -269,4 +272,16 @@ images = Table(
     Column("state", String(16), nullable=False),
     Column("created_at", TS, nullable=False),
     Column("manifest", Text, nullable=False, default="{}"),
+)
+
+#: Receiver processes (`--roles receiver`), each under the endpoint it tells agents, renewed
+#: every few seconds (service/receivers.py): the placement of runs and the handover of a dead one's.
+receivers = Table(
+    "receivers",
+    metadata,
+    Column("endpoint", String(255), primary_key=True),
+    Column("instance", String(64), nullable=False),  #: the process holding it (its lease owner name)
+    Column("capacity", Integer, nullable=False),  #: runs it takes at once (Preparing + Syncing)
+    Column("started_at", TS, nullable=False),
+    Column("heartbeat_at", TS, nullable=False),
 )
