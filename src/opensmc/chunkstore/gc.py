@@ -6,7 +6,13 @@ again later), so no writer can deduplicate against a blob while it decides
 the blob is dead. Packs with no live blob are deleted; packs whose dead bytes
 exceed ``repack_ratio`` are rewritten with their live blobs only (the new
 pack is durable before the old one goes). The ``generation`` object is bumped
-before anything is deleted, so every writer reloads its index first.
+before anything is deleted, so every writer reloads its index first, and
+again once the sweep is done: a process may open the store (and read its
+indexes, which needs no lock) while the sweep deletes some of them, and only
+a generation it has not seen makes its next session reload. A ``gc-running``
+object marks a sweep in progress, so that one interrupted by a crash is
+finished with that second bump by the next collection, even if it has
+nothing left to delete.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from opensmc.chunkstore.repository import GC_LOCK, Repository
 from opensmc.chunkstore.snapshots import DiskIndex, list_snapshots, load_snapshot
 from opensmc.faults import crash_point
 
-__all__ = ["GcReport", "collect", "live_hashes"]
+__all__ = ["GC_RUNNING", "GcReport", "collect", "live_hashes"]
 
 log = logging.getLogger("opensmc.chunkstore")
+
+#: present while a sweep deletes (see the module docstring)
+GC_RUNNING = "gc-running"
 
 
 @dataclass
@@ -80,8 +89,12 @@ def collect(repo: Repository, staging: Iterable[DiskIndex], *, repack_ratio: flo
         # index. No writer is mid-pack while we hold the lock exclusively, so they are garbage.
         # (A damaged index is another matter: that pack is reported and left alone.)
         orphans = [n for n in backend.list("data/") if n.rpartition("/")[2] not in set(named)]
+        interrupted = backend.exists(GC_RUNNING)
         if not plans and not orphans:
+            if interrupted:
+                _finish_sweep(repo)
             return report
+        backend.write(GC_RUNNING, b"")
         repo.bump_generation()
         repo.refresh_after_gc()
         crash_point("gc.marked")
@@ -121,7 +134,7 @@ def collect(repo: Repository, staging: Iterable[DiskIndex], *, repack_ratio: flo
             crash_point("gc.sweeping")
             report.blobs_freed += len(entries) - len(keep)
             report.bytes_freed += dead
-        repo.reload(full=True)
+        _finish_sweep(repo)
         log.info(
             "gc: %d pack(s) deleted, %d repacked, %d blob(s) / %d bytes freed",
             report.packs_deleted,
@@ -132,3 +145,10 @@ def collect(repo: Repository, staging: Iterable[DiskIndex], *, repack_ratio: flo
         return report
     finally:
         held.release()
+
+
+def _finish_sweep(repo: Repository) -> None:
+    """A new generation for views loaded during the sweep; then the sweep is over."""
+    repo.bump_generation()
+    repo.backend.delete(GC_RUNNING)
+    repo.refresh_after_gc()

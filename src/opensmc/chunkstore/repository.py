@@ -341,12 +341,20 @@ class Repository:
     def get(self, blob_hash: bytes) -> bytes:
         """A blob's plain bytes, checked against its hash (:class:`~.packs.PackCorrupt` otherwise)."""
         loc = self.locate(blob_hash)
-        e = loc.entry
         try:
-            stored = self.backend.read(f"data/{loc.pack[:2]}/{loc.pack}", e.offset, e.stored_length)
+            stored = self.backend.read(f"data/{loc.pack[:2]}/{loc.pack}", loc.entry.offset, loc.entry.stored_length)
         except ObjectNotFound:
-            raise BlobNotFound(f"pack {loc.pack} holding blob {blob_hash.hex()} is missing") from None
-        return decode_blob(e, stored)
+            # A view older than a garbage collection (used outside a session) may name a pack
+            # that was repacked: look again with fresh indexes before calling the blob missing.
+            self.reload(full=True)
+            loc = self.locate(blob_hash)
+            try:
+                stored = self.backend.read(
+                    f"data/{loc.pack[:2]}/{loc.pack}", loc.entry.offset, loc.entry.stored_length
+                )
+            except ObjectNotFound:
+                raise BlobNotFound(f"pack {loc.pack} holding blob {blob_hash.hex()} is missing") from None
+        return decode_blob(loc.entry, stored)
 
     def forget(self, blob_hash: bytes) -> None:
         """Treat a blob found damaged as absent in this view, so that it is stored again when sent.

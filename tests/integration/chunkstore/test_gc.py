@@ -54,7 +54,7 @@ def test_roots_survive_the_rest_goes(backend: LocalBackend) -> None:
     assert (report.packs_deleted, report.packs_repacked) == (1, 2)
     assert report.blobs_freed == 3 + 1 + 2
     assert report.bytes_freed == 6 * CHUNK
-    assert int(backend.read("generation")) == generation + 1
+    assert int(backend.read("generation")) == generation + 2  # before the sweep, and after it
     packs = set(repo.packs())
     assert p_small_dead in packs
     assert not packs & {p_mostly_dead, p_half_staged, p_dead}
@@ -195,3 +195,63 @@ def test_staging_roots_are_read_under_the_exclusive_lock(tmp_path: Path, backend
     assert seen == [True]
     assert report.packs_repacked == 0 and report.blobs_freed == 0  # 1 of 2 dead, under the ratio
     assert Repository(backend).get(h(blob(1))) == blob(1)
+
+
+@pytest.mark.parametrize("point", ["gc.marked", "gc.sweeping"])
+def test_a_view_loaded_while_gc_sweeps_reloads_before_it_is_trusted(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """A process that opens the store during a collection (no lock is needed to open it) has read
+    indexes the sweep then deletes; its next session must reload, or it reads packs that are gone
+    (found by tests/e2e/test_phase_kills.py) and, as a writer, would deduplicate against them."""
+    import opensmc.chunkstore.gc as gc_module
+
+    repo = Repository(backend)
+    b = [blob(i) for i in range(8)]
+    pack_of(repo, b[0:4])  # 3 of 4 dead: repacked, its index and pack deleted
+    pack_of(repo, b[4:8])  # all dead: deleted
+    save_snapshot(backend, "img", [disk_of(b[0])])
+    opened: list[Repository] = []
+
+    def open_mid_gc(name: str) -> None:
+        if name == point and not opened:
+            opened.append(Repository(backend))
+
+    monkeypatch.setattr(gc_module, "crash_point", open_mid_gc)
+    report = collect(repo, [], repack_ratio=0.3)
+    assert report.packs_repacked == 1 and opened
+    (view,) = opened
+    with view.session():
+        assert view.get(h(b[0])) == b[0]
+        assert not view.has(h(b[5]))  # a writer would store it again, not deduplicate
+
+
+def test_an_interrupted_collection_is_finished_with_a_new_generation(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed mid-sweep, the next collection (even with nothing left to delete) bumps the
+    generation, so views opened during the interrupted one reload."""
+    import opensmc.chunkstore.gc as gc_module
+
+    repo = Repository(backend)
+    pack_of(repo, [blob(1)])
+    opened: list[Repository] = []
+
+    class Killed(Exception):
+        pass
+
+    def die(name: str) -> None:
+        if name == "gc.sweeping":
+            opened.append(Repository(backend))
+            raise Killed
+
+    monkeypatch.setattr(gc_module, "crash_point", die)
+    with pytest.raises(Killed):
+        collect(repo, [])
+    monkeypatch.setattr(gc_module, "crash_point", lambda name: None)
+    generation = int(backend.read("generation"))
+    collect(Repository(backend), [])  # nothing left to delete
+    assert int(backend.read("generation")) > generation
+    (view,) = opened
+    with view.session():
+        assert not view.has(h(blob(1)))
