@@ -154,3 +154,38 @@ def test_migration_gives_old_sources_their_machine_identity(tmp_path: Path) -> N
     with db.engine.connect() as conn:
         assert conn.execute(select(sources.c.instance_id)).scalar_one() == "machine:old-machine"
     db.dispose()
+
+
+def test_a_registration_sent_again_after_its_answer_was_lost_proves_itself(
+    client: TestClient, call: Any, now: list[datetime]
+) -> None:
+    """Found by the 200-agent load run: the server registered the source, the agent timed out
+    before the answer, and its retry looked like a second agent claiming an online source."""
+    one_use: dict[str, str] = call("CreateAccessToken", Count="1", TimeToLiveInDays="1")
+    secret = "s" * 43
+    first = reg(client, one_use, "m-lost", instance_id="c" * 32, registration_secret=secret)
+    assert first.status_code == 200, first.text  # ... and the answer never reaches the agent
+    again = reg(client, one_use, "m-lost", instance_id="c" * 32, registration_secret=secret)
+    assert again.status_code == 200, again.text  # no second use of the one-use code is needed
+    assert again.json()["source_id"] == first.json()["source_id"]
+    assert again.json()["agent_token"] == first.json()["agent_token"] == f"{first.json()['source_id']}.{secret}"
+    assert beat(client, again.json()["agent_token"]).status_code == 200
+    # Another secret is no proof: while the source is online it is a conflict, as before.
+    other = reg(client, one_use, "m-lost", instance_id="c" * 32, registration_secret="t" * 43)
+    assert other.status_code == 409 and other.json()["code"] == "SourceServer.IdentityConflict"
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 129, "no spaces allowed in it, none at all......", 42])
+def test_a_malformed_registration_secret_is_refused(client: TestClient, token: dict[str, str], bad: Any) -> None:
+    r = reg(client, token, "m-bad", instance_id="d" * 32, registration_secret=bad)
+    assert r.status_code == 400 and r.json()["code"] == "InvalidRegistrationSecret", r.text
+
+
+def test_the_agent_keeps_its_registration_secret_until_it_has_a_credential(tmp_path: Path) -> None:
+    a = agent_state.registration_secret(tmp_path, "i" * 32)
+    assert agent_state.registration_secret(tmp_path, "i" * 32) == a and len(a) >= 32  # a retry sends the same
+    assert agent_state.registration_secret(tmp_path, "j" * 32) != a  # another identity, another secret
+    b = agent_state.registration_secret(tmp_path, "i" * 32)
+    agent_state.save(tmp_path, agent_state.AgentState("http://s", "s-1", f"s-1.{b}", "m"))
+    assert not (tmp_path / agent_state.REGISTRATION_FILE).exists()  # over: the secret is the token's now
+    assert agent_state.registration_secret(tmp_path, "i" * 32) != b  # a later registration proposes a new one

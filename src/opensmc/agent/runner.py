@@ -224,10 +224,13 @@ class _Runner:
                 "or --access-key-id and --access-key-secret"
             )
         machine_id = str(report.get("machine_id", ""))
+        instance = agent_state.instance_id(self.state_dir, machine_id)
         body: "dict[str, Any]" = {
             **self.credentials,
             "machine_id": machine_id,
-            "instance_id": agent_state.instance_id(self.state_dir, machine_id),
+            "instance_id": instance,
+            # The credential's secret, ours: a registration sent again after a lost answer proves itself.
+            "registration_secret": agent_state.registration_secret(self.state_dir, instance),
             "agent_version": __version__,
             "report": report,
         }

@@ -3,10 +3,15 @@
 ``<state_dir>/agent.json`` holds the credential; ``<state_dir>/instance.json``
 the agent's identity, a random instance id made once per state dir (and per
 machine: a state dir copied to a machine with another machine id gets a new
-one). The server knows a source by (account, instance id), so two state dirs,
-or two clones of a machine, are two sources; the instance id survives the
-credential being forgotten, so the same agent registering again is the same
-source. Both files are mode 0600 in a 0700 directory, replaced atomically
+one). ``<state_dir>/registration.json`` holds, while a registration is under
+way, the secret the agent proposes for its credential: saved before the
+request is sent and removed once the credential is saved, so that a
+registration whose answer was lost (a timeout after the server had already
+registered the source) can be sent again and prove itself, instead of
+looking like a second agent claiming the source. The server knows a source
+by (account, instance id), so two state dirs, or two clones of a machine,
+are two sources; the instance id survives the credential being forgotten,
+so the same agent registering again is the same source. All files are mode 0600 in a 0700 directory, replaced atomically
 (write a temporary file, fsync, rename) so a crash never leaves half of one
 behind.
 """
@@ -19,6 +24,7 @@ from typing import NamedTuple
 
 STATE_FILE = "agent.json"
 INSTANCE_FILE = "instance.json"
+REGISTRATION_FILE = "registration.json"
 
 
 class AgentState(NamedTuple):
@@ -62,8 +68,25 @@ def instance_id(state_dir: "Path", machine_id: str) -> str:
     return new
 
 
+def registration_secret(state_dir: "Path", instance: str) -> str:
+    """The secret to propose for the credential of a registration as ``instance`` (made and saved once)."""
+    path = state_dir / REGISTRATION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("instance_id") == instance and isinstance(data.get("secret"), str):
+            return str(data["secret"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    secret = secrets.token_urlsafe(32)
+    _write_json(state_dir, REGISTRATION_FILE, {"instance_id": instance, "secret": secret})
+    return secret
+
+
 def save(state_dir: "Path", state: "AgentState") -> "Path":
-    return _write_json(state_dir, STATE_FILE, dict(state._asdict()))
+    """Save the credential; the registration that got it is over (its secret is the token's now)."""
+    path = _write_json(state_dir, STATE_FILE, dict(state._asdict()))
+    _unlink(state_dir / REGISTRATION_FILE)
+    return path
 
 
 def _write_json(state_dir: "Path", name: str, doc: "dict[str, str]") -> "Path":

@@ -12,7 +12,9 @@ in its state dir, so two state dirs or two cloned machines (one
 that sends no instance id is identified as ``machine:<machine_id>``. A known
 identity gets its source back only with proof:
 
-* its saved agent token (``agent_token``): the source is refreshed, the token
+* its saved agent token (``agent_token``), or the ``registration_secret`` it
+  proposed when it registered (an agent whose answer to a registration was
+  lost sends the same request again): the source is refreshed, the token
   stays valid, no code use is spent;
 * or a fresh credential while the source's agent is silent: an activation
   code then spends one of its ``Count`` uses (``AccessToken.CountExceeded``
@@ -57,6 +59,8 @@ log = logging.getLogger("opensmc.agents")
 
 _MACHINE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9._\-]{16,64}$")
+#: an agent's proposed credential secret: at least 32 URL-safe characters (≥ 190 bits from token_urlsafe(32))
+_SECRET = re.compile(r"^[A-Za-z0-9_\-]{32,128}$")
 CONFLICT = "SourceServer.IdentityConflict"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9:_\-]+")
 NAME_MAX = 128
@@ -164,6 +168,8 @@ class Claimant:
     instance_id: str
     agent_token: str | None  #: the saved credential of the claimed source, if the agent has one
     hostname: str
+    #: the secret the agent proposes for its credential (kept in its state dir before it asks)
+    proposed_secret: str | None = None
 
 
 def _claimant(body: Mapping[str, Any], machine_id: str, report: Report) -> Claimant:
@@ -177,7 +183,15 @@ def _claimant(body: Mapping[str, Any], machine_id: str, report: Report) -> Claim
     proof = body.get("agent_token")
     if proof is not None and (not isinstance(proof, str) or len(proof) > 256):
         raise AgentApiError(400, "InvalidAgentToken", '"agent_token" must be the token this agent saved (a string).')
-    return Claimant(machine_id, instance_id, proof or None, report.hostname)
+    proposed = body.get("registration_secret")
+    if proposed is not None and (not isinstance(proposed, str) or not _SECRET.match(proposed)):
+        raise AgentApiError(
+            400,
+            "InvalidRegistrationSecret",
+            '"registration_secret" must be 32 to 128 characters of letters, digits, "_" and "-" '
+            "(random, made once and kept by the agent).",
+        )
+    return Claimant(machine_id, instance_id, proof or None, report.hostname, proposed)
 
 
 def _with_retry(attempt: Callable[[], Registration]) -> Registration:
@@ -248,12 +262,18 @@ class IdentityConflict(AgentApiError):
             q.update_fields(conn, self.source_id, {"error_code": CONFLICT, "status_info": self.info[:1024]})
 
 
-def _proves(who: Claimant, row: Any) -> bool:
-    """Does the claimant hold the source's current agent token?"""
-    if who.agent_token is None:
-        return False
-    source_id, _, secret = who.agent_token.partition(".")
-    return source_id == row.id and bool(secret) and verify_secret(secret, row.agent_secret_hash)
+def _proves(who: Claimant, row: Any) -> str | None:
+    """The source's current agent token, if the claimant proves it holds its secret (else None).
+
+    Proof is the saved token, or the secret the agent proposed when it registered: an agent
+    whose registration answer was lost has the second but not the first."""
+    if who.agent_token is not None:
+        source_id, _, secret = who.agent_token.partition(".")
+        if source_id == row.id and secret and verify_secret(secret, row.agent_secret_hash):
+            return who.agent_token
+    if who.proposed_secret is not None and verify_secret(who.proposed_secret, row.agent_secret_hash):
+        return f"{row.id}.{who.proposed_secret}"
+    return None
 
 
 def _online(svc: Services, row: Any, now: datetime) -> bool:
@@ -290,14 +310,14 @@ def _register(
             "last_heartbeat_at": now,
             "heartbeat_rate": svc.settings.heartbeat_rate,
         }
-        if _proves(who, existing):
+        proven = _proves(who, existing)
+        if proven is not None:
             # The agent's own credential: it keeps it; a conflict shown before is over.
             if existing.error_code == CONFLICT:
                 refreshed.update(error_code="", status_info="")
             q.update_fields(conn, existing.id, refreshed)
             q.revive(conn, existing.id)
-            assert who.agent_token is not None
-            return Registration(existing.id, who.agent_token, account_id, created=False)
+            return Registration(existing.id, proven, account_id, created=False)
         if _online(svc, existing, now):
             raise IdentityConflict(
                 svc,
@@ -308,7 +328,7 @@ def _register(
             )
         if token is not None and not token_store.claim_registration(conn, token.id):
             raise _count_exceeded(token)
-        secret = secrets.token_urlsafe(32)
+        secret = who.proposed_secret or secrets.token_urlsafe(32)
         info = (
             f"Re-registered at {iso(now)} with {registered_with} by an agent on host {who.hostname!r} "
             f"(machine {who.machine_id}); the previous agent token no longer works."
@@ -322,7 +342,7 @@ def _register(
         return Registration(existing.id, f"{existing.id}.{secret}", account_id, created=False)
     if token is not None and not token_store.claim_registration(conn, token.id):
         raise _count_exceeded(token)
-    secret = secrets.token_urlsafe(32)
+    secret = who.proposed_secret or secrets.token_urlsafe(32)
     source_id = new_id("s-")
     q.insert_source(
         conn,
