@@ -23,6 +23,7 @@ from opensmc.domain.errors import SmcError
 from opensmc.domain.runs import is_syncing_run
 from opensmc.service import jobs as job_service
 from opensmc.service.context import Services
+from opensmc.service.space import DISK_FULL_CODE
 from opensmc.service.staging import CHUNK_SIZE, fail, job_of_volume, selected_disks, staging_id, volume_id
 from opensmc.store import dataplane as q
 from opensmc.store import jobs as job_store
@@ -207,3 +208,10 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
     message = str(body.get("message") or "The agent could not send the disk data.")[:1000]
     fail(svc, job_id, code, message)
     return {"accepted": True}
+
+
+def receiver_disk_full(svc: Services, vid: str, message: str) -> None:
+    """The receiver refused a write to volume `vid` for a full disk: its job turns InError, saying so."""
+    job_id = job_of_volume(vid)
+    if job_id is not None:
+        fail(svc, job_id, DISK_FULL_CODE, message)

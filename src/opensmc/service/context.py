@@ -37,6 +37,10 @@ class Settings:
     image_store: str = ""
     s3_endpoint: str = ""  #: for an s3:// image store; "" leaves it to AWS_ENDPOINT_URL
     s3_region: str = ""  #: for an s3:// image store; "" leaves it to AWS_REGION
+    #: bytes the receiver keeps free on the server's disk for the database (`--disk-reserve`)
+    disk_reserve: int = 64 * 1024 * 1024
+    #: a run whose worst case does not fit the free space is refused (`--no-space-check` turns it off)
+    space_check: bool = True
 
     @property
     def store_dir(self) -> Path:
