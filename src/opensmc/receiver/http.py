@@ -278,8 +278,8 @@ async def _disk_full(request: web.Request, exc: BaseException) -> web.Response:
 
 
 def _still_needed(vol: StagingIndex) -> int:
-    """Bytes of the volume the receiver holds no chunk for (an upper bound of what it still needs)."""
-    held = int(np.count_nonzero(vol.current().any(axis=1)))
+    """Bytes of the volume the receiver holds no durable chunk for (an upper bound of what it still needs)."""
+    held = int(np.count_nonzero(vol.disk().digests.any(axis=1)))  # not pending ones: their pack may be lost
     return max(vol.size - held * vol.chunk_size, 0)
 
 
@@ -326,7 +326,10 @@ async def _close_volumes(app: web.Application) -> None:
     app[_SWEEPER].cancel()
     loop = asyncio.get_running_loop()
     for vid in [*app[_VOLUMES].keys()]:
-        await loop.run_in_executor(None, _close, app, vid)
+        try:
+            await loop.run_in_executor(None, _close, app, vid)
+        except Exception as e:  # a pack lost to a full disk: what is durable stays; the next run resends
+            log.warning("closing staging index %s failed: %s", vid, e)
 
 
 def make_app(
