@@ -29,6 +29,7 @@ see docs/operations.md.
 
 import os
 import stat
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 #: passes over a disk after the first one, while it keeps being written
 EXTRA_PASSES = 2
+#: seconds: how old a file's last change must be before it is marked (coarser than the kernel's clock tick)
+SETTLE = 0.05
 
 
 
@@ -65,6 +68,15 @@ def mark(path: "str") -> "tuple[int, ...] | None":
     if stat.S_ISBLK(st.st_mode):
         return _block_stat(path)
     if stat.S_ISREG(st.st_mode):
+        # A file's times move in the kernel's coarse clock ticks (a few ms): a write in the
+        # tick of the mark would leave them as they were. Mark only once the last change is
+        # SETTLE seconds old, so that any later write lands in a later tick.
+        for _ in range(20):
+            newest = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
+            if time.time() - newest >= SETTLE:
+                break
+            time.sleep(SETTLE)
+            st = os.stat(path)
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return None
 
