@@ -65,6 +65,15 @@ def render() -> str:
         "Every action also accepts and ignores `OwnerId`, `ResourceOwnerAccount` and, where it is not "
         "a parameter of its own, `RegionId`, as SMC does."
     )
+    lines.append("")
+    lines.append(
+        "Error codes of OpenSMC's own that any action or job may show, beyond SMC's: `Server.DiskFull` (503: "
+        "the database's disk has no room for what the call must write; reads keep working), and on a job "
+        "(`ErrorCode`, `StatusInfo`) `Server.InsufficientDiskSpace` (a run refused before Preparing: its worst "
+        "case does not fit the free space) and `Receiver.DiskFull` (the server's disk filled up during the "
+        "run); each message says how much space is free and how much more is needed "
+        "([operations.md](operations.md#when-the-servers-disk-fills-up))."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Fuzzing every route of both ports with malformed requests: never a 5xx, never a traceback.
 
-Four generators, one raw HTTP/1.1 request per example over a real socket (so
+Five generators, one raw HTTP/1.1 request per example over a real socket (so
 that repeated headers, odd bytes and broken bodies reach the server as sent):
 
 * the SMC endpoint ``/``: junk query and form parameters, forged, partial and
@@ -11,16 +11,20 @@ that repeated headers, odd bytes and broken bodies reach the server as sent):
   signatures, and real ACS3 signatures over junk paths;
 * the receiver ``/v1/volumes/…``: valid, mutated, truncated and bomb frames,
   junk protocol and auth headers, against a real staging volume.
+* the console and operations routes (``/opensmc/v1/console/…``, ``/metrics``,
+  ``/healthz``, ``/readyz``, ``/console…``, ``/ui``) and paths no route has:
+  junk methods, paths, headers and bodies, fake and real signatures.
 
 Every answer must be below 500 (a request the server cannot parse may get no
 answer at all), and nothing may be logged with a traceback or at ERROR level.
 
 Profiles: ``OPENSMC_FUZZ_WIRE_EXAMPLES`` examples per generator and database
-(default 40, the CI profile). The large run, 4 x 25,000 = 100,000 requests::
+(default 40, the CI profile). The large run, 5 x 20,000 = 100,000 requests::
 
-    OPENSMC_FUZZ_WIRE_EXAMPLES=25000 .venv/bin/python -m pytest tests/integration/test_fuzz_wire.py -k sqlite -q -s
+    OPENSMC_FUZZ_WIRE_EXAMPLES=20000 .venv/bin/python -m pytest tests/integration/test_fuzz_wire.py -k sqlite -q -s
 
-(about 25 minutes on one core; ``-s`` shows the count of requests sent). A
+(about half an hour on a shared 2-core machine; ``-s`` shows the count of
+requests sent; docs/security.md has the last result). A
 large profile lifts the suite's per-test timeout, which only guards CI.
 """
 
@@ -415,3 +419,52 @@ def test_receiver(
         sent.append(("Authorization", auth))
     status = raw_request(env.receiver_port, method, target, sent, b"".join(frames))
     check(env, status, (target, sent, [fr[:48] for fr in frames]))
+
+
+# -- the console and operations routes, and paths no route has ---------------------------------------------
+
+CONSOLE = {
+    "/opensmc/v1/console/progress": "DescribeJobProgress",
+    "/opensmc/v1/console/heartbeats": "DescribeSourceHeartbeats",
+    "/opensmc/v1/console/jobs/": "DescribeJobHistory",
+}
+OPS_PATHS = st.sampled_from(
+    [
+        "/metrics", "/healthz", "/readyz", "/console", "/console/", "/console/index.html", "/console/app.js",
+        "/console/..%2f..%2fetc%2fpasswd", "/console/%00", "/ui", "/opensmc/v1", "/opensmc/v1/console",
+        "/opensmc/v1/console/progress", "/opensmc/v1/console/heartbeats", "/opensmc/v1/console/jobs/",
+        "/agent", "/agent/v1", "/v1/volumes/x", "//", "/%ff", "/" + "a" * 3000,
+    ]
+)  # fmt: skip
+
+
+@FUZZ
+@given(
+    path=OPS_PATHS,
+    suffix=st.one_of(st.just(""), SEGMENT.map(lambda p: quote(p, safe=""))),
+    method=st.sampled_from(["GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]),
+    query=PARAMS,
+    signed=st.booleans(),
+    headers=HEADERS,
+    body=st.one_of(st.just(b""), BODIES),
+)
+def test_console_and_ops_routes(
+    env: Env, path: str, suffix: str, method: str, query: Any, signed: bool, headers: Any, body: bytes
+) -> None:
+    path = path + suffix if path.endswith("/") else path
+    pairs = [(k, v) for k, v in query if k and "\x00" not in k]
+    action = next((a for prefix, a in CONSOLE.items() if path.startswith(prefix)), "")
+    if signed and action:
+        params = {k: v for k, v in pairs}
+        qs, signed_headers = sign_acs3("GET", f"127.0.0.1:{env.api_port}", action, API_VERSION, params,
+                                       env.key.access_key_id, env.key.access_key_secret, path=path)  # fmt: skip
+        target = f"{path}?{qs}"
+        names = {n for n in signed_headers} | {"host"}
+        headers = [(n, v.encode()) for n, v in signed_headers.items() if n != "host"] + [
+            h for h in headers if h[0].lower() not in names
+        ]
+        method, body = "GET", b""
+    else:
+        target = path + ("?" + urlencode(pairs, quote_via=quote, errors="surrogatepass") if pairs else "")
+    status = raw_request(env.api_port, method, target, headers, body)
+    check(env, status, (method, target, headers, body[:200]))

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from opensmc.agent import writewatch
 from opensmc.agent.client import AgentClient, ServerUnavailable
 from opensmc.agent.owncache import Recorder
 from opensmc.agent.pipeline import Progress, RateLimitedSender, Sender, replicate
@@ -373,6 +374,7 @@ def run_task(
         "chunks_zeroed": 0,
     }
     started = time.monotonic()
+    written: dict[str, int] = {}  # disk path -> passes during which it was written (agent/writewatch.py)
 
     def tell(done: int, force: bool = False) -> None:
         # Reported progress never goes back within an attempt (one more guard: the server keeps it monotonic too).
@@ -420,7 +422,15 @@ def run_task(
                 # that waited out the limiter while the task was stopped does not go.
                 limiter = RateLimitedSender(_StoppableSender(_Counting(http, on_batch), stopped), ctl.limit)
                 ctl.attach(limiter)
-                for offset, length in _ranges(disk, volume_size):
+                base = state["base"]
+
+                def again(http: HttpSender = http, base: float = base) -> None:
+                    nonlocal previous  # the disk was written during the pass: the next sends what changed
+                    log.info("%s was written during the pass; reading it again", http.volume_id)
+                    state["base"] = base  # progress stays at its high-water mark (tell)
+                    _size, previous = http.fetch_hashes()
+
+                for offset, length in writewatch.passes(disk["path"], _ranges(disk, volume_size), again, written):
                     read, frame, batch = _batch_sizes(ctl.limit, chunk_size)
                     result = replicate(
                         disk["path"],
@@ -449,6 +459,8 @@ def run_task(
                 if recorder is not None:
                     _keep(recorder, http)
                     recorder = None
+        if written:
+            totals["source_writes"] = writewatch.note(written)
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
         tell(total, force=True)
     except _LOST_CONTACT as exc:

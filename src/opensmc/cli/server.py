@@ -118,9 +118,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="accept agent registrations with an AccessKey over plain HTTP from other hosts (the secret "
         "crosses the network in clear; default: refused, use TLS)",
     )
+    p.add_argument(
+        "--disk-reserve",
+        type=_mebibytes,
+        default=64.0,
+        metavar="MIB",
+        help="MiB the receiver keeps free on the server's disk for the database: below it, writes of disk data "
+        "are refused (the job turns InError Receiver.DiskFull) and the API keeps answering (default: 64)",
+    )
+    p.add_argument(
+        "--no-space-check",
+        action="store_true",
+        help="start a run even when the selected disks' size (its worst case) exceeds the free space; by "
+        "default such a run is refused: InError Server.InsufficientDiskSpace, saying how much space it needs",
+    )
     p.add_argument("--no-receiver", action="store_true", help="do not run the data receiver in this process")
     p.add_argument("--no-orchestrator", action="store_true", help="serve the API only (another process orchestrates)")
     logs.add_arguments(p)
+
+
+def _mebibytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < 1 << 30):  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number of MiB (0 or more), got {text!r}")
+    return value
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -181,6 +205,8 @@ def build_services(args: argparse.Namespace) -> Services:
         s3_region=args.s3_region or "",
         insecure_http=bool(getattr(args, "insecure_http", False)),
         staging=args.staging_dir.resolve() if getattr(args, "staging_dir", None) else None,
+        disk_reserve=int(float(getattr(args, "disk_reserve", 64.0)) * (1 << 20)),
+        space_check=not getattr(args, "no_space_check", False),
     )
     secure_data_dir(data_dir)
     db = Database(url)
@@ -256,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     from opensmc.images.store import ImageStore, repository_at
     from opensmc.orchestrator.loop import Orchestrator
     from opensmc.receiver.serve import ReceiverThread
-    from opensmc.service import accounts, agent_tasks
+    from opensmc.service import accounts, agent_tasks, space
     from opensmc.service.receivers import DEFAULT_CAPACITY, Presence
 
     tune_for_big_buffers()
@@ -332,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
             r_host,
             r_port,
             ssl_context=tls,
+            space=space.guard(svc),
+            on_full=lambda vid, message: agent_tasks.receiver_disk_full(svc, vid, message),
         )
         try:
             receiver.start()

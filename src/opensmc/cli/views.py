@@ -209,7 +209,21 @@ def watch(creds: ClientCredentials, job_id: str, interval: float, console: Conso
     if job["Status"] == "InError":
         console.print(f"[red]{job['ErrorCode']}[/red]: {job['StatusInfo']}")
         return 1
+    warning = _warning(job)
+    if warning:
+        console.print(f"[yellow]warning[/yellow] {warning}")
     return 0
+
+
+def _warning(job: dict[str, Any]) -> str:
+    """A finished run's warning in StatusInfo (a source written during the sync), "" when none."""
+    try:
+        info = json.loads(job.get("StatusInfo") or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(info, dict) or "warning_code" not in info:
+        return ""
+    return f"{info['warning_code']}: {info.get('warning_msg', '')}"
 
 
 def run(args: argparse.Namespace) -> int:

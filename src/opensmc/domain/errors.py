@@ -13,6 +13,7 @@ it. Nothing else reaches a user.
     ├── InvalidSourceState        400 SourceServerState.Invalid
     ├── Conflict                  400 (duplicate names, quotas, relations)
     ├── AuthError                 400/403/404 signature and key errors
+    ├── ServerDiskFull            503 Server.DiskFull
     └── InternalError             500 InternalError
 """
 
@@ -121,6 +122,13 @@ class AuthError(SmcError):
 
     def __init__(self, code: str, message: str, http_status: int = 400) -> None:
         super().__init__(message, code=code, http_status=http_status)
+
+
+class ServerDiskFull(SmcError):
+    """The server's disk has no room for what the call must write (the database, the image store)."""
+
+    code = "Server.DiskFull"
+    http_status = 503
 
 
 class InternalError(SmcError):

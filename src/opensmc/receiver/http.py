@@ -28,11 +28,13 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
 
 from opensmc.chunkstore.repository import Repository, StoreError
 from opensmc.chunkstore.staging import StagingError, StagingIndex
 from opensmc.receiver.framing import BodyReader, BufferPool
+from opensmc.receiver.space import DiskFull, OnFull, SpaceGuard, is_disk_full
 from opensmc.receiver.stats import STATS
 from opensmc.wire.frames import (
     HEADER_SIZE,
@@ -67,6 +69,8 @@ _AUTHORIZE: web.AppKey[Authorize] = web.AppKey("authorize")
 _OPEN_LOCK = web.AppKey("open_lock", asyncio.Lock)
 _IDENTS = web.AppKey("idents", dict[str, tuple[int, int]])
 _BUFFERS = web.AppKey("buffers", BufferPool)
+_SPACE = web.AppKey("space", SpaceGuard)
+_ON_FULL: web.AppKey[OnFull] = web.AppKey("on_full")
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> web.Response:
@@ -195,6 +199,8 @@ async def post_frames(request: web.Request) -> web.Response:
     vol = await _volume(request)
     if vol is None:
         return _not_found(request)
+    if _SPACE in request.app:
+        request.app[_SPACE].check()  # below the reserve: refused before a byte is written (see space.py)
     loop = asyncio.get_running_loop()
     frames = plain = wire = 0
     repo = request.app[_REPO]
@@ -238,8 +244,34 @@ async def _store_errors(request: web.Request, handler: _Handler) -> web.StreamRe
     """The store could not write (disk full, store unreachable): a clear 503, not a bare 500."""
     try:
         return await handler(request)
-    except (StoreError, OSError) as e:
+    except (StoreError, OSError, DiskFull) as e:
+        if is_disk_full(e):
+            return await _disk_full(request, e)
         return _error(503, "Receiver.StoreUnavailable", f"the receiver cannot write to its image store: {e}")
+
+
+async def _disk_full(request: web.Request, exc: BaseException) -> web.Response:
+    """507 ``Receiver.DiskFull``, saying how much this disk still needs; the job turns InError."""
+    vid = request.match_info.get("vid", "")
+    vol = request.app[_VOLUMES].get(vid)
+    loop = asyncio.get_running_loop()
+    needed = None if vol is None else await loop.run_in_executor(None, _still_needed, vol)
+    space = request.app[_SPACE] if _SPACE in request.app else SpaceGuard([request.app[_ROOT]], 0)
+    message = space.message(needed)
+    STATS.refused("Receiver.DiskFull")
+    if _ON_FULL in request.app:
+        try:
+            await loop.run_in_executor(None, request.app[_ON_FULL], vid, message)
+        except Exception as e:  # the agent still hears the refusal, and reports it itself
+            log.warning("volume %s: the disk is full, and marking its job failed did not work: %s", vid, e)
+    log.warning("volume %s: refused, the disk is full (%s)", vid, exc)
+    return _error(507, "Receiver.DiskFull", message)
+
+
+def _still_needed(vol: StagingIndex) -> int:
+    """Bytes of the volume the receiver holds no durable chunk for (an upper bound of what it still needs)."""
+    held = int(np.count_nonzero(vol.disk().digests.any(axis=1)))  # not pending ones: their pack may be lost
+    return max(vol.size - held * vol.chunk_size, 0)
 
 
 async def post_flush(request: web.Request) -> web.Response:
@@ -285,18 +317,33 @@ async def _close_volumes(app: web.Application) -> None:
     app[_SWEEPER].cancel()
     loop = asyncio.get_running_loop()
     for vid in [*app[_VOLUMES].keys()]:
-        await loop.run_in_executor(None, _close, app, vid)
+        try:
+            await loop.run_in_executor(None, _close, app, vid)
+        except Exception as e:  # a pack lost to a full disk: what is durable stays; the next run resends
+            log.warning("closing staging index %s failed: %s", vid, e)
 
 
-def make_app(volumes_root: str | Path, repo: Repository, authorize: Authorize) -> web.Application:
+def make_app(
+    volumes_root: str | Path,
+    repo: Repository,
+    authorize: Authorize,
+    *,
+    space: SpaceGuard | None = None,
+    on_full: OnFull | None = None,
+) -> web.Application:
     """The receiver app for the staging indexes under ``volumes_root`` (``<volume id>.fidx``).
 
     Staging indexes are created by the control plane (``StagingIndex.create``);
     this app only opens existing ones, and writes the chunks into ``repo``.
     ``authorize(token, volume_id)`` must be cheap and thread-safe: it runs on
-    every request.
+    every request. ``space`` keeps a reserve of free disk (``receiver/space.py``); ``on_full``
+    hears of every write refused for a full disk.
     """
     app = web.Application(middlewares=[_protocol_and_auth, _store_errors])
+    if space is not None:
+        app[_SPACE] = space
+    if on_full is not None:
+        app[_ON_FULL] = on_full
     app[_ROOT] = Path(volumes_root)
     app[_REPO] = repo
     app[_USED] = {}

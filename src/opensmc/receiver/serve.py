@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from opensmc.chunkstore.repository import Repository
 from opensmc.receiver.http import Authorize, make_app
+from opensmc.receiver.space import OnFull, SpaceGuard
 
 #: Idle keep-alive (and header) deadline of the receiver's connections, in seconds:
 #: longer than agents' pools keep an idle connection, short enough to shed stuck clients.
@@ -54,7 +55,11 @@ class ReceiverThread:
         *,
         ssl_context: ssl.SSLContext | None = None,
         keepalive_timeout: float = RECEIVER_KEEP_ALIVE,
+        space: SpaceGuard | None = None,
+        on_full: OnFull | None = None,
     ) -> None:
+        self.space = space
+        self.on_full = on_full
         self.ssl_context = ssl_context
         self.keepalive_timeout = keepalive_timeout
         self.volumes_root = volumes_root
@@ -91,7 +96,7 @@ class ReceiverThread:
     async def _start(self) -> None:
         self.volumes_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # client_max_size bounds one request body: agents send batches of frames of ~8 MiB.
-        app = make_app(self.volumes_root, self.repo, self.authorize)
+        app = make_app(self.volumes_root, self.repo, self.authorize, space=self.space, on_full=self.on_full)
         # keepalive_timeout also bounds a connection that never finishes its headers
         # (aiohttp closes it if no request arrived by then); aiohttp's default is an hour.
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.keepalive_timeout)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from opensmc.clock import iso, new_id
-from opensmc.domain.errors import AuthError
+from opensmc.domain.errors import AuthError, ServerDiskFull
 from opensmc.service.context import Caller, Services
 from opensmc.service.keycache import CachedKey, cache_for
 from opensmc.store import accounts as q
@@ -205,13 +208,58 @@ def check_nonce(svc: Services, caller: Caller, nonce: str, *, key_version: int |
     nonce when AccessKeys changed since: verify the request again from the database.
     """
     now = svc.clock()
-    with svc.db.begin() as conn:
-        if key_version is not None and q.get_keys_version(conn) != key_version:
-            cache_for(svc.db).drop(caller.access_key_id)
-            return False
-        if not q.remember_nonce(conn, caller.access_key_id, nonce, now):
-            raise AuthError("SignatureNonceUsed", "Specified signature nonce was used already.")
+    if _nonce_seen_in_memory(caller.access_key_id, nonce, now, svc, remember=False):
+        raise _NONCE_USED
+    try:
+        with svc.db.begin() as conn:
+            if key_version is not None and q.get_keys_version(conn) != key_version:
+                cache_for(svc.db).drop(caller.access_key_id)
+                return False
+            if not q.remember_nonce(conn, caller.access_key_id, nonce, now):
+                raise _NONCE_USED
+    except ServerDiskFull:
+        # The database's disk is full, so it cannot record the nonce: remember it in this
+        # process for the signature window instead, so that reads keep working (a write
+        # fails on its own, with the same clear error).
+        with svc.db.connect() as conn:
+            if key_version is not None and q.get_keys_version(conn) != key_version:
+                cache_for(svc.db).drop(caller.access_key_id)
+                return False
+            if q.nonce_used(conn, caller.access_key_id, nonce):
+                raise _NONCE_USED from None
+        if _nonce_seen_in_memory(caller.access_key_id, nonce, now, svc, remember=True):
+            raise _NONCE_USED from None
     return True
+
+
+_NONCE_USED = AuthError("SignatureNonceUsed", "Specified signature nonce was used already.")
+log = logging.getLogger("opensmc.api")
+#: nonces this process could not record in a full database: (key id, nonce) -> when
+_memory_nonces: dict[tuple[str, str], datetime] = {}
+_memory_lock = threading.Lock()
+_MEMORY_MAX = 200_000
+
+
+def _nonce_seen_in_memory(key_id: str, nonce: str, now: datetime, svc: Services, *, remember: bool) -> bool:
+    """Was this nonce admitted while the database was full? With ``remember``, record it if not."""
+    if not _memory_nonces and not remember:
+        return False  # the usual case, without the lock: the database records nonces
+    with _memory_lock:
+        horizon = now - svc.settings.signature_window * 2
+        for k in [k for k, t in _memory_nonces.items() if t < horizon][:1000]:
+            del _memory_nonces[k]
+        if (key_id, nonce) in _memory_nonces:
+            return True
+        if remember:
+            if len(_memory_nonces) >= _MEMORY_MAX:
+                raise ServerDiskFull(
+                    "The server's disk is full and it has admitted as many requests as it can remember "
+                    "without it: free space on the server's disk and try again."
+                )
+            if not _memory_nonces:
+                log.warning("the database cannot record signature nonces (disk full): keeping them in memory")
+            _memory_nonces[(key_id, nonce)] = now
+        return False
 
 
 def purge_nonces(svc: Services) -> int:

@@ -23,6 +23,7 @@ from opensmc.domain.errors import SmcError
 from opensmc.domain.runs import is_syncing_run
 from opensmc.service import jobs as job_service
 from opensmc.service.context import Services
+from opensmc.service.space import DISK_FULL_CODE
 from opensmc.service.staging import CHUNK_SIZE, fail, job_of_volume, selected_disks, staging_id, volume_id
 from opensmc.store import dataplane as q
 from opensmc.store import jobs as job_store
@@ -197,6 +198,38 @@ def progress(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, A
     return {"continue": go_on, "bandwidth_limit": float(params.get("bandwidth_limit") or 0)}
 
 
+#: StatusInfo codes of a run whose source was written while it was read (agent/writewatch.py)
+SOURCE_RESYNCED = "Source.WrittenDuringSync.Resynced"
+SOURCE_INCONSISTENT = "Source.WrittenDuringSync"
+
+
+def source_writes_info(stats: Any) -> str | None:
+    """The StatusInfo of a run whose source disk was written during the sync (None: it was not)."""
+    seen = stats.get("source_writes") if isinstance(stats, dict) else None
+    if not isinstance(seen, dict) or not seen.get("disks_written"):
+        return None
+    disks = ", ".join(str(d) for d in seen.get("disks_written") or [])[:300]
+    changing = ", ".join(str(d) for d in seen.get("still_changing") or [])[:300]
+    if changing:
+        return json.dumps(
+            {
+                "warning_code": SOURCE_INCONSISTENT,
+                "warning_msg": f"The source disk(s) {changing} kept being written while they were read, also "
+                "during the extra passes: the image may be inconsistent (it matches no single moment of the "
+                "disk). For a consistent image stop the services that write, or migrate from a snapshot "
+                "(docs/operations.md), and run the job again.",
+            }
+        )
+    return json.dumps(
+        {
+            "warning_code": SOURCE_RESYNCED,
+            "warning_msg": f"The source disk(s) {disks} were written while they were read; the agent read them "
+            f"again and sent what changed ({seen.get('passes_with_writes')} extra pass(es)), so the image "
+            "is the disk as it was at the end of the run.",
+        }
+    )
+
+
 def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """The agent finished (or failed) a task."""
     job_id, run_id = _task_ids(body)
@@ -205,11 +238,22 @@ def task_result(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str
     if not is_syncing_run(status, business, current, run_id):
         return {"accepted": False, "reason": f"the job is {status}({business}), not syncing run {run_id}"}
     if body.get("ok") is True:
+        stats = body.get("stats", {})
         with svc.db.begin() as conn:
-            q.record_synced_run(conn, run_id, int(body.get("bytes_total") or 0), body.get("stats", {}))
+            q.record_synced_run(conn, run_id, int(body.get("bytes_total") or 0), stats)
+            written = source_writes_info(stats)
+            if written is not None:
+                job_store.update_job(conn, job_id, {"status_info": written})
         job_service.mark_synced(svc, job_id)
         return {"accepted": True}
     code = str(body.get("error_code") or "Agent.SyncFailed")[:64]
     message = str(body.get("message") or "The agent could not send the disk data.")[:1000]
     fail(svc, job_id, code, message)
     return {"accepted": True}
+
+
+def receiver_disk_full(svc: Services, vid: str, message: str) -> None:
+    """The receiver refused a write to volume `vid` for a full disk: its job turns InError, saying so."""
+    job_id = job_of_volume(vid)
+    if job_id is not None:
+        fail(svc, job_id, DISK_FULL_CODE, message)

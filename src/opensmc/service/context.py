@@ -40,6 +40,10 @@ class Settings:
     #: where staging indexes live (``--staging-dir``); None: ``<data dir>/staging``. Several
     #: receivers, and the orchestrators that seal their images, must share it.
     staging: Path | None = None
+    #: bytes the receiver keeps free on the server's disk for the database (`--disk-reserve`)
+    disk_reserve: int = 64 * 1024 * 1024
+    #: a run whose worst case does not fit the free space is refused (`--no-space-check` turns it off)
+    space_check: bool = True
 
     @property
     def store_dir(self) -> Path:

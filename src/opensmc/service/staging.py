@@ -26,8 +26,9 @@ from opensmc.domain.errors import SmcError
 from opensmc.domain.runs import MAY_RUN_AGAIN
 from opensmc.domain.selection import copy_ranges, excluded_devices
 from opensmc.faults import crash_point
+from opensmc.receiver.space import is_disk_full
 from opensmc.service import jobs as job_service
-from opensmc.service import leases, receivers
+from opensmc.service import leases, receivers, space
 from opensmc.service.context import Services
 from opensmc.service.jobs_params import source_disks
 from opensmc.store import dataplane as q
@@ -98,6 +99,12 @@ def selected_disks(job: Any, source_disks_json: str) -> list[dict[str, Any]]:
     return out
 
 
+def copy_bytes(disk: dict[str, Any]) -> int:
+    """Bytes a run copies of a disk of :func:`selected_disks`: its selected ranges, or all of it."""
+    ranges = disk.get("ranges")
+    return sum(int(n) for _o, n in ranges) if ranges else int(disk["size_bytes"])
+
+
 def fail(svc: Services, job_id: str, code: str, message: str) -> None:
     """Turn a running job InError (nothing to do if it has moved on: stopped, deleted)."""
     log.warning("job %s failed: %s: %s", job_id, code, message)
@@ -115,7 +122,13 @@ def prepare(svc: Services) -> int:
             with svc.db.connect() as conn:
                 job, disks_json = q.job_with_disks(conn, job_id)
             ti = job.transition_instance_id or staging_id(job_id)
-            for disk in selected_disks(job, disks_json):
+            disks = selected_disks(job, disks_json)
+            volumes = [(index_path(svc, volume_id(ti, d["index"])), copy_bytes(d)) for d in disks]
+            no_room = space.shortfall(svc, volumes)
+            if no_room is not None:
+                fail(svc, job_id, space.NO_ROOM_CODE, no_room)
+                continue
+            for disk in disks:
                 allocate_volume(svc, volume_id(ti, disk["index"]), disk["size_bytes"])
             try:
                 receivers.place(svc, job_id)
@@ -128,7 +141,10 @@ def prepare(svc: Services) -> int:
         except SmcError as err:
             fail(svc, job_id, err.code, err.message)
         except OSError as err:
-            fail(svc, job_id, "Staging.AllocationFailed", f"Cannot allocate the staging volumes: {err}")
+            if is_disk_full(err):
+                fail(svc, job_id, space.DISK_FULL_CODE, space.guard(svc).message(None))
+            else:
+                fail(svc, job_id, "Staging.AllocationFailed", f"Cannot allocate the staging volumes: {err}")
     return done
 
 

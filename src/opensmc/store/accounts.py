@@ -111,6 +111,12 @@ def remember_nonce(conn: Connection, key_id: str, nonce: str, now: datetime) -> 
     return found is not None
 
 
+def nonce_used(conn: Connection, key_id: str, nonce: str) -> bool:
+    """Whether a nonce is recorded (read-only: for a database that cannot take the insert)."""
+    stmt = select(nonces.c.nonce).where(nonces.c.access_key_id == key_id, nonces.c.nonce == nonce)
+    return conn.execute(stmt).first() is not None
+
+
 def get_keys_version(conn: Connection) -> int:
     """The AccessKey change counter (0 on a database migrated before anything changed)."""
     found = conn.exec_driver_sql(_KEYS_VERSION).first()

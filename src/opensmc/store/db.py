@@ -6,6 +6,15 @@ crash at any point loses no committed data and leaves no half-made change.
 SQLite runs in WAL mode with a busy timeout so that the API threads, the
 orchestrator and the receiver can share one file.
 
+A full disk must not take reads down with it: WAL mode is set once, by the
+first connection of the process (it is a property of the file), and one
+extra connection stays open for the life of the :class:`Database`, so the
+WAL's shared-memory index (``opensmc.db-shm``) is never dropped and rebuilt
+(rebuilding it needs 32 KiB of disk, which fails on a full disk as "disk I/O
+error" on every new connection). A write that cannot get disk space (SQLite's
+``SQLITE_FULL``, PostgreSQL's ``disk_full``) is :class:`ServerDiskFull`, a 503
+that says so, not an internal error.
+
 On SQLite, connections are pooled (a new connection and its PRAGMAs cost more
 than a whole short request) and a pooled connection is used by one thread at
 a time, handed over between threads by the pool; WAL coordinates processes.
@@ -18,6 +27,7 @@ writers, seeing the last committed state (WAL snapshot isolation).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import QueuePool
+
+from opensmc.domain.errors import ServerDiskFull
 
 #: Connection.info key: this connection's transaction only reads (a deferred BEGIN on SQLite)
 _READ_ONLY = "opensmc.read_only"
@@ -67,8 +80,11 @@ class Database:
             kwargs["pool_size"] = 10
         self.engine: Engine = create_engine(self.url, **kwargs)
         self._writer = threading.RLock()  # re-entrant: a nested begin() of one thread must not hang here
+        #: held open while the Database lives (SQLite): keeps the WAL index mapped (see the module doc)
+        self._keeper: sqlite3.Connection | None = None
+        self._keeper_lock = threading.Lock()
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", self._sqlite_connected)
             # pysqlite's own transaction handling defers BEGIN; take it over so
             # that a write transaction holds its lock from the start (no
             # upgrade deadlocks between concurrent starters).
@@ -85,10 +101,10 @@ class Database:
             # time anyway, and a writer that finds the file locked sleeps in SQLite's busy
             # handler (up to 100 ms a try) instead of being woken when the lock is free.
             # Other processes still meet at the file lock (busy_timeout).
-            with self._writer, self.engine.begin() as conn:
+            with _disk_full_is_clear(), self._writer, self.engine.begin() as conn:
                 yield conn
             return
-        with self.engine.begin() as conn:
+        with _disk_full_is_clear(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -98,7 +114,7 @@ class Database:
         On SQLite it is a deferred transaction that takes no write lock, so reads
         never wait for each other or for a writer. Never write in it.
         """
-        with self.engine.connect() as conn:
+        with _disk_full_is_clear(), self.engine.connect() as conn:
             conn.info[_READ_ONLY] = True
             try:
                 yield conn
@@ -111,6 +127,51 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        with self._keeper_lock:
+            if self._keeper is not None:
+                self._keeper.close()
+                self._keeper = None
+
+    def _sqlite_connected(self, dbapi_conn: Any, _record: Any) -> None:
+        _sqlite_pragmas(dbapi_conn)
+        with self._keeper_lock:
+            if self._keeper is not None:
+                return
+            cur = dbapi_conn.cursor()
+            # Once per process, not per connection: WAL is a property of the file, and
+            # re-issuing it (or any first touch of a closed WAL) needs disk space.
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+            database = self.engine.url.database
+            if not database or database == ":memory:":
+                return
+            keeper = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+            keeper.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # maps the WAL index
+            self._keeper = keeper
+
+
+@contextmanager
+def _disk_full_is_clear() -> Iterator[None]:
+    """A write the database's disk has no room for becomes :class:`ServerDiskFull`."""
+    try:
+        yield
+    except OperationalError as err:
+        if not _is_disk_full(err.orig):
+            raise
+        raise ServerDiskFull(
+            "The server's disk is full: its database could not get the space this call needs. Free "
+            "space on the server's disk (or delete images you no longer need) and try again; calls "
+            "that need no disk space still work."
+        ) from err
+
+
+def _is_disk_full(orig: BaseException | None) -> bool:
+    if isinstance(orig, sqlite3.OperationalError):
+        # SQLITE_FULL (13); SQLITE_IOERR_SHMSIZE (4874) is a WAL index that cannot grow
+        return getattr(orig, "sqlite_errorcode", None) in (13, 4874) or "disk is full" in str(orig)
+    # psycopg: SQLSTATE 53100 disk_full
+    return getattr(orig, "sqlstate", None) == "53100"
 
 
 #: key in ``Connection.info`` of the log lines that wait for this transaction's commit
@@ -131,10 +192,9 @@ def _drop_after_rollback(conn: Connection) -> None:
     conn.info.pop(PENDING_LOGS, None)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin_immediate)
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
