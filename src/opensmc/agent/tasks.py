@@ -374,7 +374,7 @@ def run_task(
         "chunks_zeroed": 0,
     }
     started = time.monotonic()
-    written: dict[str, int] = {}  # disk path -> passes during which it was written (agent/writewatch.py)
+    written: "dict[str, int]" = {}  # disk path -> passes during which it was written (agent/writewatch.py)
 
     def tell(done: int, force: bool = False) -> None:
         # Reported progress never goes back within an attempt (one more guard: the server keeps it monotonic too).
