@@ -47,7 +47,7 @@ from opensmc.images import guest_config, nbd
 from opensmc.images.guestfish import Guestfish, GuestfishError, open_session
 from opensmc.images.store import ImageError, ImageStore
 
-__all__ = ["AdaptError", "Adaptation", "adapt", "harvest"]
+__all__ = ["AdaptError", "Adaptation", "adapt", "harvest", "nothing_to_boot"]
 
 #: seconds the whole adaptation may take (launch, resize, initramfs under TCG); beyond it the disk is unadapted
 DEFAULT_TIMEOUT = 420.0
@@ -90,6 +90,33 @@ class Adaptation:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+
+
+#: the partition type GUID of an EFI system partition, as GPT stores it (mixed-endian)
+_ESP = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")
+
+
+def nothing_to_boot(store: ImageStore, disk: DiskIndex) -> str | None:
+    """Why ``disk`` cannot be a bootable system disk (no boot code in its MBR, no EFI system partition),
+    read from its first chunks without starting anything; None when it may boot.
+
+    A disk that cannot boot has nothing to adapt, so the appliance is not started for it.
+    """
+    head = bytearray()
+    for i in range(min(disk.chunks, -(-(2 * 1024 + 128 * 128) // disk.chunk_size))):
+        h = disk.hash_at(i)
+        head += bytes(disk.chunk_length(i)) if h is None else store.read_chunk(h)
+    if any(head[:440]):
+        return None  # BIOS boot code
+    if head[512:520] == b"EFI PART":
+        first = int.from_bytes(head[512 + 72 : 512 + 80], "little") * _SECTOR
+        count = int.from_bytes(head[512 + 80 : 512 + 84], "little")
+        size = int.from_bytes(head[512 + 84 : 512 + 88], "little")
+        for k in range(min(count, 128)):
+            at = first + k * size
+            if head[at : at + 16] == _ESP:
+                return None
+    return "the system disk has no bootloader (no boot code in its MBR, no EFI system partition): nothing to adapt"
 
 
 def _qemu_img() -> str:

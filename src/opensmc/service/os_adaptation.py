@@ -64,6 +64,11 @@ def record(svc: Services, image_id: str, disk: int, result: Adaptation) -> dict[
     return {**doc, "log": str(path), "changes": len(result.changes)}
 
 
+def record_skipped(svc: Services, image_id: str, disk: int, reason: str) -> dict[str, Any]:
+    """A system disk with nothing to adapt (it has no bootloader): recorded, not a warning on the job."""
+    return {**record(svc, image_id, disk, Adaptation(warnings=[reason])), "skipped": True}
+
+
 def publish(conn: Connection, job_id: str, run_id: int | None, summary: dict[str, Any]) -> None:
     """In the transaction that makes the image Available: the run's record, and the warning if not adapted."""
     if run_id is not None:
@@ -74,7 +79,7 @@ def publish(conn: Connection, job_id: str, run_id: int | None, summary: dict[str
             detail = {}
         detail["os_adaptation"] = summary
         conn.execute(update(job_runs).where(job_runs.c.id == run_id).values(detail=json.dumps(detail)))
-    if not summary.get("adapted"):
+    if not summary.get("adapted") and not summary.get("skipped"):
         message = (
             f"The image {summary['image_id']} is not adapted for KVM: {'; '.join(summary.get('warnings') or [])}. "
             f"It holds the source's bytes and boots where the source's hardware did; see {summary.get('log')}."

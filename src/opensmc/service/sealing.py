@@ -24,7 +24,7 @@ from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.faults import crash_point
-from opensmc.images.adaptation import harvest
+from opensmc.images.adaptation import harvest, nothing_to_boot
 from opensmc.images.adaptation_log import source_id
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
 from opensmc.service import boot_tests, disk_sizes, leases, os_adaptation, retention
@@ -132,6 +132,10 @@ def _process_one(svc: Services, job_id: str) -> None:
             verified: bool | None = None
             if checksum:
                 staged, verified = _prove(svc, store, image_id, vids, staged)
+            skipped = nothing_to_boot(store, staged[system]) if adapting else None
+            if skipped is not None:
+                adapting = False
+                adapted = os_adaptation.record_skipped(svc, image_id, system, skipped)
             if not adapting:
                 manifest = store.create_image(image_id, staged)
             else:
