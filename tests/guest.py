@@ -196,7 +196,8 @@ def _build(root: Path, disk: Path, size: int, offset: int, recipe: dict[str, obj
     if recipe.get("initramfs_modules"):
         conf = rootfs / "etc/initramfs-tools/initramfs.conf"
         conf.write_text(re.sub(r"(?m)^MODULES=.*$", "MODULES=list", conf.read_text()))
-        (rootfs / "etc/initramfs-tools/modules").write_text("\n".join(recipe["initramfs_modules"]) + "\n")  # type: ignore[call-overload]
+        wanted: list[str] = recipe["initramfs_modules"]  # type: ignore[assignment]
+        (rootfs / "etc/initramfs-tools/modules").write_text("\n".join(wanted) + "\n")
         _run("chroot", str(rootfs), "update-initramfs", "-u", "-k", "all")
     for name, text in (recipe.get("files") or {}).items():  # type: ignore[attr-defined]
         (rootfs / name).parent.mkdir(parents=True, exist_ok=True)

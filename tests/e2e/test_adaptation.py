@@ -54,7 +54,7 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         # Adaptation off: the image is the source's bytes; SATA boots it, virtio does not (no driver in the initramfs).
         plain, detail = _migrate(server, source_id, "plain", "--ReplicationParameters", '{"os_adaptation": false}')
         assert "os_adaptation" not in detail
-        plain_chunks = json.loads(_image("show", plain, "--json", *data).stdout)["Disks"][0]["Chunks"]
+        plain_chunks = store(server).get(plain).disks[0].chunk_hexes()
         sata = _image("boot-test", plain, *data, "--bus", "sata", "--timeout", "480")
         assert sata.returncode == 0, sata.stdout + sata.stderr
         virtio = _image("boot-test", plain, *data, "--bus", "virtio", "--timeout", "480")
@@ -84,7 +84,7 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         assert adaptation["Adapted"] is True and adaptation["Log"] == str(log)
         assert "OS adaptation: adapted (disk 0)" in _image("show", adapted, *data).stdout
         # The image without adaptation is untouched (images are immutable).
-        assert json.loads(_image("show", plain, "--json", *data).stdout)["Disks"][0]["Chunks"] == plain_chunks
+        assert store(server).get(plain).disks[0].chunk_hexes() == plain_chunks
 
         # The last partition and its ext4 fill the 20 GiB disk.
         disk = store(server).get(adapted).disks[0].index
@@ -100,6 +100,37 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         booted = _image("boot-test", adapted, *data, "--bus", "virtio", "--timeout", "480")
         assert booted.returncode == 0, booted.stdout + booted.stderr
         assert f"PASSED: {adapted} disk 0: the system reached a login prompt" in booted.stdout
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop(server.proc)
+
+
+def test_an_adaptation_that_cannot_run_leaves_the_image_unadapted_with_a_warning(tmp_path: Path) -> None:
+    """No libguestfs on the server: the job still finishes, its image is the source's bytes, StatusInfo says why."""
+    tools = {name: shutil.which(name) for name in ("qemu-img", "nbdkit")}
+    if None in tools.values():
+        pytest.skip("qemu-img and nbdkit are needed")
+    guest = legacy_guest()
+    bin_dir = tmp_path / "bin"  # a PATH with qemu-img and nbdkit but no guestfish
+    bin_dir.mkdir()
+    for name, path in tools.items():
+        (bin_dir / name).symlink_to(str(path))
+    server = start_migration_server(tmp_path, extra_env={"PATH": str(bin_dir)})
+    agent = None
+    try:
+        agent, source_id = register(server, [guest.disk], tmp_path / "agent")
+        image_id, detail = _migrate(server, source_id, "nolibguestfs")
+        info = json.loads(str(detail["StatusInfo"]))
+        assert info["error_code"] == "OsAdaptation.NotAdapted", info
+        assert f"The image {image_id} is not adapted for KVM" in info["error_msg"]
+        assert "install the Debian package libguestfs-tools" in info["error_msg"], info
+        record = detail["os_adaptation"]
+        assert isinstance(record, dict) and record["adapted"] is False and record["image_id"] == image_id
+        shown = _image("show", image_id, "--data-dir", str(server.data_dir))
+        assert "OS adaptation: NOT adapted (disk 0)" in shown.stdout, shown.stdout
+        assert store(server).list_images() == [image_id]  # the temporary snapshot is gone
+        assert store(server).get(image_id).disks[0].size == guest.size
     finally:
         if agent is not None:
             agent.stop()

@@ -50,7 +50,8 @@ def test_kernel_arguments_get_root_by_uuid_and_the_serial_console() -> None:
     assert args == f"root=UUID=aaaa-1111 ro quiet {SERIAL}"
     assert changes == ["root=/dev/sda1 -> root=UUID=aaaa-1111", f"added {SERIAL}"]
     assert kernel_args(args, UUIDS) == (args, [])
-    assert kernel_args("root=/dev/mapper/vg-root console=ttyS0", UUIDS) == ("root=/dev/mapper/vg-root console=ttyS0", [])
+    lvm = "root=/dev/mapper/vg-root console=ttyS0"
+    assert kernel_args(lvm, UUIDS) == (lvm, [])
 
 
 def test_grub_cfg_and_bls_entries_are_fixed_on_their_kernel_lines_only() -> None:

@@ -97,8 +97,8 @@ _ESP = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")
 
 
 def nothing_to_boot(store: ImageStore, disk: DiskIndex) -> str | None:
-    """Why ``disk`` cannot be a bootable system disk (no boot code in its MBR, no EFI system partition),
-    read from its first chunks without starting anything; None when it may boot.
+    """Why ``disk`` cannot be a bootable system disk (no boot code in a signed MBR, no EFI system
+    partition), read from its first chunks without starting anything; None when it may boot.
 
     A disk that cannot boot has nothing to adapt, so the appliance is not started for it.
     """
@@ -106,8 +106,8 @@ def nothing_to_boot(store: ImageStore, disk: DiskIndex) -> str | None:
     for i in range(min(disk.chunks, -(-(2 * 1024 + 128 * 128) // disk.chunk_size))):
         h = disk.hash_at(i)
         head += bytes(disk.chunk_length(i)) if h is None else store.read_chunk(h)
-    if any(head[:440]):
-        return None  # BIOS boot code
+    if head[510:512] == b"\x55\xaa" and any(head[:440]):
+        return None  # an MBR (or GPT's protective one) with BIOS boot code
     if head[512:520] == b"EFI PART":
         first = int.from_bytes(head[512 + 72 : 512 + 80], "little") * _SECTOR
         count = int.from_bytes(head[512 + 80 : 512 + 84], "little")

@@ -7,6 +7,11 @@ that moves the job to Cleaning, so each run yields exactly one image
 however often the step is retried. :func:`clean` then rotates old images,
 releases staging when the job finishes and closes the run; it is idempotent,
 so a job found in Cleaning after a crash simply finishes.
+
+With OS adaptation (:mod:`opensmc.service.os_adaptation`, on by default)
+the disks are first sealed into a temporary snapshot that libguestfs reads
+over NBD; the image is then sealed from the adapted system disk, and the
+temporary snapshot removed (by :func:`discard_half_made` too, after a crash).
 """
 
 from __future__ import annotations
