@@ -40,6 +40,7 @@ def _migrate(server: object, source_id: str, name: str, *params: str) -> tuple[s
     return str(job["ImageId"]), {**json.loads(run["detail"] or "{}"), "StatusInfo": job.get("StatusInfo")}
 
 
+@pytest.mark.timeout(1800)  # four TCG boots and a libguestfs appliance: minutes on two busy cores
 def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -> None:
     for tool in ("qemu-system-x86_64", "nbdkit", "guestfish"):
         if shutil.which(tool) is None:

@@ -30,6 +30,7 @@ dropped) and says why.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ import xxhash
 
 from opensmc.chunkstore.snapshots import DiskIndex
 from opensmc.images import guest_config, nbd
-from opensmc.images.guestfish import Guestfish, GuestfishError, open_session
+from opensmc.images.guestfish import Guestfish, GuestfishError, open_session, stop_tree
 from opensmc.images.store import ImageError, ImageStore
 
 __all__ = ["AdaptError", "Adaptation", "adapt", "harvest", "nothing_to_boot"]
@@ -137,7 +138,9 @@ def adapt(
     started = time.monotonic()
     result = Adaptation()
     work_root.mkdir(parents=True, exist_ok=True)
+    sweep_stale(work_root)
     result.work = work = Path(tempfile.mkdtemp(prefix=f".adapt-{image_id}-", dir=work_root))
+    (work / "owner").write_text(str(os.getpid()))
     server: subprocess.Popen[bytes] | None = None
     sock_dir = Path(tempfile.mkdtemp(prefix="osmc-adapt-"))  # a Unix socket path must be short
     fish: Guestfish | None = None
@@ -158,7 +161,7 @@ def adapt(
         overlay = work / "overlay.qcow2"
         _check(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-F", "raw", "-b", backing,
                str(overlay), str(size))  # fmt: skip
-        fish = open_session(overlay, "qcow2", work, kvm_note, result.notes)
+        fish = open_session(overlay, "qcow2", work, kvm_note, result.notes, pid_file=work / "listener")
         result.accel = "tcg" if fish.tcg else "kvm"
         deadline = started + timeout
         _adapt_guest(fish, result, size, deadline)
@@ -187,6 +190,42 @@ def adapt(
     if not result.adapted:
         result.cleanup()
     return result
+
+
+def sweep_stale(work_root: Path) -> None:
+    """Stop the appliance and remove the work folder of adaptations whose server process died (a crash):
+    guestfish's listener runs detached, so nothing else would ever stop it."""
+    for folder in work_root.glob(".adapt-*"):
+        try:
+            owner = int((folder / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue  # another server process of this data dir is adapting
+        try:
+            listener = int((folder / "listener").read_text())
+        except (OSError, ValueError):
+            listener = 0
+        if listener and _alive(listener) and str(folder) in _cmdline(listener):
+            stop_tree(listener)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _check(*cmd: str) -> str:

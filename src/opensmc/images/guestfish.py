@@ -27,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["Guestfish", "GuestfishError", "open_session"]
+__all__ = ["Guestfish", "GuestfishError", "open_session", "stop_tree"]
 
 #: seconds the appliance gets to launch under KVM before it is started again under TCG
 KVM_LAUNCH = 45.0
@@ -116,8 +116,13 @@ class Guestfish:
 
     def kill(self) -> None:
         """Stop the listener and its appliance (QEMU, its child), whatever state they are in."""
-        for pid in [*_descendants(self.pid), self.pid]:
-            _stop(pid)
+        stop_tree(self.pid)
+
+
+def stop_tree(pid: int) -> None:
+    """Stop a process and everything below it, children first."""
+    for each in [*_descendants(pid), pid]:
+        _stop(each)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -165,7 +170,9 @@ def _kvm_openable() -> bool:
     return True
 
 
-def open_session(drive: Path, fmt: str, work: Path, kvm_note: Path, notes: list[str]) -> Guestfish:
+def open_session(
+    drive: Path, fmt: str, work: Path, kvm_note: Path, notes: list[str], pid_file: Path | None = None
+) -> Guestfish:
     """A launched appliance on ``drive``: KVM when it works here, else TCG (``kvm_note`` remembers a stall)."""
     tcg_env = os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
     if "force_tcg" in tcg_env:
@@ -180,6 +187,8 @@ def open_session(drive: Path, fmt: str, work: Path, kvm_note: Path, notes: list[
         order = [False, True]
     for tcg in order:
         fish = Guestfish(drive, fmt, work, tcg=tcg)
+        if pid_file is not None:  # the listener runs detached: whoever finds it after a crash stops it
+            pid_file.write_text(str(fish.pid))
         try:
             fish("run", timeout=TCG_LAUNCH if tcg else KVM_LAUNCH)
             return fish
