@@ -80,10 +80,11 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         ):  # fmt: skip
             assert expected in text, text
         assert "failed:" not in text, text
+        print(text)  # the adaptation log, with its time (-s shows it)
         shown = json.loads(_image("show", adapted, "--json", *data).stdout)
         (adaptation,) = shown["OsAdaptation"]
         assert adaptation["Adapted"] is True and adaptation["Log"] == str(log)
-        assert "OS adaptation: adapted (disk 0)" in _image("show", adapted, *data).stdout
+        assert "Adaptation:   adapted (disk 0)" in _image("show", adapted, *data).stdout
         # The image without adaptation is untouched (images are immutable).
         assert store(server).get(plain).disks[0].chunk_hexes() == plain_chunks
 
@@ -129,7 +130,7 @@ def test_an_adaptation_that_cannot_run_leaves_the_image_unadapted_with_a_warning
         record = detail["os_adaptation"]
         assert isinstance(record, dict) and record["adapted"] is False and record["image_id"] == image_id
         shown = _image("show", image_id, "--data-dir", str(server.data_dir))
-        assert "OS adaptation: NOT adapted (disk 0)" in shown.stdout, shown.stdout
+        assert "Adaptation:   NOT adapted (disk 0)" in shown.stdout, shown.stdout
         assert store(server).list_images() == [image_id]  # the temporary snapshot is gone
         assert store(server).get(image_id).disks[0].size == guest.size
     finally:

@@ -155,7 +155,7 @@ def print_image(doc: dict[str, Any]) -> None:
         console.print(f"{'':<14}disk {t['Disk']}: {t.get('Verdict')} at {t.get('Stage')}: {t.get('Reason')} "
                       f"({t.get('Time')}, log {t.get('Log')})", highlight=False)  # fmt: skip
     adaptations = doc.get("OsAdaptation") or []
-    console.print(f"{'OS adaptation:':<14}{_adapted(doc)}", highlight=False)
+    console.print(f"{'Adaptation:':<14}{_adapted(doc)}", highlight=False)
     for a in adaptations:
         console.print(f"{'':<14}disk {a['Disk']}: {a.get('Guest') or 'unknown guest'}, {a.get('Seconds')} s, "
                       f"log {a.get('Log')}", highlight=False)  # fmt: skip
