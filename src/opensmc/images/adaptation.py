@@ -30,6 +30,7 @@ dropped) and says why.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,6 +50,8 @@ from opensmc.images.guestfish import Guestfish, GuestfishError, open_session, st
 from opensmc.images.store import ImageError, ImageStore
 
 __all__ = ["AdaptError", "Adaptation", "adapt", "harvest", "nothing_to_boot"]
+
+log = logging.getLogger("opensmc.dataplane")
 
 #: seconds the whole adaptation may take (launch, resize, initramfs under TCG); beyond it the disk is unadapted
 DEFAULT_TIMEOUT = 420.0
@@ -175,6 +178,9 @@ def adapt(
             result.adapted = True
     except (AdaptError, GuestfishError, nbd.NbdError, ImageError, OSError, subprocess.SubprocessError) as exc:
         result.warnings.append(f"OS adaptation failed: {exc}")
+    except Exception as exc:  # anything unforeseen from a guest's tools: never a failed migration
+        log.exception("OS adaptation of %s disk %d failed", image_id, disk)
+        result.warnings.append(f"OS adaptation failed ({type(exc).__name__}): {exc}")
     finally:
         if fish is not None:
             fish.kill()

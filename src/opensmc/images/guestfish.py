@@ -103,14 +103,18 @@ class Guestfish:
         return [line for line in self(*args, timeout=timeout).splitlines() if line.strip()]
 
     def close(self) -> None:
-        """Unmount, flush and stop the appliance (every write is in the drive afterwards)."""
+        """Unmount, flush and stop the appliance: every write is in the drive once this returns.
+
+        Raises :class:`GuestfishError` when that cannot be made sure (the drive must not be used then).
+        """
         try:
-            self("umount-all", timeout=120)
-            self("sync", timeout=120)
-            self("shutdown", timeout=120)
-            self("exit", timeout=60)
-        except GuestfishError:
-            pass
+            self("umount-all", timeout=300)
+            self("sync", timeout=300)
+            self("shutdown", timeout=300)
+            try:
+                self("exit", timeout=60)
+            except GuestfishError:
+                pass  # the appliance is down and synced already
         finally:
             self.kill()
 

@@ -29,7 +29,7 @@ from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.faults import crash_point
-from opensmc.images.adaptation import harvest, nothing_to_boot
+from opensmc.images.adaptation import AdaptError, harvest, nothing_to_boot
 from opensmc.images.adaptation_log import source_id
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
 from opensmc.service import boot_tests, disk_sizes, leases, os_adaptation, retention
@@ -151,9 +151,12 @@ def _process_one(svc: Services, job_id: str) -> None:
             try:
                 with store.repo.session():
                     if result.adapted:
-                        staged[system] = harvest(store, staged[system], result)
-                        if checksum:
-                            staged[system] = _with_sha256(store, staged[system])
+                        try:
+                            adapted_disk = harvest(store, staged[system], result)
+                            staged[system] = _with_sha256(store, adapted_disk) if checksum else adapted_disk
+                        except (AdaptError, ImageError, OSError) as exc:  # the image is the source's bytes then
+                            result.adapted = False
+                            result.warnings.append(f"the adapted disk could not be stored: {exc}")
                     manifest = store.create_image(image_id, staged)
             finally:
                 result.cleanup()
