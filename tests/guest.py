@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -52,6 +53,24 @@ RECIPE: dict[str, object] = {
 }
 
 
+#: the same guest as a physical machine or another hypervisor leaves it (``legacy_guest``)
+LEGACY_RECIPE: dict[str, object] = {
+    **RECIPE,
+    "root_device": "/dev/sda1",
+    "cmdline": "root=/dev/sda1 ro console=ttyS0,115200 quiet",
+    # a host-only initramfs (MODULES=list): the drivers of a SATA/IDE machine and ext4, no virtio
+    "initramfs_modules": [
+        "ahci", "ata_piix", "ata_generic", "sd_mod", "crc64_rocksoft_generic", "crct10dif_generic", "ext4",
+        "crc32c_generic",
+    ],
+    "files": {
+        "etc/udev/rules.d/70-persistent-net.rules": (
+            'SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="00:0c:29:3a:5b:7c", '
+            'ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n'
+        ),
+    },
+}
+
 @dataclass(frozen=True)
 class Guest:
     disk: Path
@@ -63,8 +82,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPENSMC_GUEST_CACHE", "/var/tmp/opensmc-guest-cache"))
 
 
-def recipe_hash() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:16]
+def recipe_hash(recipe: dict[str, object] | None = None) -> str:
+    return hashlib.sha256(json.dumps(RECIPE if recipe is None else recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def legacy_guest() -> Guest:
+    """The guest as a physical machine or an old hypervisor has it: no virtio drivers in its initramfs,
+    ``/dev/sda1`` in fstab and on the kernel command line, a persistent-net rule for a NIC it no longer has.
+    It boots from a SATA or IDE disk and not from a virtio one (until OS adaptation)."""
+    return debian_guest(LEGACY_RECIPE)
 
 
 def _mirror() -> str:
@@ -99,12 +125,13 @@ def _tool(name: str) -> str:
 _PACKAGES = {"grub-mkimage": "grub-pc-bin", "mkfs.ext4": "e2fsprogs", "sfdisk": "fdisk"}
 
 
-def debian_guest() -> Guest:
+def debian_guest(recipe: dict[str, object] | None = None) -> Guest:
     """The cached guest disk (read it, never write it: copy it first), building it if needed."""
-    root = cache_root() / recipe_hash()
+    recipe = RECIPE if recipe is None else recipe
+    root = cache_root() / recipe_hash(recipe)
     disk = root / "disk.img"
-    size = int(RECIPE["disk_mib"]) * MiB  # type: ignore[call-overload]
-    offset = int(RECIPE["partition_start_mib"]) * MiB  # type: ignore[call-overload]
+    size = int(recipe["disk_mib"]) * MiB  # type: ignore[call-overload]
+    offset = int(recipe["partition_start_mib"]) * MiB  # type: ignore[call-overload]
     if (root / "done").exists():
         return Guest(disk, size, offset)
     for name in ("debootstrap", "mkfs.ext4", "sfdisk", "grub-mkimage"):
@@ -117,24 +144,46 @@ def debian_guest() -> Guest:
     with (root / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second test process waits for the first build
         if not (root / "done").exists():
-            _build(root, disk, size, offset)
-            (root / "done").write_text(json.dumps(RECIPE, indent=1))
+            _build(root, disk, size, offset, recipe)
+            (root / "done").write_text(json.dumps(recipe, indent=1))
     return Guest(disk, size, offset)
 
 
-def _build(root: Path, disk: Path, size: int, offset: int) -> None:
+def _debootstrapped(recipe: dict[str, object]) -> Path:
+    """A tar of the debootstrapped tree, shared by every recipe with the same suite and packages."""
+    key = {k: recipe[k] for k in ("suite", "variant", "include")}
+    tar = cache_root() / f"rootfs-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.tar"
+    if tar.exists():
+        return tar
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with tar.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if tar.exists():
+            return tar
+        tree = tar.with_suffix(".tree")
+        shutil.rmtree(tree, ignore_errors=True)
+        include = ",".join(recipe["include"])  # type: ignore[arg-type]
+        result = subprocess.run(
+            [_tool("debootstrap"), f"--variant={recipe['variant']}", f"--include={include}",
+             str(recipe["suite"]), str(tree), _mirror()],
+            capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"debootstrap could not build the guest: {result.stdout[-1500:]} {result.stderr[-1500:]}")
+        _run("tar", "--numeric-owner", "-cf", str(tar.with_suffix(".tmp")), "-C", str(tree), ".")
+        os.replace(tar.with_suffix(".tmp"), tar)
+        shutil.rmtree(tree)
+    return tar
+
+
+def _build(root: Path, disk: Path, size: int, offset: int, recipe: dict[str, object]) -> None:
     rootfs = root / "rootfs"
     shutil.rmtree(rootfs, ignore_errors=True)
-    include = ",".join(RECIPE["include"])  # type: ignore[arg-type]
-    result = subprocess.run(
-        [_tool("debootstrap"), f"--variant={RECIPE['variant']}", f"--include={include}",
-         str(RECIPE["suite"]), str(rootfs), _mirror()],
-        capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )  # fmt: skip
-    if result.returncode != 0:
-        pytest.skip(f"debootstrap could not build the guest: {result.stdout[-1500:]} {result.stderr[-1500:]}")
-    fs_uuid = str(RECIPE["fs_uuid"])
-    (rootfs / "etc/fstab").write_text(f"UUID={fs_uuid} / ext4 errors=remount-ro 0 1\n")
+    rootfs.mkdir(parents=True)
+    _run("tar", "--numeric-owner", "-xf", str(_debootstrapped(recipe)), "-C", str(rootfs))
+    fs_uuid = str(recipe["fs_uuid"])
+    root_device = str(recipe.get("root_device") or f"UUID={fs_uuid}")
+    (rootfs / "etc/fstab").write_text(f"{root_device} / ext4 errors=remount-ro 0 1\n")
     (rootfs / "etc/hostname").write_text("opensmc-guest\n")
     shadow = rootfs / "etc/shadow"
     shadow.write_text("\n".join(
@@ -142,8 +191,17 @@ def _build(root: Path, disk: Path, size: int, offset: int) -> None:
         for line in shadow.read_text().splitlines()
     ) + "\n")  # fmt: skip
     modules = next((rootfs / "lib/modules").iterdir())
-    for sub in RECIPE["prune"]:  # type: ignore[attr-defined]
+    for sub in recipe["prune"]:  # type: ignore[attr-defined]
         shutil.rmtree(modules / sub, ignore_errors=True)  # the initramfs was built before: it keeps its own
+    if recipe.get("initramfs_modules"):
+        conf = rootfs / "etc/initramfs-tools/initramfs.conf"
+        conf.write_text(re.sub(r"(?m)^MODULES=.*$", "MODULES=list", conf.read_text()))
+        wanted: list[str] = recipe["initramfs_modules"]  # type: ignore[assignment]
+        (rootfs / "etc/initramfs-tools/modules").write_text("\n".join(wanted) + "\n")
+        _run("chroot", str(rootfs), "update-initramfs", "-u", "-k", "all")
+    for name, text in (recipe.get("files") or {}).items():  # type: ignore[attr-defined]
+        (rootfs / name).parent.mkdir(parents=True, exist_ok=True)
+        (rootfs / name).write_text(text)
     for sub in ("usr/share/doc", "usr/share/man", "usr/share/locale", "var/cache/apt", "var/lib/apt/lists"):
         shutil.rmtree(rootfs / sub, ignore_errors=True)
     kernel = sorted((rootfs / "boot").glob("vmlinuz-*"))[-1].name
@@ -153,7 +211,7 @@ def _build(root: Path, disk: Path, size: int, offset: int) -> None:
     (grub / "grub.cfg").write_text(
         "serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n"
         "set timeout=1\n"
-        f"menuentry 'Debian (OpenSMC test guest)' {{\n  linux /boot/{kernel} {RECIPE['cmdline']}\n"
+        f"menuentry 'Debian (OpenSMC test guest)' {{\n  linux /boot/{kernel} {recipe['cmdline']}\n"
         f"  initrd /boot/{initrd}\n}}\n"
     )
     part = root / "part.img"
@@ -227,3 +285,4 @@ def store_image(store_root: Path, image_id: str, disks: list[Path], work: Path) 
 
 if __name__ == "__main__":  # build (or find) the cached guest: `python -m tests.guest`
     print(debian_guest())
+    print(legacy_guest())

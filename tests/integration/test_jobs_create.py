@@ -153,6 +153,7 @@ def test_minimal_create_defaults(call: Call, src: str) -> None:
         ({"ReplicationParameters": '{"compress_level":11}'}, "InvalidParameter", "compress_level"),
         ({"ReplicationParameters": '{"compress_level":1.5}'}, "InvalidParameter", "compress_level"),
         ({"ReplicationParameters": '{"checksum":"yes"}'}, "InvalidParameter", "checksum"),
+        ({"ReplicationParameters": '{"os_adaptation":"no"}'}, "InvalidParameter", "os_adaptation must be"),
         ({"SystemDiskPart__1__Device": "0_0"}, "MissingParameter", "SystemDiskPart.1.SizeBytes"),
         ({"SystemDiskPart__1__SizeBytes": 5}, "MissingParameter", "SystemDiskPart.1.Device"),
         ({"SystemDiskPart__1__Device": "0_9", "SystemDiskPart__1__SizeBytes": 5}, "InvalidParameter", "0_9"),

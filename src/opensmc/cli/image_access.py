@@ -184,7 +184,10 @@ class LocalImages(Images):
         from opensmc.service.images import image_doc
 
         rows = self._rows()
-        docs = [self._with_boot(image_doc(self._manifest(i), rows.get(i))) for i in self.store.list_images()]
+        from opensmc.images.adaptation_log import SOURCE_SUFFIX
+
+        ids = [i for i in self.store.list_images() if not i.endswith(SOURCE_SUFFIX)]  # an adaptation's input
+        docs = [self._with_boot(image_doc(self._manifest(i), rows.get(i))) for i in ids]
         return sorted(docs, key=lambda d: (d["CreationTime"], d["ImageId"]))
 
     def show(self, image_id: str, chunks: bool = False) -> dict[str, Any]:
@@ -194,9 +197,12 @@ class LocalImages(Images):
 
     def _with_boot(self, doc: dict[str, Any]) -> dict[str, Any]:
         """The latest boot test of each disk (``opensmc image boot-test`` keeps them beside the store)."""
+        from opensmc.images.adaptation_log import adaptation_doc
+        from opensmc.images.adaptation_log import results_dir as adaptation_dir
         from opensmc.images.boot import boot_doc, results_dir
 
         doc["BootTest"] = boot_doc(results_dir(self.data_dir), doc["ImageId"])
+        doc["OsAdaptation"] = adaptation_doc(adaptation_dir(self.data_dir), doc["ImageId"])
         return doc
 
     def raw(self, image_id: str, disk: int) -> Iterator[bytes]:

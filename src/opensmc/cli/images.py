@@ -135,6 +135,14 @@ def _boot(item: dict[str, Any]) -> str:
     return f"FAILED ({'; '.join(failed)})" if failed else "passed"
 
 
+def _adapted(item: dict[str, Any]) -> str:
+    """`adapted (disk 0)`, `NOT adapted (disk 0)` or `-` (no adaptation was tried)."""
+    runs = item.get("OsAdaptation") or []
+    if not runs:
+        return "-"
+    return "; ".join(f"{'adapted' if a.get('Adapted') else 'NOT adapted'} (disk {a['Disk']})" for a in runs)
+
+
 def print_image(doc: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -146,6 +154,13 @@ def print_image(doc: dict[str, Any]) -> None:
     for t in doc.get("BootTest") or []:
         console.print(f"{'':<14}disk {t['Disk']}: {t.get('Verdict')} at {t.get('Stage')}: {t.get('Reason')} "
                       f"({t.get('Time')}, log {t.get('Log')})", highlight=False)  # fmt: skip
+    adaptations = doc.get("OsAdaptation") or []
+    console.print(f"{'Adaptation:':<14}{_adapted(doc)}", highlight=False)
+    for a in adaptations:
+        console.print(f"{'':<14}disk {a['Disk']}: {a.get('Guest') or 'unknown guest'}, {a.get('Seconds')} s, "
+                      f"log {a.get('Log')}", highlight=False)  # fmt: skip
+        for line in [*(a.get("Changes") or []), *(f"warning: {w}" for w in a.get("Warnings") or [])]:
+            console.print(f"{'':<16}{line}", highlight=False)
     table = Table("Disk", "Size", "Bytes", "SHA-256")
     for d in doc.get("Disks", []):
         table.add_row(str(d["Index"]), _size(d["Size"]), str(d["Size"]), str(d.get("Sha256", "")))

@@ -152,19 +152,30 @@ def list_images(svc: Services, caller: Caller) -> list[dict[str, Any]]:
                 }
             )
             continue
-        out.append({**image_doc(manifest, row), "BootTest": _boot_tests(svc, row.id)})
+        out.append({**image_doc(manifest, row), "BootTest": _boot_tests(svc, row.id),
+                    "OsAdaptation": _adaptation(svc, row.id)})  # fmt: skip
     return out
 
 
 def describe_image(svc: Services, caller: Caller, image_id: str, *, chunks: bool = True) -> dict[str, Any]:
     row = _owned_row(svc, caller, image_id)
-    return {**image_doc(_manifest(store_of(svc), image_id), row, chunks=chunks), "BootTest": _boot_tests(svc, image_id)}
+    return {
+        **image_doc(_manifest(store_of(svc), image_id), row, chunks=chunks),
+        "BootTest": _boot_tests(svc, image_id),
+        "OsAdaptation": _adaptation(svc, image_id),
+    }
 
 
 def _boot_tests(svc: Services, image_id: str) -> list[dict[str, object]]:
     from opensmc.images.boot import boot_doc, results_dir
 
     return boot_doc(results_dir(svc.settings.data_dir), image_id)
+
+
+def _adaptation(svc: Services, image_id: str) -> list[dict[str, object]]:
+    from opensmc.images.adaptation_log import adaptation_doc, results_dir
+
+    return adaptation_doc(results_dir(svc.settings.data_dir), image_id)
 
 
 def open_disk(svc: Services, caller: Caller, image_id: str, position: int) -> tuple[ImageStore, Manifest]:

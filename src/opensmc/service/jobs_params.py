@@ -216,6 +216,8 @@ def replication_parameters(p: Params) -> str | None:
         raise InvalidParameter(p.wire("ReplicationParameters"), "checksum must be true or false.")
     if "boot_test" in doc and not isinstance(doc["boot_test"], bool):
         raise InvalidParameter(p.wire("ReplicationParameters"), "boot_test must be true or false.")
+    if "os_adaptation" in doc and not isinstance(doc["os_adaptation"], bool):
+        raise InvalidParameter(p.wire("ReplicationParameters"), "os_adaptation must be true or false.")
     bt = doc.get("boot_test_timeout")
     if "boot_test_timeout" in doc and (isinstance(bt, bool) or not isinstance(bt, int | float) or not 10 <= bt <= 480):
         raise InvalidParameter(p.wire("ReplicationParameters"), "boot_test_timeout must be 10 to 480 seconds.")

@@ -7,6 +7,11 @@ that moves the job to Cleaning, so each run yields exactly one image
 however often the step is retried. :func:`clean` then rotates old images,
 releases staging when the job finishes and closes the run; it is idempotent,
 so a job found in Cleaning after a crash simply finishes.
+
+With OS adaptation (:mod:`opensmc.service.os_adaptation`, on by default)
+the disks are first sealed into a temporary snapshot that libguestfs reads
+over NBD; the image is then sealed from the adapted system disk, and the
+temporary snapshot removed (by :func:`discard_half_made` too, after a crash).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from opensmc.clock import new_id
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
 from opensmc.faults import crash_point
+from opensmc.images.adaptation import AdaptError, harvest, nothing_to_boot
+from opensmc.images.adaptation_log import source_id
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
-from opensmc.service import boot_tests, disk_sizes, leases, retention
+from opensmc.service import boot_tests, disk_sizes, leases, os_adaptation, retention
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
@@ -116,6 +123,9 @@ def _process_one(svc: Services, job_id: str) -> None:
         )
     crash_point("process.recorded")
     checksum = bool(replication_parameters(job.replication_parameters).get("checksum"))
+    system = next(i for i, d in enumerate(disks) if int(d["index"]) == 0)
+    adapting = os_adaptation.wanted(svc, job)
+    adapted: dict[str, Any] | None = None
     try:
         # Under the store's gc lock: the blobs the staging indexes name stay until the
         # snapshot that names them exists. No data is read or copied (without checksum).
@@ -127,7 +137,31 @@ def _process_one(svc: Services, job_id: str) -> None:
             verified: bool | None = None
             if checksum:
                 staged, verified = _prove(svc, store, image_id, vids, staged)
-            manifest = store.create_image(image_id, staged)
+            skipped = nothing_to_boot(store, staged[system]) if adapting else None
+            if skipped is not None:
+                adapting = False
+                adapted = os_adaptation.record_skipped(svc, image_id, system, skipped)
+            if not adapting:
+                manifest = store.create_image(image_id, staged)
+            else:
+                # The disks as they came, for libguestfs to read over NBD (and to hold their blobs meanwhile).
+                store.create_image(source_id(image_id), staged)
+        if adapting:
+            result = os_adaptation.run(svc, store, job_id, source_id(image_id), system)
+            try:
+                with store.repo.session():
+                    if result.adapted:
+                        try:
+                            adapted_disk = harvest(store, staged[system], result)
+                            staged[system] = _with_sha256(store, adapted_disk) if checksum else adapted_disk
+                        except (AdaptError, ImageError, OSError) as exc:  # the image is the source's bytes then
+                            result.adapted = False
+                            result.warnings.append(f"the adapted disk could not be stored: {exc}")
+                    manifest = store.create_image(image_id, staged)
+            finally:
+                result.cleanup()
+            adapted = os_adaptation.record(svc, image_id, system, result)
+            _drop_source_snapshot(store, image_id)
     except BaseException:
         discard_half_made(svc, store, job_id)
         raise
@@ -144,6 +178,8 @@ def _process_one(svc: Services, job_id: str) -> None:
         image_q.set_image(conn, image_id, state="Available", manifest=json.dumps(doc))
         if run_id is not None:
             q.set_run_checksum(conn, run_id, verified)
+        if adapted is not None:
+            os_adaptation.publish(conn, job_id, run_id, adapted)
 
     job_service.mark_processed(svc, job_id, image_id, also=publish)
     log.info(
@@ -206,9 +242,27 @@ def discard_half_made(svc: Services, store: ImageStore, job_id: str) -> None:
             store.delete_image(image_id)
         except ImageError:
             pass  # the store never got as far as this image
+        _drop_source_snapshot(store, image_id)
         with svc.db.begin() as conn:
             image_q.remove_image(conn, image_id)
         log.info("removed half-made image %s of job %s", image_id, job_id)
+
+
+def _drop_source_snapshot(store: ImageStore, image_id: str) -> None:
+    """Remove the temporary snapshot OS adaptation read (its blobs the image shares stay)."""
+    try:
+        store.delete_image(source_id(image_id))
+    except ImageError:
+        pass  # not adapted, or removed already
+
+
+def _with_sha256(store: ImageStore, disk: DiskIndex) -> DiskIndex:
+    """``checksum``: the adapted disk's SHA-256, from its blobs (each re-hashed as it is read)."""
+    sha = hashlib.sha256()
+    for i in range(disk.chunks):
+        h = disk.hash_at(i)
+        sha.update(bytes(disk.chunk_length(i)) if h is None else store.read_chunk(h))
+    return DiskIndex(disk.size, disk.chunk_size, disk.digests, sha.hexdigest())
 
 
 def _image_name(conn: Any, job: Any, run_id: int | None) -> str:

@@ -208,7 +208,10 @@ _STORED_ONLY = (
     "de-selected with Block=false (SystemDiskPart.N, DataDisk.N.Part.M, Disks.System.Part.N by Path), "
     "which are left out of the image (they read as zeros): file-level replication is not built yet. "
     "Partition SizeBytes cannot resize a block-copied partition and is stored as given. A target size "
-    "above the source size is accepted; the image keeps the source disk's size. TargetType "
+    "above the source size gives the image disk that size (the source's bytes, then zeros; with OS "
+    "adaptation on, the last partition and its file system grow into it). ReplicationParameters keys "
+    "read: bandwidth_limit, compress_level, checksum, boot_test, boot_test_timeout, os_adaptation "
+    "(docs/operations.md). TargetType "
     "ContainerImage and TargetInstance are recorded; only Image targets are produced."
 )
 

@@ -1,0 +1,139 @@
+"""OS adaptation for KVM, end to end: a guest as a SATA machine leaves it boots on virtio only once adapted.
+
+The legacy guest (tests/guest.py ``legacy_guest``) has a host-only initramfs
+(SATA/IDE drivers, no virtio), ``/dev/sda1`` in fstab and on the kernel
+command line, and a persistent-net rule. A real server and agent migrate it
+twice: with ``os_adaptation: false`` the image boots from a SATA disk and
+fails on virtio, in the initramfs; with adaptation on (the default) and a
+20 GiB system disk, Processing adapts it with libguestfs and the image boots
+on virtio, its last partition and ext4 grown to the disk. Marked ``boot``
+(``-m "not boot"`` skips it); it needs QEMU, nbdkit and libguestfs-tools.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import OPENSMC, clean_env, stop
+from tests.e2e.flows import create_job, register, runs, start_migration_server, store, wait_status
+from tests.guest import MiB, legacy_guest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.boot]
+
+GiB = 1024 * MiB
+
+
+def _image(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OPENSMC, "image", *args], capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def _migrate(server: object, source_id: str, name: str, *params: str) -> tuple[str, dict[str, object]]:
+    job_id = create_job(server, source_id, name, *params)  # type: ignore[arg-type]
+    server.call("StartReplicationJob", "--JobId", job_id)  # type: ignore[attr-defined]
+    job = wait_status(server, job_id, "Finished", timeout=900)  # type: ignore[arg-type]
+    (run,) = runs(server, job_id)  # type: ignore[arg-type]
+    return str(job["ImageId"]), {**json.loads(run["detail"] or "{}"), "StatusInfo": job.get("StatusInfo")}
+
+
+@pytest.mark.timeout(1800)  # four TCG boots and a libguestfs appliance: minutes on two busy cores
+def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -> None:
+    for tool in ("qemu-system-x86_64", "nbdkit", "guestfish"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    guest = legacy_guest()
+    server = start_migration_server(tmp_path)
+    agent = None
+    data = ["--data-dir", str(server.data_dir)]
+    try:
+        agent, source_id = register(server, [guest.disk], tmp_path / "agent")
+
+        # Adaptation off: the image is the source's bytes; SATA boots it, virtio does not (no driver in the initramfs).
+        plain, detail = _migrate(server, source_id, "plain", "--ReplicationParameters", '{"os_adaptation": false}')
+        assert "os_adaptation" not in detail
+        plain_chunks = store(server).get(plain).disks[0].chunk_hexes()
+        sata = _image("boot-test", plain, *data, "--bus", "sata", "--timeout", "480")
+        assert sata.returncode == 0, sata.stdout + sata.stderr
+        virtio = _image("boot-test", plain, *data, "--bus", "virtio", "--timeout", "480")
+        assert virtio.returncode == 1, virtio.stdout + virtio.stderr
+        assert f"FAILED: {plain} disk 0: stage initramfs" in virtio.stdout, virtio.stdout
+        assert "did not find the root file system" in virtio.stdout
+
+        # Adaptation on (the default), to a 20 GiB disk: a new image from the chunks libguestfs changed.
+        adapted, detail = _migrate(server, source_id, "adapted", "--SystemDiskSize", "20")
+        record = detail["os_adaptation"]
+        assert isinstance(record, dict) and record["adapted"] is True, record
+        assert record["image_id"] == adapted and record["guest"].startswith("debian 12"), record
+        assert 0 < record["changed_chunks"] < 20 * GiB // 16384 // 10, record  # the rest is shared
+        assert not detail["StatusInfo"], detail  # no warning on the job
+        log = Path(record["log"])
+        assert log.parent == server.data_dir / "os-adaptation" / adapted
+        text = log.read_text()
+        for expected in (
+            "added virtio_blk", "ran: update-initramfs -u -k all", "/etc/fstab: /dev/sda1 (/) -> UUID=",
+            "root=/dev/sda1 -> root=UUID=", "removed /etc/udev/rules.d/70-persistent-net.rules",
+            "/dev/sda1 grew from", "the ext4 file system on /dev/sda1 grew with it",
+        ):  # fmt: skip
+            assert expected in text, text
+        assert "failed:" not in text, text
+        print(text)  # the adaptation log, with its time (-s shows it)
+        shown = json.loads(_image("show", adapted, "--json", *data).stdout)
+        (adaptation,) = shown["OsAdaptation"]
+        assert adaptation["Adapted"] is True and adaptation["Log"] == str(log)
+        assert "Adaptation:   adapted (disk 0)" in _image("show", adapted, *data).stdout
+        # The image without adaptation is untouched (images are immutable).
+        assert store(server).get(plain).disks[0].chunk_hexes() == plain_chunks
+
+        # The last partition and its ext4 fill the 20 GiB disk.
+        disk = store(server).get(adapted).disks[0].index
+        head = store(server).read_chunk(disk.hash_at(0))  # type: ignore[arg-type]
+        start = int.from_bytes(head[446 + 8 : 446 + 12], "little")
+        sectors = int.from_bytes(head[446 + 12 : 446 + 16], "little")
+        assert disk.size == 20 * GiB and (start + sectors) * 512 == 20 * GiB, (start, sectors)
+        superblock = store(server).read_chunk(disk.hash_at(start * 512 // 16384))  # type: ignore[arg-type]
+        sb = superblock[1024 : 1024 + 1024]
+        blocks, log_block = int.from_bytes(sb[4:8], "little"), int.from_bytes(sb[24:28], "little")
+        assert blocks * (1024 << log_block) > 19 * GiB, blocks
+
+        booted = _image("boot-test", adapted, *data, "--bus", "virtio", "--timeout", "480")
+        assert booted.returncode == 0, booted.stdout + booted.stderr
+        assert f"PASSED: {adapted} disk 0: the system reached a login prompt" in booted.stdout
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop(server.proc)
+
+
+def test_an_adaptation_that_cannot_run_leaves_the_image_unadapted_with_a_warning(tmp_path: Path) -> None:
+    """No libguestfs on the server: the job still finishes, its image is the source's bytes, StatusInfo says why."""
+    tools = {name: shutil.which(name) for name in ("qemu-img", "nbdkit")}
+    if None in tools.values():
+        pytest.skip("qemu-img and nbdkit are needed")
+    guest = legacy_guest()
+    bin_dir = tmp_path / "bin"  # a PATH with qemu-img and nbdkit but no guestfish
+    bin_dir.mkdir()
+    for name, path in tools.items():
+        (bin_dir / name).symlink_to(str(path))
+    server = start_migration_server(tmp_path, extra_env={"PATH": str(bin_dir)})
+    agent = None
+    try:
+        agent, source_id = register(server, [guest.disk], tmp_path / "agent")
+        image_id, detail = _migrate(server, source_id, "nolibguestfs")
+        info = json.loads(str(detail["StatusInfo"]))
+        assert info["error_code"] == "OsAdaptation.NotAdapted", info
+        assert f"The image {image_id} is not adapted for KVM" in info["error_msg"]
+        assert "install the Debian package libguestfs-tools" in info["error_msg"], info
+        record = detail["os_adaptation"]
+        assert isinstance(record, dict) and record["adapted"] is False and record["image_id"] == image_id
+        shown = _image("show", image_id, "--data-dir", str(server.data_dir))
+        assert "Adaptation:   NOT adapted (disk 0)" in shown.stdout, shown.stdout
+        assert store(server).list_images() == [image_id]  # the temporary snapshot is gone
+        assert store(server).get(image_id).disks[0].size == guest.size
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop(server.proc)
