@@ -1,6 +1,6 @@
 """An old userland for the agent's install test: a Debian bullseye root (Python 3.9, curl), cached.
 
-Built once with ``debootstrap --variant=minbase --include=python3,curl
+Built once with ``debootstrap --variant=minbase --include=python3,curl,wget
 bullseye`` from the mirror apt uses here (like tests/guest.py's guest) and
 kept under ``/var/tmp/opensmc-bullseye-cache/<recipe hash>/rootfs``
 (``OPENSMC_BULLSEYE_CACHE`` moves it): CI runs on this same machine, so the
@@ -25,7 +25,7 @@ import pytest
 
 from tests.guest import _mirror
 
-RECIPE = {"suite": "bullseye", "variant": "minbase", "include": ["python3", "curl", "ca-certificates"]}
+RECIPE = {"suite": "bullseye", "variant": "minbase", "include": ["python3", "curl", "wget", "ca-certificates"]}
 
 
 def cache_root() -> Path:

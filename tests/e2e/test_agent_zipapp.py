@@ -19,7 +19,7 @@ import random
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,25 @@ def in_chroot(rootfs: Path, script: str, timeout: float = 120) -> subprocess.Com
     )
 
 
+@contextmanager
+def fake_systemd(rootfs: Path) -> Iterator[Callable[[], list[str]]]:
+    """A chroot that looks as if systemd ran: /run/systemd/system and a systemctl that logs its calls."""
+    stub = rootfs / "usr/bin/systemctl"  # on the chroot's PATH; minbase has no systemd
+    assert not stub.exists(), f"{stub} exists: this root has systemd; the stand-in would hide it"
+    log = rootfs / "var/tmp/systemctl.calls"
+    marker = rootfs / "run/systemd/system"
+    stub.write_text('#!/bin/sh\necho "$*" >> /var/tmp/systemctl.calls\n')
+    stub.chmod(0o755)
+    marker.mkdir(parents=True, exist_ok=True)
+    try:
+        yield lambda: log.read_text().splitlines() if log.exists() else []
+    finally:
+        stub.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        shutil.rmtree(rootfs / "run/systemd", ignore_errors=True)
+        (rootfs / "etc/systemd/system/opensmc-agent.service").unlink(missing_ok=True)
+
+
 @pytest.mark.chroot
 def test_install_script_on_debian_bullseye(tmp_path: Path) -> None:
     from tests.bullseye import bullseye_root
@@ -190,11 +209,15 @@ def test_install_script_on_debian_bullseye(tmp_path: Path) -> None:
             assert "on Python 3.9." in agent_log.read_text()
             migrate_and_check(server, str(source["SourceId"]), sha, tmp_path / "out.img")
 
-            # Again, with wget this time: an upgrade in place that keeps the registration.
+            # Again, with wget this time (and no curl: the script must fetch with wget too):
+            # an upgrade in place that keeps the registration.
             old_pid = (rootfs / "opt/opensmc-agent/agent.pid").read_text().strip()
-            again = in_chroot(rootfs, f"wget -qO- {server.endpoint}/agent/install.sh | sh -s --")
-            if "neither curl nor wget" in again.stderr or "wget: not found" in again.stderr:
-                again = in_chroot(rootfs, f"curl -fsSL {server.endpoint}/agent/install.sh | sh -s --")
+            curl = rootfs / "usr/bin/curl"
+            curl.rename(curl.with_name("curl.hidden"))
+            try:
+                again = in_chroot(rootfs, f"wget -qO- {server.endpoint}/agent/install.sh | sh -s --")
+            finally:
+                curl.with_name("curl.hidden").rename(curl)
             assert again.returncode == 0, again.stdout + again.stderr
             new_pid = (rootfs / "opt/opensmc-agent/agent.pid").read_text().strip()
             assert new_pid != old_pid and not agent_alive(old_pid)
@@ -214,10 +237,33 @@ def test_install_script_on_debian_bullseye(tmp_path: Path) -> None:
             )
             assert bad.returncode != 0 and "SHA-256" in bad.stderr, bad.stdout + bad.stderr
 
-            gone = in_chroot(rootfs, f"curl -fsSL {server.endpoint}/agent/install.sh | sh -s -- --uninstall")
-            assert gone.returncode == 0, gone.stdout + gone.stderr
+            # Where systemd runs (a stand-in systemctl here: a chroot has no systemd), the agent
+            # becomes a unit that systemd checks as valid, and the background agent is stopped.
+            with fake_systemd(rootfs) as calls:
+                unit = in_chroot(rootfs, f"curl -fsSL {server.endpoint}/agent/install.sh | sh -s --")
+                assert unit.returncode == 0, unit.stdout + unit.stderr
+                assert "started as opensmc-agent.service" in unit.stdout, unit.stdout
+                assert not agent_alive(new_pid)
+                unit_file = rootfs / "etc/systemd/system/opensmc-agent.service"
+                assert "ExecStart=/opt/opensmc-agent/run.sh" in unit_file.read_text()
+                assert [c for c in calls() if c in ("daemon-reload", "enable opensmc-agent.service",
+                                                     "restart opensmc-agent.service")] == [
+                    "daemon-reload", "enable opensmc-agent.service", "restart opensmc-agent.service"]  # fmt: skip
+                if shutil.which("systemd-analyze"):
+                    # Checked by the host's systemd, with ExecStart pointing into the root (the chroot
+                    # has no systemd of its own to check against).
+                    host_unit = tmp_path / "opensmc-agent.service"
+                    text = unit_file.read_text().replace("/opt/opensmc-agent/", f"{rootfs}/opt/opensmc-agent/")
+                    host_unit.write_text(text)
+                    verify = ["systemd-analyze", "verify", str(host_unit)]
+                    check = subprocess.run(verify, capture_output=True, text=True)
+                    assert check.returncode == 0, check.stdout + check.stderr
+                # --uninstall removes the unit too.
+                gone = in_chroot(rootfs, f"curl -fsSL {server.endpoint}/agent/install.sh | sh -s -- --uninstall")
+                assert gone.returncode == 0, gone.stdout + gone.stderr
+                assert not unit_file.exists() and "disable opensmc-agent.service" in calls()
             assert not (rootfs / "opt/opensmc-agent").exists()
-            assert not agent_alive(new_pid)
+
             shutil.rmtree(rootfs / work.relative_to("/"), ignore_errors=True)
     finally:
         shutil.rmtree(rootfs / work.relative_to("/"), ignore_errors=True)
