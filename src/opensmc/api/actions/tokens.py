@@ -89,7 +89,10 @@ ACTIONS: tuple[Action, ...] = (
         _create,
         ("Name", "Description", "Count", "TimeToLiveInDays"),
         notes="The code is returned once and stored only as a salted SHA-256 hash. "
-        "Description is free text up to 1024 characters.",
+        "Description is free text up to 1024 characters. Use it on a source server with the one-line "
+        "install command (`curl -fsSL SERVER/agent/install.sh | sudo sh -s -- --token-id <AccessTokenId> "
+        "--token-code <AccessTokenCode>`, docs/agent.md), which `opensmc call CreateAccessToken` prints on "
+        "stderr.",
     ),
     Action("DeleteAccessToken", _delete, ("AccessTokenId",)),
     Action(
