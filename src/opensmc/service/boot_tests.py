@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
 from opensmc.images.boot import BootTestError, boot_test, latest_verdicts, results_dir
 from opensmc.images.store import ImageError
@@ -78,7 +78,8 @@ def not_passed(svc: Services, conn: Connection, source_ids: Sequence[str]) -> li
             select(images.c.id)
             .join(jobs, jobs.c.id == images.c.job_id)
             .where(jobs.c.source_id == source_id, images.c.state == "Available")
-            .order_by(images.c.created_at.desc(), images.c.id.desc())
+            # a job's runs can finish within one second of created_at: the later run is the latest
+            .order_by(images.c.created_at.desc(), func.coalesce(images.c.run_id, 0).desc(), images.c.id.desc())
             .limit(1)
         ).first()
         if row is None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, insert, select, update
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
 
 from opensmc.store.tables import images
 
@@ -72,12 +72,13 @@ def get_image(conn: Connection, image_id: str, account_id: str | None = None) ->
 
 
 def images_of_job(conn: Connection, job_id: str) -> list[Row[Any]]:
-    """A job's images, oldest first."""
+    """A job's images, oldest first: by run (two runs can finish within the second that
+    ``created_at`` keeps, and rotation must never take the newer for the older)."""
     return list(
         conn.execute(
             select(images)
             .where(images.c.job_id == job_id, images.c.state != CREATING)
-            .order_by(images.c.created_at, images.c.id)
+            .order_by(func.coalesce(images.c.run_id, 0), images.c.created_at, images.c.id)
         )
     )
 
