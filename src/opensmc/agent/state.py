@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 STATE_FILE = "agent.json"
 INSTANCE_FILE = "instance.json"
@@ -54,32 +54,28 @@ def load(state_dir: "Path") -> "AgentState | None":
 
 def instance_id(state_dir: "Path", machine_id: str) -> str:
     """This state dir's instance id on this machine, made (and saved) on first use."""
-    path = state_dir / INSTANCE_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("machine_id") == machine_id and isinstance(data.get("instance_id"), str):
-            return str(data["instance_id"])
-    except (OSError, ValueError, AttributeError):
-        pass
     # None yet, unreadable, or made on another machine (a copied state dir or a cloned
     # disk with its own machine id): a new identity, so a new source.
-    new = secrets.token_hex(16)
-    _write_json(state_dir, INSTANCE_FILE, {"instance_id": new, "machine_id": machine_id})
-    return new
+    return _kept(state_dir, INSTANCE_FILE, ("machine_id", machine_id), "instance_id", lambda: secrets.token_hex(16))
 
 
 def registration_secret(state_dir: "Path", instance: str) -> str:
     """The secret to propose for the credential of a registration as ``instance`` (made and saved once)."""
-    path = state_dir / REGISTRATION_FILE
+    return _kept(state_dir, REGISTRATION_FILE, ("instance_id", instance), "secret", lambda: secrets.token_urlsafe(32))
+
+
+def _kept(state_dir: "Path", name: str, owner: "tuple[str, str]", field: str, make: "Callable[[], str]") -> str:
+    """``field`` of the file ``name`` if it was saved for ``owner`` (key, value); else a new one, saved."""
+    key, value = owner
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("instance_id") == instance and isinstance(data.get("secret"), str):
-            return str(data["secret"])
+        data = json.loads((state_dir / name).read_text(encoding="utf-8"))
+        if data.get(key) == value and isinstance(data.get(field), str):
+            return str(data[field])
     except (OSError, ValueError, AttributeError):
         pass
-    secret = secrets.token_urlsafe(32)
-    _write_json(state_dir, REGISTRATION_FILE, {"instance_id": instance, "secret": secret})
-    return secret
+    new = make()
+    _write_json(state_dir, name, {field: new, key: value})
+    return new
 
 
 def save(state_dir: "Path", state: "AgentState") -> "Path":

@@ -207,7 +207,8 @@ class StagingIndex:
             self._begin_session(repo)
         digest = xxhash.xxh3_128_digest
         data_at: list[int] = [k for k in range(n) if nonzero[k]]
-        blobs = [(digest(c), c, sparse[k]) for k in data_at for c in (view[k * cs : (k + 1) * cs],)]
+        chunks = [view[k * cs : (k + 1) * cs] for k in data_at]
+        blobs = [(digest(c), c, sparse[k]) for k, c in zip(data_at, chunks, strict=True)]
         seqs = iter(repo.put_many(blobs))  # one lock for the frame, not one per chunk
         hashes = iter(b[0] for b in blobs)
         entries = [(first + k, next(hashes), next(seqs)) if nonzero[k] else (first + k, _ZERO, 0) for k in range(n)]
