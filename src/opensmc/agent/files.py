@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,13 @@ MARGIN_FRACTION = 0.05
 METADATA_FRACTION = 0.02
 MARGIN_BYTES = 4 * 1024 * 1024
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
+#: rsync --stats lines: what a run reports (files and bytes, besides the progress)
+_STATS = {
+    "files": re.compile(r"^Number of files: ([\d,]+)"),
+    "files_sent": re.compile(r"^Number of regular files transferred: ([\d,]+)"),
+    "files_deleted": re.compile(r"^Number of deleted files: ([\d,]+)"),
+    "bytes_sent": re.compile(r"^Total transferred file size: ([\d,]+)"),
+}
 
 
 class FileLevelError(Exception):
@@ -300,6 +308,7 @@ def send(
         "-e",
         rsh,
         "--info=progress2",
+        "--stats",
     ]
     if limit_mbit > 0:
         cmd.append(f"--bwlimit={max(1, int(limit_mbit * 1000 / 8 / 1.024))}k")
@@ -326,17 +335,31 @@ def send(
         watcher = threading.Thread(target=_stop_when, args=(stopped, proc), daemon=True)
         watcher.start()
         buf = b""
+        stats: "Dict[str, int]" = {}
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
         while True:
-            data = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            # rsync makes its output non-blocking: wait for it, and only b"" is its end
+            select.select([fd], [], [], 1.0)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+
             if not data:
                 break
             buf = (buf + data)[-4096:]
             *lines_, buf = re.split(rb"[\r\n]", buf)
-            for line in lines_:
-                m = _PROGRESS.match(line.decode("ascii", "replace"))
+            for raw in lines_:
+                line = raw.decode("utf-8", "replace")
+                m = _PROGRESS.match(line)
                 if m:
                     progress(min(int(m.group(1).replace(",", "")), prep.used))
+                    continue
+                for key, pattern in _STATS.items():
+                    s = pattern.match(line)
+                    if s:
+                        stats[key] = int(s.group(1).replace(",", ""))
         code = proc.wait()
         reader.join(5)
     finally:
@@ -351,7 +374,16 @@ def send(
             "partition %s: some files vanished while they were copied (the source is live)", prep.part["device"]
         )
     progress(prep.used)
-    return build(vid, prep.spec)
+    log.info(
+        "partition %s: %d of %d files sent (%d bytes)",
+        prep.part["device"],
+        stats.get("files_sent", 0),
+        stats.get("files", 0),
+        stats.get("bytes_sent", 0),
+    )
+    built = dict(build(vid, prep.spec))
+    built.update(stats)
+    return built
 
 
 def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> None:

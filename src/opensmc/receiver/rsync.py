@@ -64,6 +64,7 @@ _LONG_OK = {
     "--size-only",
     "--preallocate",
     "--log-format=X",  # the client itemizes (-i, --out-format): the server marks what it changed
+    "--stats",  # the agent reports how many files a run sent
 }
 _RSYNC_BIN = "rsync"
 
