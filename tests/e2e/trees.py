@@ -62,6 +62,8 @@ def make_root_tree(root: Path, seed: int = 3) -> None:
     (root / "tmp/scratch").write_text("temporary\n")  # excluded by default
     (root / "swapfile").write_bytes(bytes(MiB))  # excluded by default
     os.utime(root / "etc/fstab", (1_600_000_000, 1_500_000_000))
+    os.chmod(root, 0o751)  # mke2fs -d alone would make the root directory 0755 without xattrs
+    os.setxattr(root, "user.root-label", b"top")
 
 
 def excluded(path: str) -> bool:
@@ -91,34 +93,34 @@ def source_entries(root: Path) -> dict[str, dict[str, Any]]:
     """path -> what a copy must keep, for every entry under ``root`` (``/`` is root itself)."""
     out: dict[str, dict[str, Any]] = {}
     inodes: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            full = Path(dirpath) / name
-            rel = "/" + str(full.relative_to(root))
-            st = full.lstat()
-            e: dict[str, Any] = {
-                "kind": _kind(st.st_mode),
-                "mode": stat.S_IMODE(st.st_mode),
-                "uid": st.st_uid,
-                "gid": st.st_gid,
-            }
-            if not stat.S_ISDIR(st.st_mode):
-                e["mtime"] = int(st.st_mtime)
-            if stat.S_ISREG(st.st_mode):
-                e["size"] = st.st_size
-                e["sha"] = hashlib.sha256(full.read_bytes()).hexdigest()
-                if st.st_nlink > 1:
-                    e["link"] = inodes.setdefault(st.st_ino, rel)
-            if stat.S_ISLNK(st.st_mode):
-                e["target"] = os.readlink(full)
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                e["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if not stat.S_ISLNK(st.st_mode):
-                names = sorted(os.listxattr(full, follow_symlinks=False))
-                e["xattrs"] = {
-                    n: (None if n.startswith("system.posix_acl") else os.getxattr(full, n).hex()) for n in names
-                }
-            out[rel] = e
+    walked = [(root, "/")] + [
+        (Path(dirpath) / name, "/" + str((Path(dirpath) / name).relative_to(root)))
+        for dirpath, dirnames, filenames in os.walk(root)
+        for name in [*dirnames, *filenames]
+    ]
+    for full, rel in walked:
+        st = full.lstat()
+        e: dict[str, Any] = {
+            "kind": _kind(st.st_mode),
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+        }
+        if not stat.S_ISDIR(st.st_mode):
+            e["mtime"] = int(st.st_mtime)
+        if stat.S_ISREG(st.st_mode):
+            e["size"] = st.st_size
+            e["sha"] = hashlib.sha256(full.read_bytes()).hexdigest()
+            if st.st_nlink > 1:
+                e["link"] = inodes.setdefault(st.st_ino, rel)
+        if stat.S_ISLNK(st.st_mode):
+            e["target"] = os.readlink(full)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            e["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if not stat.S_ISLNK(st.st_mode):
+            names = sorted(os.listxattr(full, follow_symlinks=False))
+            e["xattrs"] = {n: (None if n.startswith("system.posix_acl") else os.getxattr(full, n).hex()) for n in names}
+        out[rel] = e
     return out
 
 
@@ -135,7 +137,7 @@ def _debugfs(image: Path, commands: list[str]) -> str:
 
 def image_entries(image: Path) -> dict[str, dict[str, Any]]:
     """The same description of the ext4 filesystem image ``image`` (read with debugfs, nothing mounted)."""
-    paths: list[tuple[str, int]] = []  # (path, inode)
+    paths: list[tuple[str, int]] = [("/", 2)]  # (path, inode)
     todo = ["/"]
     while todo:
         d = todo.pop()

@@ -59,6 +59,8 @@ DEFAULT_EXCLUDES = [
 MARGIN_FRACTION = 0.05
 METADATA_FRACTION = 0.02
 MARGIN_BYTES = 4 * 1024 * 1024
+#: rsync's exit codes for a connection that broke (socket I/O, protocol stream, timeouts, remote shell)
+_LOST_CONTACT_CODES = (10, 12, 30, 35, 255)
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 #: rsync --stats lines: what a run reports (files and bytes, besides the progress)
 _STATS = {
@@ -164,7 +166,27 @@ def read_superblock(disk_path: str, offset: int) -> "Dict[str, Any]":
 
 
 def _used_bytes(directory: str) -> int:
-    """What the files under ``directory`` take, not crossing into other filesystems."""
+    """What the files under ``directory`` take, not crossing into other filesystems.
+
+    A mount point: its filesystem's used blocks (statvfs, instant). A directory (``--mount``):
+    ``du -sx`` (a C walk, about 10x faster than this one), else a walk here.
+    """
+    if os.path.ismount(directory):
+        st = os.statvfs(directory)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    if shutil.which("du"):
+        try:
+            out = subprocess.run(
+                ["du", "-sx", "-B1", directory], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3600
+            )
+            if out.returncode == 0:
+                return int(out.stdout.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            pass
+    return _walk_used(directory)
+
+
+def _walk_used(directory: str) -> int:
     try:
         root_dev = os.lstat(directory).st_dev
     except OSError as err:
@@ -368,6 +390,10 @@ def send(
         return {"stopped": True}
     if code not in (0, 24):  # 24: files vanished while copying (a live source): the rest is there
         text = b"".join(errors).decode("utf-8", "replace").strip()
+        if code in _LOST_CONTACT_CODES and "refused the rsync stream" not in text:
+            # the receiver went away (a restart, a network cut): the attempt starts again and
+            # rsync's quick check skips every file the tree already holds
+            raise ConnectionError(f"the rsync stream of partition {prep.part['device']} broke: {text[-300:]}")
         raise FileLevelError(f"rsync of partition {prep.part['device']} failed (exit {code}): {text[-800:]}")
     if code == 24:
         log.warning(
