@@ -66,9 +66,9 @@ def make_root_tree(root: Path, seed: int = 3) -> None:
     os.setxattr(root, "user.root-label", b"top")
 
 
-def excluded(path: str) -> bool:
-    """Is ``path`` left out by the defaults and the test's exclude file (``/var/cache/*``)?"""
-    for prefix in ("/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", "/var/cache/"):
+def excluded(path: str, extra: tuple[str, ...] = ("/var/cache/",)) -> bool:
+    """Is ``path`` left out by the defaults and ``extra`` (the test's exclude file: ``/var/cache/*``)?"""
+    for prefix in ("/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", *extra):
         if path.startswith(prefix):
             return True
     return path in ("/swapfile", "/swap.img", "/swap")
@@ -220,10 +220,12 @@ def _xattr_hex(image: Path, path: str, name: str) -> str:
         os.unlink(out)
 
 
-def compare(src: dict[str, dict[str, Any]], img: dict[str, dict[str, Any]]) -> list[str]:
+def compare(
+    src: dict[str, dict[str, Any]], img: dict[str, dict[str, Any]], extra: tuple[str, ...] = ("/var/cache/",)
+) -> list[str]:
     """Differences, as readable lines (empty: the image holds exactly the source minus the excludes)."""
     problems: list[str] = []
-    want = {p: e for p, e in src.items() if not excluded(p)}
+    want = {p: e for p, e in src.items() if not excluded(p, extra)}
     for path in sorted(set(want) | set(img)):
         if path in IMAGE_ONLY and path not in want:
             continue

@@ -66,6 +66,7 @@ _LONG_OK = {
     "--log-format=X",  # the client itemizes (-i, --out-format): the server marks what it changed
     "--stats",  # the agent reports how many files a run sent
 }
+_BWLIMIT = re.compile(r"^--bwlimit=[0-9]{1,12}[kKmM]?$")  # the job's bandwidth_limit, on both ends
 _RSYNC_BIN = "rsync"
 
 
@@ -88,7 +89,7 @@ def server_command(asked: object, tree: Path) -> list[str]:
     options = asked[2:-2]
     for opt in options:
         if opt.startswith("--"):
-            if opt not in _LONG_OK:
+            if opt not in _LONG_OK and not _BWLIMIT.match(opt):
                 raise RsyncRefused(f"option {opt!r} is not run on the receiver")
             continue
         if not opt.startswith("-") or len(opt) < 2:
