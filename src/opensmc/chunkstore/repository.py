@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from opensmc.chunkstore.backend import AbstractLock, Backend, LocalBackend, ObjectExists, ObjectNotFound
+from opensmc.chunkstore.blobindex import BlobIndex
 from opensmc.chunkstore.packs import BlobEntry, PackBuilder, PackCorrupt, decode_blob, parse_index
 from opensmc.faults import crash_point
 
@@ -92,10 +93,10 @@ class Repository:
         self.chunk_size = self._config(chunk_size)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # blob hash -> its location packed into one int (see _pack_location): about 120 bytes
-        # a blob in memory instead of ~300 for a dict of objects, which is what bounds the
-        # server's memory on a store of many terabytes.
-        self._index: dict[bytes, int] = {}
+        # blob hash -> its location packed into one int (see _pack_location), in sorted columns
+        # of 32 bytes a blob (blobindex.py; a dict took ~140): what bounds the server's memory
+        # on a store of many terabytes.
+        self._index = BlobIndex()
         self._pack_names: list[str] = []
         self._pack_numbers: dict[str, int] = {}
         self._loaded: set[str] = set()
@@ -163,8 +164,7 @@ class Repository:
                 continue
             with self._lock:
                 number = self._number_locked(pack)
-                for e in entries:
-                    self._index.setdefault(e.hash, _pack_location(number, e))
+                self._index.add_absent([(e.hash, _pack_location(number, e)) for e in entries])
                 self._loaded.add(pack)
 
     def has(self, blob_hash: bytes) -> bool:
@@ -210,8 +210,9 @@ class Repository:
         seqs: list[int] = []
         index, pending = self._index, self._pending
         with self._lock:
-            for blob_hash, plain, compress in blobs:
-                if blob_hash in index:
+            known = index.known([b[0] for b in blobs])  # one search of the index for the frame
+            for (blob_hash, plain, compress), durable in zip(blobs, known, strict=True):
+                if durable:
                     seqs.append(0)
                     continue
                 seq = pending.get(blob_hash)
@@ -307,8 +308,9 @@ class Repository:
                 return
             with self._lock:
                 number = self._number_locked(name)
+                # the newest copy wins (see forget)
+                self._index.update([(e.hash, _pack_location(number, e)) for e in builder.entries])
                 for e in builder.entries:
-                    self._index[e.hash] = _pack_location(number, e)  # the newest copy wins (see forget)
                     self._pending.pop(e.hash, None)
                 self._loaded.add(name)
                 self._queue.pop(0)
@@ -392,7 +394,7 @@ class Repository:
         damaged pack itself.
         """
         with self._lock:
-            self._index.pop(blob_hash, None)
+            self._index.pop(blob_hash)
 
     def bump_generation(self) -> int:
         """Tell every process that blobs may be gone (gc calls this under the exclusive lock)."""
