@@ -48,7 +48,8 @@ PACK_SIZE = 16 * 1024 * 1024
 #: an open pack older than this is written out even if not full: on a slow link a crash
 #: must not lose minutes of received data (the staging index can name only durable blobs)
 SEAL_AFTER = 2.0
-#: packs written but not yet durable, at most (memory: one pack buffer each, plus the open one).
+#: packs written but not yet durable, at most (on a backend other than a local directory,
+#: one pack buffer each, plus the open one; a local store's packs are files as they fill).
 #: One lets the next pack fill while the last is written; two measured no faster on the 2 GiB
 #: migration and cost the server 16 MiB more.
 PACKS_IN_FLIGHT = 1
