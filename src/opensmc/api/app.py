@@ -24,7 +24,8 @@ from starlette.routing import BaseRoute, Route
 
 from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
-from opensmc.api.auth import authenticate
+from opensmc.api.auth import authenticate_async
+from opensmc.api.nonces import NonceBatcher
 from opensmc.api.render import error_body, render
 from opensmc.api.serving import MAX_BODY, BodyLimit
 from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
@@ -105,27 +106,24 @@ async def handle_rpc(request: Request) -> Response:
             repeated=repeated,
         )
 
-        def authenticated_call() -> dict[str, Any]:
-            # Authentication and the handler in one worker-thread hop: a second hop cost
-            # about as much as verifying the signature (bench/bench_api.py).
-            caller = authenticate(services, signed)
-            request.state.caller = caller  # for the access log (api/ops.py)
-            check_policy(caller, action_name)
-            if caller.scheme == V1_METHOD:
-                # A V1 signature covers the query and form only: an Action or Version
-                # that came from a header was not signed, so it cannot choose what runs.
-                if param_action is None:
-                    raise MissingParameter("Action")
-                if param_version is None:
-                    raise MissingParameter("Version")
-            for key, value in values.items():
-                # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
-                if "\x00" in key or "\x00" in value:
-                    raise InvalidParameter(key.replace("\x00", ""), "It contains a NUL character.")
-            params = Params({k: v for k, v in values.items() if k not in COMMON})
-            return action.handler(services, caller, params)
-
-        result = await run_in_threadpool(authenticated_call)
+        caller = await authenticate_async(services, signed, request.app.state.nonces)
+        request.state.caller = caller  # for the access log (api/ops.py)
+        check_policy(caller, action_name)
+        if caller.scheme == V1_METHOD:
+            # A V1 signature covers the query and form only: an Action or Version
+            # that came from a header was not signed, so it cannot choose what runs.
+            if param_action is None:
+                raise MissingParameter("Action")
+            if param_version is None:
+                raise MissingParameter("Version")
+        for key, value in values.items():
+            # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
+            if "\x00" in key or "\x00" in value:
+                raise InvalidParameter(key.replace("\x00", ""), "It contains a NUL character.")
+        params = Params({k: v for k, v in values.items() if k not in COMMON})
+        # The handler on a worker thread (the store is synchronous): the request's one thread hop
+        # when its key is cached (api/auth.py).
+        result = await run_in_threadpool(action.handler, services, caller, params)
         payload: dict[str, Any] = {"RequestId": request_id, **result}
         data, ctype = render(payload, f"{action_name}Response", fmt)
         return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)
@@ -180,6 +178,7 @@ def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> St
         middleware=[Middleware(BodyLimit, limit=MAX_BODY)],
     )
     app.state.services = services
+    app.state.nonces = NonceBatcher(services)  # the nonce transactions of concurrent requests (api/nonces.py)
     # --- operations: /metrics, /healthz, /readyz and the access log (api/ops.py) ---
     from opensmc.api import ops
 

@@ -1,0 +1,81 @@
+"""Group commit of signature nonces: the requests of one event loop share nonce transactions.
+
+Every signed request must have its nonce recorded in the database before it
+runs (replay protection across every process that shares the database). One
+transaction per request was a large share of a signed request's cost, and on
+SQLite every one of them queued for the single writer. Here a request puts
+its claim in the loop's pending list and awaits it; when no flush is under
+way one starts at once, on a worker thread, with every claim pending at that
+moment (:func:`opensmc.service.accounts.record_nonces`, one transaction); the
+claims that arrive meanwhile go together in the next flush. A lone request
+waits for nothing but its own transaction; under load, one commit answers
+many requests. No request is answered before the transaction that recorded
+its nonce has committed, so the replay guarantee is the one of
+``accounts.check_nonce``.
+
+All the bookkeeping runs on the event loop's thread: no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+
+from opensmc.service import accounts
+from opensmc.service.context import Services
+from opensmc.store.accounts import NONCE_BATCH_MAX
+
+
+@dataclass
+class _Loop:
+    pending: list[tuple[accounts.NonceClaim, asyncio.Future[str]]] = field(default_factory=list)
+    flushing: asyncio.Task[None] | None = None
+
+
+class NonceBatcher:
+    """The nonce claims of one :class:`Services`, batched per event loop."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Loop] = weakref.WeakKeyDictionary()
+
+    async def claim(self, claim: accounts.NonceClaim) -> str:
+        """The claim's outcome (``accounts.RECORDED``, ``REPLAYED``, ``STALE`` or ``IN_MEMORY``)."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _Loop()
+        future: asyncio.Future[str] = loop.create_future()
+        state.pending.append((claim, future))
+        if state.flushing is None:
+            state.flushing = loop.create_task(self._flush(state))
+        return await future
+
+    async def _flush(self, state: _Loop) -> None:
+        try:
+            while state.pending:
+                batch = state.pending[:NONCE_BATCH_MAX]
+                del state.pending[:NONCE_BATCH_MAX]
+                try:
+                    outcomes = await run_in_threadpool(accounts.record_nonces, self.services, [c for c, _ in batch])
+                except Exception as exc:  # the database failed: each request answers with it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:  # cancelled (the loop is shutting down): nobody waits for an answer
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():  # a request cancelled meanwhile has nobody to tell
+                        future.set_result(outcome)
+        finally:
+            state.flushing = None
+            if state.pending and not asyncio.get_running_loop().is_closed():
+                for _, future in state.pending:
+                    future.cancel()
+                state.pending.clear()
