@@ -7,7 +7,8 @@ SQLite every one of them queued for the single writer. Here a request puts
 its claim in the loop's pending list and awaits it; when no flush is under
 way one starts at once, on a worker thread, with every claim pending at that
 moment (:func:`opensmc.service.accounts.record_nonces`, one transaction); the
-claims that arrive meanwhile go together in the next flush. A lone request
+claims that arrive meanwhile go together in the next flush (on PostgreSQL a
+few flushes may be under way at once: :data:`FLIGHTS_POSTGRES`). A lone request
 waits for nothing but its own transaction; under load, one commit answers
 many requests. No request is answered before the transaction that recorded
 its nonce has committed, so the replay guarantee is the one of
@@ -26,13 +27,18 @@ from starlette.concurrency import run_in_threadpool
 
 from opensmc.service import accounts
 from opensmc.service.context import Services
-from opensmc.store.accounts import NONCE_BATCH_MAX
+
+#: nonce transactions in flight at once per event loop: one on SQLite (it has one writer anyway);
+#: a few on PostgreSQL, where a commit waits for its WAL flush and concurrent commits share one
+FLIGHTS_SQLITE = 1
+FLIGHTS_POSTGRES = 4
 
 
 @dataclass
 class _Loop:
     pending: list[tuple[accounts.NonceClaim, asyncio.Future[str]]] = field(default_factory=list)
-    flushing: asyncio.Task[None] | None = None
+    in_flight: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class NonceBatcher:
@@ -40,6 +46,7 @@ class NonceBatcher:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.flights = FLIGHTS_SQLITE if services.db.is_sqlite else FLIGHTS_POSTGRES
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Loop] = weakref.WeakKeyDictionary()
 
     async def claim(self, claim: accounts.NonceClaim) -> str:
@@ -50,32 +57,39 @@ class NonceBatcher:
             state = self._loops[loop] = _Loop()
         future: asyncio.Future[str] = loop.create_future()
         state.pending.append((claim, future))
-        if state.flushing is None:
-            state.flushing = loop.create_task(self._flush(state))
+        if state.in_flight < self.flights:
+            self._start(loop, state)
         return await future
 
-    async def _flush(self, state: _Loop) -> None:
+    def _start(self, loop: asyncio.AbstractEventLoop, state: _Loop) -> None:
+        batch = state.pending[: accounts.NONCE_BATCH_MAX]
+        del state.pending[: accounts.NONCE_BATCH_MAX]
+        state.in_flight += 1
+        task = loop.create_task(self._flush(loop, state, batch))
+        state.tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(state.tasks.discard)
+
+    async def _flush(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        state: _Loop,
+        batch: list[tuple[accounts.NonceClaim, asyncio.Future[str]]],
+    ) -> None:
         try:
-            while state.pending:
-                batch = state.pending[:NONCE_BATCH_MAX]
-                del state.pending[:NONCE_BATCH_MAX]
-                try:
-                    outcomes = await run_in_threadpool(accounts.record_nonces, self.services, [c for c, _ in batch])
-                except Exception as exc:  # the database failed: each request answers with it
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                except BaseException:  # cancelled (the loop is shutting down): nobody waits for an answer
-                    for _, future in batch:
-                        future.cancel()
-                    raise
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if not future.done():  # a request cancelled meanwhile has nobody to tell
-                        future.set_result(outcome)
+            outcomes = await run_in_threadpool(accounts.record_nonces, self.services, [c for c, _ in batch])
+        except Exception as exc:  # the database failed: each request answers with it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        except BaseException:  # cancelled (the loop is shutting down): nobody waits for an answer
+            for _, future in batch:
+                future.cancel()
+            raise
+        else:
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():  # a request cancelled meanwhile has nobody to tell
+                    future.set_result(outcome)
         finally:
-            state.flushing = None
-            if state.pending and not asyncio.get_running_loop().is_closed():
-                for _, future in state.pending:
-                    future.cancel()
-                state.pending.clear()
+            state.in_flight -= 1
+            if state.pending and not loop.is_closed():
+                self._start(loop, state)  # what arrived meanwhile, in one transaction

@@ -242,6 +242,8 @@ class NonceClaim:
     key_version: int | None
 
 
+#: claims per call of :func:`record_nonces` at most
+NONCE_BATCH_MAX = q.NONCE_BATCH_MAX
 #: what :func:`record_nonces` says of each claim
 RECORDED = "recorded"  #: the nonce is new and now recorded: the request may run
 REPLAYED = "replayed"  #: seen before (in any process, or earlier in the same batch): SignatureNonceUsed
