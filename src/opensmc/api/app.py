@@ -65,7 +65,8 @@ async def handle_rpc(request: Request) -> Response:
     fmt = "JSON"
     action_name = "Error"
     try:
-        raw_query = request.url.query
+        # From the scope, as request.url would give them, without building a URL per request.
+        raw_query = request.scope.get("query_string", b"").decode()
         query = parse_qsl(raw_query, keep_blank_values=True)
         headers, repeated = collect_headers(request.headers.items())
         body = await _read_body(request)
@@ -98,7 +99,7 @@ async def handle_rpc(request: Request) -> Response:
             raise AuthError("InvalidVersion", "Specified parameter Version is not valid.")
         signed = SignedRequest(
             method=request.method,
-            path=request.url.path,
+            path=request.scope["path"],  # "/": the only path this route matches
             query=query,
             form=form,
             headers=headers,

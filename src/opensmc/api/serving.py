@@ -189,10 +189,52 @@ class DeadlineH11Protocol(_HeaderDeadline, H11Protocol):
     """uvicorn's h11 protocol, closing a connection that does not finish its headers in time."""
 
 
+class _OneWrite:
+    """A response's transport that holds its status line and headers until its first body part.
+
+    uvicorn writes the head and the body of a response in two ``write`` calls:
+    two system calls, and two wake-ups of the client, per small answer. Held
+    back, the head goes out with the first body part in one (a 100 Continue
+    and anything else pass at once; closing sends what is held first).
+    """
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held = b""
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
+            self._held = data  # a final response's head: its body follows
+            return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._held:
+            self._transport.write(self._held)
+            self._held = b""
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 if HttpToolsProtocol is not None:
 
     class DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
-        """uvicorn's httptools protocol, closing a connection that does not finish its headers in time."""
+        """uvicorn's httptools protocol, closing a connection that does not finish its headers in time.
+
+        Each response goes out in one write (:class:`_OneWrite`).
+        """
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not isinstance(cycle.transport, _OneWrite):
+                cycle.transport = _OneWrite(cycle.transport)
 
     _PROTOCOL: type[_HeaderDeadline] = DeadlineHttpToolsProtocol
 else:  # pragma: no cover
