@@ -47,6 +47,9 @@ _READ_ONLY = "opensmc.read_only"
 #: orchestrator and the receiver, so that connections are reused, not opened and closed under load
 SQLITE_POOL_SIZE = 48
 SQLITE_POOL_OVERFLOW = 16
+#: pooled PostgreSQL connections per process, kept open, and how many more may be opened for a peak
+PG_POOL_SIZE = 24
+PG_POOL_OVERFLOW = 16
 
 
 def normalize_url(url: str) -> str:
@@ -77,7 +80,11 @@ class Database:
             kwargs["max_overflow"] = SQLITE_POOL_OVERFLOW
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs["pool_size"] = 10
+            # Kept open: an overflow connection is closed when it is given back, and opening one
+            # (a new server process on PostgreSQL's side) cost more than the requests it served;
+            # under load the API's worker threads use about as many as they are.
+            kwargs["pool_size"] = PG_POOL_SIZE
+            kwargs["max_overflow"] = PG_POOL_OVERFLOW
             kwargs["pool_use_lifo"] = True  # the connections in use stay warm; the others idle (and are pinged)
         self.engine: Engine = create_engine(self.url, **kwargs)
         if not self.is_sqlite:
