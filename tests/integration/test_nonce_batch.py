@@ -170,3 +170,17 @@ def test_a_database_that_cannot_take_the_batch_falls_back_to_memory(
     finally:
         monkeypatch.setattr(services.db, "begin", real_begin)
         accounts._memory_nonces.clear()
+
+
+def test_a_nonce_the_database_cannot_store_does_not_fail_the_others(services: Services) -> None:
+    key = create_account(services, "k")
+    authenticate(services, _signed(key))
+    batcher = NonceBatcher(services)
+
+    async def together() -> list[object]:
+        # last: the first requests start transactions of their own, it joins a shared one
+        reqs = [*(_signed(key) for _ in range(10)), _signed(key, nonce="bad\x00nonce")]
+        return await asyncio.gather(*(authenticate_async(services, r, batcher) for r in reqs), return_exceptions=True)
+
+    results = asyncio.run(together())
+    assert all(not isinstance(r, BaseException) for r in results[:-1]), results[:-1]
