@@ -184,3 +184,30 @@ def test_a_nonce_the_database_cannot_store_does_not_fail_the_others(services: Se
 
     results = asyncio.run(together())
     assert all(not isinstance(r, BaseException) for r in results[:-1]), results[:-1]
+
+
+def test_a_lone_request_records_its_nonce_on_the_thread_that_runs_it(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from opensmc.api.auth import authenticate_then
+
+    key = create_account(services, "k")
+    authenticate(services, _signed(key))
+    threads: dict[str, int] = {}
+    real = accounts.record_nonces
+
+    def recording(svc: Services, claims: list[accounts.NonceClaim]) -> list[str]:
+        threads["nonce"] = threading.get_ident()
+        return real(svc, claims)
+
+    monkeypatch.setattr(accounts, "record_nonces", recording)
+
+    def then(caller: object) -> str:
+        threads["handler"] = threading.get_ident()
+        return "ran"
+
+    caller, result = asyncio.run(authenticate_then(services, _signed(key), NonceBatcher(services), then))
+    assert result == "ran" and caller.access_key_id == key.access_key_id
+    assert threads["nonce"] == threads["handler"] != threading.get_ident()

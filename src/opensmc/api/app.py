@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -24,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
-from opensmc.api.auth import authenticate_async
+from opensmc.api.auth import authenticate_then
 from opensmc.api.nonces import NonceBatcher
 from opensmc.api.render import error_body, render
 from opensmc.api.serving import MAX_BODY, BodyLimit
@@ -33,7 +32,7 @@ from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
 from opensmc.service.accounts import check_policy
-from opensmc.service.context import Services
+from opensmc.service.context import Caller, Services
 
 log = logging.getLogger("opensmc.api")
 
@@ -107,24 +106,26 @@ async def handle_rpc(request: Request) -> Response:
             repeated=repeated,
         )
 
-        caller = await authenticate_async(services, signed, request.app.state.nonces)
-        request.state.caller = caller  # for the access log (api/ops.py)
-        check_policy(caller, action_name)
-        if caller.scheme == V1_METHOD:
-            # A V1 signature covers the query and form only: an Action or Version
-            # that came from a header was not signed, so it cannot choose what runs.
-            if param_action is None:
-                raise MissingParameter("Action")
-            if param_version is None:
-                raise MissingParameter("Version")
-        for key, value in values.items():
-            # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
-            if "\x00" in key or "\x00" in value:
-                raise InvalidParameter(key.replace("\x00", ""), "It contains a NUL character.")
-        params = Params({k: v for k, v in values.items() if k not in COMMON})
-        # The handler on a worker thread (the store is synchronous): the request's one thread hop
-        # when its key is cached (api/auth.py).
-        result = await run_in_threadpool(action.handler, services, caller, params)
+        def authorized_call(caller: Caller) -> dict[str, Any]:
+            # On the worker thread that runs the handler: with a cached key, the request's
+            # one thread hop (api/auth.py; the nonce may have been recorded on it too).
+            request.state.caller = caller  # for the access log (api/ops.py)
+            check_policy(caller, action_name)
+            if caller.scheme == V1_METHOD:
+                # A V1 signature covers the query and form only: an Action or Version
+                # that came from a header was not signed, so it cannot choose what runs.
+                if param_action is None:
+                    raise MissingParameter("Action")
+                if param_version is None:
+                    raise MissingParameter("Version")
+            for key, value in values.items():
+                # PostgreSQL text cannot hold NUL, and no SMC parameter has a use for it.
+                if "\x00" in key or "\x00" in value:
+                    raise InvalidParameter(key.replace("\x00", ""), "It contains a NUL character.")
+            params = Params({k: v for k, v in values.items() if k not in COMMON})
+            return action.handler(services, caller, params)
+
+        _caller, result = await authenticate_then(services, signed, request.app.state.nonces, authorized_call)
         payload: dict[str, Any] = {"RequestId": request_id, **result}
         data, ctype = render(payload, f"{action_name}Response", fmt)
         return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)

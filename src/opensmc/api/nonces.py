@@ -9,8 +9,9 @@ way one starts at once, on a worker thread, with every claim pending at that
 moment (:func:`opensmc.service.accounts.record_nonces`, one transaction); the
 claims that arrive meanwhile go together in the next flush (on PostgreSQL a
 few flushes may be under way at once: :data:`FLIGHTS_POSTGRES`). A lone request
-waits for nothing but its own transaction; under load, one commit answers
-many requests. No request is answered before the transaction that recorded
+waits for nothing but its own transaction, recorded on the worker thread that
+then runs its handler (:meth:`NonceBatcher.claim_then`); under load, one commit
+answers many requests. No request is answered before the transaction that recorded
 its nonce has committed, so the replay guarantee is the one of
 ``accounts.check_nonce``.
 
@@ -21,12 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from opensmc.service import accounts
 from opensmc.service.context import Services
+
+T = TypeVar("T")
 
 #: nonce transactions in flight at once per event loop: one on SQLite (it has one writer anyway);
 #: a few on PostgreSQL, where a commit waits for its WAL flush and concurrent commits share one
@@ -52,14 +57,49 @@ class NonceBatcher:
     async def claim(self, claim: accounts.NonceClaim) -> str:
         """The claim's outcome (``accounts.RECORDED``, ``REPLAYED``, ``STALE`` or ``IN_MEMORY``)."""
         loop = asyncio.get_running_loop()
-        state = self._loops.get(loop)
-        if state is None:
-            state = self._loops[loop] = _Loop()
+        state = self._state(loop)
         future: asyncio.Future[str] = loop.create_future()
         state.pending.append((claim, future))
         if state.in_flight < self.flights:
             self._start(loop, state)
         return await future
+
+    async def claim_then(self, claim: accounts.NonceClaim, then: Callable[[], T]) -> tuple[str, tuple[T] | None]:
+        """The claim's outcome and, when it is ``RECORDED``, ``(then(),)`` run on a worker thread.
+
+        When no nonce transaction is under way or waiting, the claim is
+        recorded alone on the worker thread that then runs ``then``: a lone
+        request makes one thread hop, not two. Claims arriving meanwhile wait
+        for that transaction to commit and go together in the next.
+        """
+        loop = asyncio.get_running_loop()
+        state = self._state(loop)
+        if state.in_flight or state.pending:
+            outcome = await self.claim(claim)
+            if outcome != accounts.RECORDED:
+                return outcome, None
+            return outcome, (await run_in_threadpool(then),)
+        state.in_flight += 1
+
+        def recorded() -> None:  # on the loop, once the lone transaction is over
+            state.in_flight -= 1
+            if state.pending:
+                self._start(loop, state)
+
+        def alone() -> tuple[str, tuple[T] | None]:
+            try:
+                [outcome] = accounts.record_nonces(self.services, [claim])
+            finally:
+                loop.call_soon_threadsafe(recorded)
+            return (outcome, (then(),)) if outcome == accounts.RECORDED else (outcome, None)
+
+        return await run_in_threadpool(alone)
+
+    def _state(self, loop: asyncio.AbstractEventLoop) -> _Loop:
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _Loop()
+        return state
 
     def _start(self, loop: asyncio.AbstractEventLoop, state: _Loop) -> None:
         batch = state.pending[: accounts.NONCE_BATCH_MAX]
