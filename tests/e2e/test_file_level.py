@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ServerProcess, stop
+from tests.e2e.conftest import ServerProcess, free_port, stop
 from tests.e2e.disks import require_tools
 from tests.e2e.flows import (
     agent_stats,
@@ -35,7 +35,7 @@ from tests.e2e.flows import (
     wait_for,
     wait_status,
 )
-from tests.e2e.trees import compare, image_entries, make_root_tree, source_entries
+from tests.e2e.trees import compare, excluded, image_entries, make_root_tree, source_entries
 
 MiB = 1024 * 1024
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
@@ -187,6 +187,62 @@ def test_block_false_partition_not_mounted_is_refused_before_data_moves(tmp_path
         job = wait_status(server, job_id, "InError", timeout=60)
         assert "not mounted" in job["StatusInfo"] and "--mount 0_1=DIR" in job["StatusInfo"], job
         assert agent_stats(runs(server, job_id)[0]).get("bytes_plain", 0) == 0
+    finally:
+        if agent:
+            agent.stop()
+        stop(server.proc)
+
+
+def test_killed_agent_and_server_mid_file_copy_resume_without_resending(tmp_path: Path) -> None:
+    """kill -9 of the agent, then of the server, while files move: the run goes on from what the tree holds."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed")
+    disk, tree = _build_source(tmp_path)
+    bulk = tree / "srv" / "bulk"
+    bulk.mkdir(parents=True)
+    rng = random.Random(9)
+    for i in range(30):
+        (bulk / f"part{i:02d}").write_bytes(rng.randbytes(MiB))
+    port, rport = free_port(), free_port()
+    listen = ("--receiver-listen", f"127.0.0.1:{rport}")
+    server = start_migration_server(tmp_path, *listen, port=port)
+    agent = None
+    try:
+        agent, source_id = register(server, [disk], tmp_path / "agent", ["--mount", f"0_1={tree}"])
+        job_id = create_job(
+            server, source_id, "resume", "--ReplicationParameters", json.dumps({"bandwidth_limit": 40}),
+            "--SystemDiskPart.1.Device", "0_1", "--SystemDiskPart.1.SizeBytes", str(72 * MiB),
+            "--SystemDiskPart.1.Block", "false",
+        )  # fmt: skip
+        server.call_json("StartReplicationJob", "--JobId", job_id)
+        received = server.data_dir / "staging"
+
+        def files_in_tree() -> int:
+            return sum(1 for p in received.glob("*.tree/srv/bulk/part*") if p.stat().st_size == MiB)
+
+        wait_for(lambda: files_in_tree() >= 5, 60, "some files to arrive")
+        agent.stop(sig_kill=True)
+        held = files_in_tree()
+        assert held < 30, "the copy finished before the agent was killed"
+        agent.start()
+        wait_for(lambda: files_in_tree() >= held + 5, 60, "more files to arrive")
+        stop(server.proc, sig_kill=True)
+        held = files_in_tree()
+        server = start_migration_server(tmp_path, *listen, port=port)
+        job = wait_status(server, job_id, "Finished", timeout=180)
+        [run] = runs(server, job_id)  # one run: the restarted agent and server continued it
+        stats = agent_stats(run)
+        regular = sum(1 for p, e in source_entries(tree).items() if e["kind"] == "file" and not excluded(p, ()))
+        # the last attempt sent only what the tree lacked: not the files it held when the server died
+        assert 0 < stats["files_sent"] <= regular - held, (stats, regular, held)
+        out = export(server, job["ImageId"], 0, tmp_path / "resumed.img")
+        fs = tmp_path / "resumed-root.fs"
+        with out.open("rb") as f:
+            f.seek(2 * MiB)
+            fs.write_bytes(f.read(72 * MiB))
+        assert subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True).returncode == 0
+        problems = compare(source_entries(tree), image_entries(fs), extra=())
+        assert not problems, "\n".join(problems)
     finally:
         if agent:
             agent.stop()

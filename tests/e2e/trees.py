@@ -62,11 +62,13 @@ def make_root_tree(root: Path, seed: int = 3) -> None:
     (root / "tmp/scratch").write_text("temporary\n")  # excluded by default
     (root / "swapfile").write_bytes(bytes(MiB))  # excluded by default
     os.utime(root / "etc/fstab", (1_600_000_000, 1_500_000_000))
+    os.chmod(root, 0o751)  # mke2fs -d alone would make the root directory 0755 without xattrs
+    os.setxattr(root, "user.root-label", b"top")
 
 
-def excluded(path: str) -> bool:
-    """Is ``path`` left out by the defaults and the test's exclude file (``/var/cache/*``)?"""
-    for prefix in ("/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", "/var/cache/"):
+def excluded(path: str, extra: tuple[str, ...] = ("/var/cache/",)) -> bool:
+    """Is ``path`` left out by the defaults and ``extra`` (the test's exclude file: ``/var/cache/*``)?"""
+    for prefix in ("/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", *extra):
         if path.startswith(prefix):
             return True
     return path in ("/swapfile", "/swap.img", "/swap")
@@ -91,34 +93,34 @@ def source_entries(root: Path) -> dict[str, dict[str, Any]]:
     """path -> what a copy must keep, for every entry under ``root`` (``/`` is root itself)."""
     out: dict[str, dict[str, Any]] = {}
     inodes: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            full = Path(dirpath) / name
-            rel = "/" + str(full.relative_to(root))
-            st = full.lstat()
-            e: dict[str, Any] = {
-                "kind": _kind(st.st_mode),
-                "mode": stat.S_IMODE(st.st_mode),
-                "uid": st.st_uid,
-                "gid": st.st_gid,
-            }
-            if not stat.S_ISDIR(st.st_mode):
-                e["mtime"] = int(st.st_mtime)
-            if stat.S_ISREG(st.st_mode):
-                e["size"] = st.st_size
-                e["sha"] = hashlib.sha256(full.read_bytes()).hexdigest()
-                if st.st_nlink > 1:
-                    e["link"] = inodes.setdefault(st.st_ino, rel)
-            if stat.S_ISLNK(st.st_mode):
-                e["target"] = os.readlink(full)
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                e["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if not stat.S_ISLNK(st.st_mode):
-                names = sorted(os.listxattr(full, follow_symlinks=False))
-                e["xattrs"] = {
-                    n: (None if n.startswith("system.posix_acl") else os.getxattr(full, n).hex()) for n in names
-                }
-            out[rel] = e
+    walked = [(root, "/")] + [
+        (Path(dirpath) / name, "/" + str((Path(dirpath) / name).relative_to(root)))
+        for dirpath, dirnames, filenames in os.walk(root)
+        for name in [*dirnames, *filenames]
+    ]
+    for full, rel in walked:
+        st = full.lstat()
+        e: dict[str, Any] = {
+            "kind": _kind(st.st_mode),
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+        }
+        if not stat.S_ISDIR(st.st_mode):
+            e["mtime"] = int(st.st_mtime)
+        if stat.S_ISREG(st.st_mode):
+            e["size"] = st.st_size
+            e["sha"] = hashlib.sha256(full.read_bytes()).hexdigest()
+            if st.st_nlink > 1:
+                e["link"] = inodes.setdefault(st.st_ino, rel)
+        if stat.S_ISLNK(st.st_mode):
+            e["target"] = os.readlink(full)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            e["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if not stat.S_ISLNK(st.st_mode):
+            names = sorted(os.listxattr(full, follow_symlinks=False))
+            e["xattrs"] = {n: (None if n.startswith("system.posix_acl") else os.getxattr(full, n).hex()) for n in names}
+        out[rel] = e
     return out
 
 
@@ -135,7 +137,7 @@ def _debugfs(image: Path, commands: list[str]) -> str:
 
 def image_entries(image: Path) -> dict[str, dict[str, Any]]:
     """The same description of the ext4 filesystem image ``image`` (read with debugfs, nothing mounted)."""
-    paths: list[tuple[str, int]] = []  # (path, inode)
+    paths: list[tuple[str, int]] = [("/", 2)]  # (path, inode)
     todo = ["/"]
     while todo:
         d = todo.pop()
@@ -218,10 +220,12 @@ def _xattr_hex(image: Path, path: str, name: str) -> str:
         os.unlink(out)
 
 
-def compare(src: dict[str, dict[str, Any]], img: dict[str, dict[str, Any]]) -> list[str]:
+def compare(
+    src: dict[str, dict[str, Any]], img: dict[str, dict[str, Any]], extra: tuple[str, ...] = ("/var/cache/",)
+) -> list[str]:
     """Differences, as readable lines (empty: the image holds exactly the source minus the excludes)."""
     problems: list[str] = []
-    want = {p: e for p, e in src.items() if not excluded(p)}
+    want = {p: e for p, e in src.items() if not excluded(p, extra)}
     for path in sorted(set(want) | set(img)):
         if path in IMAGE_ONLY and path not in want:
             continue

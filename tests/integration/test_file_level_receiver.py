@@ -79,6 +79,7 @@ def test_tunnel_with_a_bad_token_is_refused(receiver: Receiver, tmp_path: Path) 
         ["rsync", "--server", "-logDtprKe.iLsfxC", ".", "x"],  # keep-dirlinks: follow symlinks out of the tree
         ["rsync", "--server", "--backup-dir=/etc", "-a", ".", "x"],
         ["rsync", "--server", "--log-file=/etc/passwd", ".", "x"],
+        ["rsync", "--server", "--bwlimit=1;id", ".", "x"],
         ["sh", "-c", "id", ".", "x"],
         ["rsync", "--server", "-a"],
         "rsync --server . x",

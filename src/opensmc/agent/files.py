@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,16 @@ DEFAULT_EXCLUDES = [
 MARGIN_FRACTION = 0.05
 METADATA_FRACTION = 0.02
 MARGIN_BYTES = 4 * 1024 * 1024
+#: rsync's exit codes for a connection that broke (socket I/O, protocol stream, timeouts, remote shell)
+_LOST_CONTACT_CODES = (10, 12, 30, 35, 255)
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
+#: rsync --stats lines: what a run reports (files and bytes, besides the progress)
+_STATS = {
+    "files": re.compile(r"^Number of files: ([\d,]+)"),
+    "files_sent": re.compile(r"^Number of regular files transferred: ([\d,]+)"),
+    "files_deleted": re.compile(r"^Number of deleted files: ([\d,]+)"),
+    "bytes_sent": re.compile(r"^Total transferred file size: ([\d,]+)"),
+}
 
 
 class FileLevelError(Exception):
@@ -156,7 +166,27 @@ def read_superblock(disk_path: str, offset: int) -> "Dict[str, Any]":
 
 
 def _used_bytes(directory: str) -> int:
-    """What the files under ``directory`` take, not crossing into other filesystems."""
+    """What the files under ``directory`` take, not crossing into other filesystems.
+
+    A mount point: its filesystem's used blocks (statvfs, instant). A directory (``--mount``):
+    ``du -sx`` (a C walk, about 10x faster than this one), else a walk here.
+    """
+    if os.path.ismount(directory):
+        st = os.statvfs(directory)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    if shutil.which("du"):
+        try:
+            out = subprocess.run(
+                ["du", "-sx", "-B1", directory], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3600
+            )
+            if out.returncode == 0:
+                return int(out.stdout.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            pass
+    return _walk_used(directory)
+
+
+def _walk_used(directory: str) -> int:
     try:
         root_dev = os.lstat(directory).st_dev
     except OSError as err:
@@ -300,6 +330,7 @@ def send(
         "-e",
         rsh,
         "--info=progress2",
+        "--stats",
     ]
     if limit_mbit > 0:
         cmd.append(f"--bwlimit={max(1, int(limit_mbit * 1000 / 8 / 1.024))}k")
@@ -326,17 +357,31 @@ def send(
         watcher = threading.Thread(target=_stop_when, args=(stopped, proc), daemon=True)
         watcher.start()
         buf = b""
+        stats: "Dict[str, int]" = {}
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
         while True:
-            data = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            # rsync makes its output non-blocking: wait for it, and only b"" is its end
+            select.select([fd], [], [], 1.0)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+
             if not data:
                 break
             buf = (buf + data)[-4096:]
             *lines_, buf = re.split(rb"[\r\n]", buf)
-            for line in lines_:
-                m = _PROGRESS.match(line.decode("ascii", "replace"))
+            for raw in lines_:
+                line = raw.decode("utf-8", "replace")
+                m = _PROGRESS.match(line)
                 if m:
                     progress(min(int(m.group(1).replace(",", "")), prep.used))
+                    continue
+                for key, pattern in _STATS.items():
+                    s = pattern.match(line)
+                    if s:
+                        stats[key] = int(s.group(1).replace(",", ""))
         code = proc.wait()
         reader.join(5)
     finally:
@@ -345,13 +390,26 @@ def send(
         return {"stopped": True}
     if code not in (0, 24):  # 24: files vanished while copying (a live source): the rest is there
         text = b"".join(errors).decode("utf-8", "replace").strip()
+        if code in _LOST_CONTACT_CODES and "refused the rsync stream" not in text:
+            # the receiver went away (a restart, a network cut): the attempt starts again and
+            # rsync's quick check skips every file the tree already holds
+            raise ConnectionError(f"the rsync stream of partition {prep.part['device']} broke: {text[-300:]}")
         raise FileLevelError(f"rsync of partition {prep.part['device']} failed (exit {code}): {text[-800:]}")
     if code == 24:
         log.warning(
             "partition %s: some files vanished while they were copied (the source is live)", prep.part["device"]
         )
     progress(prep.used)
-    return build(vid, prep.spec)
+    log.info(
+        "partition %s: %d of %d files sent (%d bytes)",
+        prep.part["device"],
+        stats.get("files_sent", 0),
+        stats.get("files", 0),
+        stats.get("bytes_sent", 0),
+    )
+    built = dict(build(vid, prep.spec))
+    built.update(stats)
+    return built
 
 
 def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> None:

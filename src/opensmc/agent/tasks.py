@@ -489,6 +489,8 @@ def run_task(
                     raise TaskStopped("the server asked this task to stop")
                 state["base"] = int(base) + prep.used
                 totals["files_bytes"] += int(built.get("bytes", 0))
+                for key in ("files", "files_sent", "files_deleted"):
+                    totals[key] = int(totals.get(key, 0)) + int(built.get(key, 0))
         if written:
             totals["source_writes"] = writewatch.note(written)
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.

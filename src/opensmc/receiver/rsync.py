@@ -26,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from aiohttp import web
@@ -64,12 +66,28 @@ _LONG_OK = {
     "--size-only",
     "--preallocate",
     "--log-format=X",  # the client itemizes (-i, --out-format): the server marks what it changed
+    "--stats",  # the agent reports how many files a run sent
 }
+_BWLIMIT = re.compile(r"^--bwlimit=[0-9]{1,12}[kKmM]?$")  # the job's bandwidth_limit, on both ends
 _RSYNC_BIN = "rsync"
 
 
 class RsyncRefused(ValueError):
     """The asked rsync command is not one this receiver runs."""
+
+
+#: rsync 3.4.0 fixed the path traversals a malicious sender could use on a receiver (CVE-2024-12087, -12088)
+MIN_VERSION = (3, 4, 0)
+
+
+@functools.cache
+def rsync_version() -> tuple[int, ...]:
+    try:
+        out = subprocess.run([_RSYNC_BIN, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0,)
+    m = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else (0,)
 
 
 def tree_path(root: Path, vid: str) -> Path:
@@ -87,7 +105,7 @@ def server_command(asked: object, tree: Path) -> list[str]:
     options = asked[2:-2]
     for opt in options:
         if opt.startswith("--"):
-            if opt not in _LONG_OK:
+            if opt not in _LONG_OK and not _BWLIMIT.match(opt):
                 raise RsyncRefused(f"option {opt!r} is not run on the receiver")
             continue
         if not opt.startswith("-") or len(opt) < 2:
@@ -114,6 +132,14 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
         )
     if shutil.which(_RSYNC_BIN) is None:
         return _error(501, "Rsync.Missing", "rsync is not installed on the receiver host")
+    version = rsync_version()
+    if version < MIN_VERSION:
+        return _error(
+            501,
+            "Rsync.TooOld",
+            f"the receiver host's rsync is {'.'.join(map(str, version))}; file-level copying needs "
+            f"{'.'.join(map(str, MIN_VERSION))} or newer (its checks against unsafe paths from a sender)",
+        )
     try:
         asked = json.loads(base64.b64decode(request.headers.get(ARGS_HEADER, ""), validate=True))
         tree = tree_path(root, vid)
