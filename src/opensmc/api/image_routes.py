@@ -194,8 +194,15 @@ async def _raw_body(
             yield data
 
     try:
+        held: bytes | None = None
         async for block in iterate_in_threadpool(blocks()):
-            yield block
+            if held is not None:
+                yield held
+            held = block
+        # Every block was read and verified, and ``on_verified`` has recorded the proof: only now
+        # does the last block go out, so a client that has the whole disk finds the image verified.
+        if held is not None:
+            yield held
     except (ImageError, OSError) as exc:
         log.error(
             "image %s disk %d: download aborted, the image failed verification: %s (RequestId %s)",
