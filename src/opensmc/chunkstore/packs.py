@@ -171,8 +171,8 @@ class PackBuilder:
     def commit(self, name: str) -> None:
         """Spooled: make the pack durable as ``name`` (after :meth:`finish_spooled`)."""
         assert self._spool is not None
-        spool, self._spool = self._spool, None
-        spool.commit(name)
+        self._spool.commit(name)  # on failure it is still ours: discard() removes the file
+        self._spool = None
 
     def discard(self) -> None:
         """Spooled: drop the pack's file (a lost pack); harmless otherwise, and twice."""

@@ -116,6 +116,7 @@ def test_writer_error_surfaces_on_next_put(tmp_path: Path) -> None:
     assert repo.durable_seq == 0  # ... not because the pack is durable
     with pytest.raises(StoreError, match="No space left"):
         repo.put(h(blob(9)), blob(9))
+    assert _spools(backend.root) == []  # the lost pack's file is gone too
     for i in range(4):  # nothing is claimed
         assert not repo.has(h(blob(i)))
         with pytest.raises(BlobNotFound):
