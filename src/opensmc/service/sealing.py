@@ -36,7 +36,7 @@ from opensmc.service import boot_tests, disk_sizes, leases, os_adaptation, reten
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
-from opensmc.service.images import store_of
+from opensmc.service.images import remove_image_logs, store_of
 from opensmc.service.staging import (
     drop_staged_chunks,
     fail,
@@ -243,6 +243,7 @@ def discard_half_made(svc: Services, store: ImageStore, job_id: str) -> None:
         except ImageError:
             pass  # the store never got as far as this image
         _drop_source_snapshot(store, image_id)
+        remove_image_logs(svc, image_id)  # an adaptation log written before the crash
         with svc.db.begin() as conn:
             image_q.remove_image(conn, image_id)
         log.info("removed half-made image %s of job %s", image_id, job_id)
