@@ -115,9 +115,7 @@ for f in /etc/network/interfaces /etc/network/interfaces.d/*; do
     sed -i -E '/^[[:space:]]*hwaddress/d' "$f"
     echo "changed: $f: removed hwaddress"
   fi
-  names=$(sed -nE 's/^[[:space:]]*iface[[:space:]]+([^[:space:]]+)[[:space:]]+inet.*/\1/p' "$f" | grep -v '^lo$' | tr '\n' ' ')
-  [ -n "$names" ] && echo "kept: $f configures $names(ifupdown names NICs; check the name on the new machine)"
-done
+done  # adaptation.py rewrote the first NIC's stanza before this ran (guest_network.py)
 for f in /etc/systemd/network/*.network /etc/systemd/network/*.link; do
   [ -f "$f" ] || continue
   if grep -qE '^[[:space:]]*MACAddress=' "$f"; then
@@ -125,10 +123,7 @@ for f in /etc/systemd/network/*.network /etc/systemd/network/*.link; do
     echo "changed: $f matched the old MAC address: renamed to $f.opensmc-disabled"
   fi
 done
-for f in /etc/netplan/*.yaml; do
-  [ -f "$f" ] || continue
-  grep -qE 'macaddress:' "$f" && echo "kept: $f binds a NIC by macaddress: (not rewritten; check it)"
-done
+# netplan: adaptation.py rewrote /etc/netplan/*.yaml before this ran (guest_network.py)
 if [ -e /etc/systemd/system/multi-user.target.wants/systemd-networkd.service ] || [ -L /etc/systemd/system/multi-user.target.wants/systemd-networkd.service ]; then
   f=/etc/systemd/network/90-opensmc-kvm.network
   printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' > "$f"
