@@ -67,7 +67,7 @@ def cpu_seconds(pid: int) -> float:
 class Product:
     """A real server and agent, driven with the official SDK."""
 
-    def __init__(self, work: Path, disk: Path) -> None:
+    def __init__(self, work: Path, disk: Path, agent_args: list[str] | None = None) -> None:
         from alibabacloud_smc20190601 import models
         from alibabacloud_smc20190601.client import Client
         from alibabacloud_tea_openapi import models as api_models
@@ -104,7 +104,8 @@ class Product:
         self.agent_log = (work / "agent.log").open("w")
         self.agent = subprocess.Popen(
             [*OPENSMC, "agent", "run", "--server", f"http://{self.endpoint}", "--token-id", token.access_token_id,
-             "--token-code", token.access_token_code, "--disk", str(disk), "--state-dir", str(work / "agent-state")],
+             "--token-code", token.access_token_code, "--disk", str(disk), "--state-dir", str(work / "agent-state"),
+             *(agent_args or [])],
             env=ENV,
             stdout=self.agent_log,
             stderr=subprocess.STDOUT,

@@ -62,10 +62,18 @@ def start_migration_server(
 class Agent:
     """An ``opensmc agent run`` process with explicit ``--disk`` files and a state dir."""
 
-    def __init__(self, server: ServerProcess, token: dict[str, Any], disks: Sequence[Path], state: Path) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        token: dict[str, Any],
+        disks: Sequence[Path],
+        state: Path,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.server = server
         self.token = token
         self.disks = list(disks)
+        self.extra = list(extra)
         self.state = state
         self.log = state.parent / f"{state.name}.log"
         self.proc: subprocess.Popen[str] | None = None
@@ -87,6 +95,7 @@ class Agent:
         ]
         for d in self.disks:
             args += ["--disk", str(d)]
+        args += self.extra
         self.proc = subprocess.Popen(
             args, stdout=self.log.open("a"), stderr=subprocess.STDOUT, text=True, env=clean_env()
         )
@@ -100,10 +109,10 @@ class Agent:
         return self.log.read_text() if self.log.exists() else ""
 
 
-def register(server: ServerProcess, disks: Sequence[Path], state: Path) -> tuple[Agent, str]:
-    """Start an agent for ``disks``; returns it and its SourceId once the source is Available."""
+def register(server: ServerProcess, disks: Sequence[Path], state: Path, extra: Sequence[str] = ()) -> tuple[Agent, str]:
+    """Start an agent for ``disks`` (``extra``: more agent options); returns it and its SourceId once Available."""
     token = server.call_json("CreateAccessToken", "--Name", f"e2e-{state.name}", "--Count", "2")
-    agent = Agent(server, token, disks, state).start()
+    agent = Agent(server, token, disks, state, extra).start()
 
     def available() -> str | None:
         found = api(server, "DescribeSourceServers")["SourceServers"]["SourceServer"]

@@ -15,11 +15,14 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 from urllib.parse import urlsplit
 
 from opensmc import __version__, logs
 from opensmc.agent import priority
+
+if TYPE_CHECKING:
+    from opensmc.agent.files import FileOptions
 
 __all__ = ["AgentUsageError", "add_arguments", "main", "run"]
 
@@ -57,6 +60,20 @@ def add_arguments(p: "argparse.ArgumentParser") -> None:
         help=(
             "a disk image file or block device to migrate instead of discovered disks (repeatable; first = system disk)"
         ),
+    )
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=None,
+        metavar="DEVICE=DIR",
+        help="where the files of partition DEVICE (e.g. 0_1) are, for partitions copied file by file "
+        "(Block=false) that /proc/self/mountinfo does not show mounted (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-file",
+        default=None,
+        help="paths never to copy from partitions copied file by file: one rsync pattern per line, "
+        "as SMC's client reads them (docs/agent.md)",
     )
     p.add_argument("--state-dir", type=Path, default=Path("opensmc-agent"), help="where the agent keeps its identity")
     p.add_argument("--ca-cert", type=Path, default=None, help="PEM CA bundle to trust for the server's TLS certificate")
@@ -116,6 +133,25 @@ def check_disks(disks: "Optional[List[str]]") -> None:
             raise AgentUsageError(f"--disk {path}: not readable by this user")
 
 
+def file_options(args: "argparse.Namespace") -> "FileOptions":
+    """--mount and --exclude-file, checked: a usage error for one that cannot work."""
+    from opensmc.agent.files import FileOptions
+
+    mounts = {}
+    for item in getattr(args, "mount", None) or ():
+        device, sep, directory = item.partition("=")
+        if not sep or not device or not directory:
+            raise AgentUsageError(f"--mount {item}: give DEVICE=DIR, e.g. --mount 0_1=/mnt/data")
+        if not os.path.isdir(directory):
+            raise AgentUsageError(f"--mount {item}: {directory} is not a directory")
+        mounts[device] = os.path.abspath(directory)
+    exclude = getattr(args, "exclude_file", None)
+    if exclude and not os.access(exclude, os.R_OK):
+        raise AgentUsageError(f"--exclude-file {exclude}: not a readable file")
+    ca = getattr(args, "ca_cert", None)
+    return FileOptions(mounts, exclude, str(ca) if ca else None)
+
+
 def run(args: "argparse.Namespace") -> int:
     """Run the agent as ``args`` say; :class:`AgentUsageError` for a command line that cannot work."""
     from opensmc.agent.runner import AgentError, run_agent
@@ -124,6 +160,7 @@ def run(args: "argparse.Namespace") -> int:
 
     tune_for_big_buffers(AGENT_MMAP_THRESHOLD)
     check_disks(args.disk)
+    files = file_options(args)
     has_token = bool(args.token_id and args.token_code)
     has_key = bool(args.access_key_id and args.access_key_secret)
     state_file_exists = (args.state_dir / "agent.json").exists()
@@ -167,6 +204,7 @@ def run(args: "argparse.Namespace") -> int:
             stop_event=stop,
             ca_cert=args.ca_cert,
             upgrader=Upgrader(args.server, tls, enabled=not args.no_self_upgrade),
+            file_options=files,
         )
     except AgentError as exc:
         print(f"opensmc agent: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Seque
 from opensmc import __version__
 from opensmc.agent import state as agent_state
 from opensmc.agent.client import AgentClient, ApiRefused, ServerUnavailable
+from opensmc.agent.files import FileOptions
 from opensmc.agent.state import AgentState
 from opensmc.agent.tasks import TaskRunner
 
@@ -69,6 +70,7 @@ def run_agent(
     report_fn: "ReportFn | None" = None,
     ca_cert: "Path | None" = None,
     upgrader: "Optional[Upgrader]" = None,
+    file_options: "Optional[FileOptions]" = None,
 ) -> "AgentState | None":
     """Run until stopped (or, with `once`, until one heartbeat got through). Returns the last state.
 
@@ -82,7 +84,7 @@ def run_agent(
     make_report = report_fn or _discovery_report(disks, state_dir, "once" if once else "daemon")
     stop = stop_event or threading.Event()
     with _signals(stop, install=stop_event is None), AgentClient(server_url, http=http, ssl_context=tls) as client:
-        runner = _Runner(client, server_url, credentials, state_dir, make_report, tls)
+        runner = _Runner(client, server_url, credentials, state_dir, make_report, tls, file_options)
         runner.upgrader = upgrader
         return runner.loop(stop, once)
 
@@ -96,6 +98,7 @@ class _Runner:
         state_dir: "Path",
         make_report: "ReportFn",
         tls: "ssl.SSLContext | None" = None,
+        file_options: "Optional[FileOptions]" = None,
     ) -> None:
         self.client = client
         self.server_url = server_url.rstrip("/")
@@ -104,7 +107,7 @@ class _Runner:
         self.make_report = make_report
         self.state = agent_state.load(state_dir)
         # where an agent without xxhash keeps its chunk hashes between runs (agent/owncache.py)
-        self.tasks = TaskRunner(client, self._agent_token, tls, str(state_dir / "hashes"))
+        self.tasks = TaskRunner(client, self._agent_token, tls, str(state_dir / "hashes"), file_options)
         #: the task channel answered last time: heartbeat replies' tasks are then ignored
         self.channel_ok = False
         self.upgrader: "Optional[Upgrader]" = None

@@ -23,6 +23,7 @@ receiver's hash map. Only :data:`MAX_LOST_CONTACT` attempts in a row
 that lose contact without moving any data end in a failure report.
 """
 
+import functools
 import http.client
 import logging
 import os
@@ -32,6 +33,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from opensmc.agent import files as file_level
 from opensmc.agent import writewatch
 from opensmc.agent.client import AgentClient, ServerUnavailable
 from opensmc.agent.owncache import Recorder
@@ -146,8 +148,10 @@ class TaskRunner:
         token: "Callable[[], str]",
         tls: "ssl.SSLContext | None" = None,
         cache_dir: "Optional[str]" = None,
+        file_options: "Optional[file_level.FileOptions]" = None,
     ) -> None:
         self.cache_dir = cache_dir
+        self.file_options = file_options or file_level.FileOptions()
         self.client = client
         self.tls = tls
         self.token = token
@@ -249,7 +253,7 @@ class TaskRunner:
         tid = str(task["task_id"])
         report = self._reporter(task)
         try:
-            stats = run_task(task, report, self.tls, control, self.cache_dir)
+            stats = run_task(task, report, self.tls, control, self.cache_dir, self.file_options)
         except TaskStopped:
             log.info("task %s: stopped by the server", task["task_id"])
             return
@@ -348,6 +352,7 @@ def run_task(
     tls: "ssl.SSLContext | None" = None,
     control: "TaskControl | None" = None,
     cache_dir: "Optional[str]" = None,
+    file_options: "Optional[file_level.FileOptions]" = None,
 ) -> "dict[str, Any]":
     """Send every disk of a task; returns totals. Raises TaskStopped when told to stop.
 
@@ -360,9 +365,15 @@ def run_task(
     params = task.get("replication_parameters") or {}
     level = zstd_level(int(params.get("compress_level") or 0))
     disks = task["disks"]
-    # A disk's "ranges" are the parts of it the job copies (partitions de-selected with
-    # Block=false are left out); without them the whole disk moves.
-    total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks)
+    # A disk's "ranges" are the parts of it the job copies block by block; its "files" the
+    # partitions it copies file by file (Block=false: agent/files.py). Without either the whole disk moves.
+    options = file_options or file_level.FileOptions()
+    # Every file-level partition is checked (mounted? fits?) before any data moves.
+    prepared = {int(d["index"]): file_level.prepare(d, options) for d in disks}
+    all_mounts = [str(f.get("mount_point")) for d in disks for f in d.get("files") or [] if f.get("mount_point")]
+    total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks) + sum(
+        p.used for ps in prepared.values() for p in ps
+    )
     ctl = control or TaskControl(_limit_of(task))
     stopped = ctl.stopped
     state: "dict[str, float]" = {"base": 0, "last": 0.0, "done": 0}
@@ -373,6 +384,8 @@ def run_task(
         "chunks_sent": 0,
         "chunks_zeroed": 0,
     }
+    if any(prepared.values()):
+        totals["files_bytes"] = 0
     started = time.monotonic()
     written: "dict[str, int]" = {}  # disk path -> passes during which it was written (agent/writewatch.py)
 
@@ -459,6 +472,25 @@ def run_task(
                 if recorder is not None:
                     _keep(recorder, http)
                     recorder = None
+            for prep in prepared[int(disk["index"])]:
+                base = state["base"]
+                built = file_level.send(
+                    prep,
+                    task["receiver"],
+                    task["token"],
+                    options,
+                    all_mounts=all_mounts,
+                    limit_mbit=ctl.limit,
+                    stopped=stopped,
+                    progress=functools.partial(_advance, tell, int(base)),
+                    build=functools.partial(_build, task, tls=tls),
+                )
+                if stopped.is_set() or built.get("stopped"):
+                    raise TaskStopped("the server asked this task to stop")
+                state["base"] = int(base) + prep.used
+                totals["files_bytes"] += int(built.get("bytes", 0))
+                for key in ("files", "files_sent", "files_deleted"):
+                    totals[key] = int(totals.get(key, 0)) + int(built.get(key, 0))
         if written:
             totals["source_writes"] = writewatch.note(written)
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.
@@ -469,6 +501,17 @@ def run_task(
         raise TaskStopped("the server asked this task to stop")
     totals["seconds"] = round(time.monotonic() - started, 3)
     return totals
+
+
+def _advance(tell: "Callable[[int], None]", base: int, n: int) -> None:
+    tell(base + n)
+
+
+def _build(
+    task: "dict[str, Any]", vid: str, spec: "dict[str, Any]", *, tls: "ssl.SSLContext | None"
+) -> "dict[str, Any]":
+    with HttpSender(task["receiver"], vid, task["token"], ssl_context=tls) as http:
+        return http.build(spec)
 
 
 #: under a bandwidth limit, a batch is about this many seconds of the wire
@@ -551,7 +594,10 @@ class _Counting:
 def _describe(exc: "BaseException") -> "tuple[str, str]":
     if isinstance(exc, DiskChanged):
         return "Agent.DiskChanged", str(exc)
-    if isinstance(exc, ReceiverError):
+    if isinstance(exc, file_level.FileLevelError):
+        return "Agent.FileLevelFailed", str(exc)
+    if isinstance(exc, ReceiverError) and exc.code.startswith(("Build.", "Rsync.")):
+        return exc.code, exc.message
         return "Receiver.Refused", str(exc)
     if isinstance(exc, FileNotFoundError):
         return "Agent.DiskNotFound", f"The source disk cannot be found: {exc}"

@@ -177,6 +177,28 @@ class HttpSender:
         status, _, data = self._request("POST", "/frames", body=frames)
         self._check(status, data)
 
+    def build(self, spec: "dict[str, Any]") -> "dict[str, Any]":
+        """A partition copied file by file: have the receiver build its filesystem (receiver/filesystems.py).
+
+        It takes about as long as writing the partition's data once: the answer may take minutes.
+        """
+        conn = self._connect()
+        old = self._timeout
+        body = json.dumps(spec).encode()
+        headers = dict(self._headers, **{"Content-Type": "application/json", "Content-Length": str(len(body))})
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(None)
+            conn.timeout = None
+            conn.request("POST", self._prefix + "/build", body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.timeout = old
+            self.close()
+        self._check(resp.status, data)
+        return dict(json.loads(data))
+
     def flush(self) -> int:
         """Make everything sent durable on the receiver; returns the chunks it holds."""
         status, _, data = self._request("POST", "/flush")

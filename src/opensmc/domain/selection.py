@@ -1,11 +1,11 @@
-"""Which byte ranges of a source disk a job copies (block replication).
+"""Which byte ranges of a source disk a job copies block by block, and which partitions file by file.
 
-A job copies whole disks, except the partitions it de-selects with
+A job copies whole disks block by block, except the partitions it marks
 ``Block=false`` (``SystemDiskPart.N``, ``DataDisk.N.Part.M``,
-``Disks.*.Part.N``): file-level copying is not built yet, so those
-partitions are left out of the image (they read as zeros) rather than copied
-file by file. The partition table, the gaps between partitions and every
-partition not de-selected are copied byte for byte.
+``Disks.*.Part.N``): those are copied file by file (``agent/files.py``) and
+get a new filesystem in the image (``domain/file_layout.py``), so the block
+pass leaves them out. The partition table, the gaps between partitions and
+every other partition are copied byte for byte.
 
 Ranges are aligned to the transfer chunk size: an excluded partition gives up
 only the chunks that lie wholly inside it, so a neighbour's bytes are never
@@ -19,8 +19,15 @@ from typing import Any
 
 
 def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Device ids (`0_1`) of the disk's partitions the job de-selects with Block=false."""
-    out: set[str] = set()
+    """Device ids (`0_1`) of the disk's partitions the job copies file by file (Block=false)."""
+    return set(file_level_sizes(spec, disk_index, source_parts))
+
+
+def file_level_sizes(
+    spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]]
+) -> dict[str, int | None]:
+    """Device id -> the target size the job gives it (SizeBytes; None: as at the source), for Block=false parts."""
+    out: dict[str, int | None] = {}
     if disk_index == 0:
         lists: Iterable[Any] = [spec.get("SystemDiskParts") or []]
         path_lists: Iterable[Any] = [((spec.get("Disks") or {}).get("System") or {}).get("Parts") or []]
@@ -30,7 +37,7 @@ def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Seq
     for parts in lists:
         for part in parts:
             if part.get("Block") is False and part.get("Device"):
-                out.add(str(part["Device"]))
+                out[str(part["Device"])] = _size(part)
     by_path = {
         str(p.get(k)): str(p.get("device"))
         for p in source_parts
@@ -40,8 +47,13 @@ def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Seq
     for parts in path_lists:
         for part in parts:
             if part.get("Block") is False and str(part.get("Path")) in by_path:
-                out.add(by_path[str(part["Path"])])
+                out[by_path[str(part["Path"])]] = _size(part)
     return out
+
+
+def _size(part: Mapping[str, Any]) -> int | None:
+    size = part.get("SizeBytes")
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def copy_ranges(

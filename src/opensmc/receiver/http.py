@@ -33,6 +33,7 @@ from aiohttp import web
 
 from opensmc.chunkstore.repository import Repository, StoreError
 from opensmc.chunkstore.staging import StagingError, StagingIndex
+from opensmc.receiver import filesystems, rsync
 from opensmc.receiver.framing import BodyReader, BufferPool
 from opensmc.receiver.space import DiskFull, OnFull, SpaceGuard, is_disk_full
 from opensmc.receiver.stats import STATS
@@ -274,6 +275,42 @@ def _still_needed(vol: StagingIndex) -> int:
     return max(vol.size - held * vol.chunk_size, 0)
 
 
+async def post_rsync(request: web.Request) -> web.StreamResponse:
+    """A partition copied file by file: the agent's rsync stream (``receiver/rsync.py``)."""
+    return await rsync.post_rsync(request, request.app[_ROOT])
+
+
+async def post_build(request: web.Request) -> web.Response:
+    """A partition copied file by file: build its filesystem from its tree (``receiver/filesystems.py``)."""
+    vid = request.match_info["vid"]
+    if not rsync.PART_VID.match(vid):
+        return _error(400, "Build.NotAPartition", f"{vid!r} is not a partition's volume (…-dN.pD_N)")
+    root = request.app[_ROOT]
+    disk_vid = vid.rsplit(".p", 1)[0]
+    try:
+        with (root / f"{disk_vid}{INDEX_SUFFIX}").open("rb") as f:
+            _size, chunk_size = StagingIndex.parse_header(f.read(64))
+    except (OSError, StagingError):
+        return _not_found(request)
+    try:
+        spec = filesystems.FsSpec.parse(await request.json())
+    except ValueError:
+        return _error(400, "Build.Invalid", "the body must be JSON")
+    except filesystems.BuildError as e:
+        return _error(e.status, e.code, e.message)
+    if _SPACE in request.app:
+        request.app[_SPACE].check()
+    tree = rsync.tree_path(root, vid)
+    loop = asyncio.get_running_loop()
+    try:
+        done = await loop.run_in_executor(
+            None, filesystems.build, root, vid, tree, spec, request.app[_REPO], chunk_size
+        )
+    except filesystems.BuildError as e:
+        return _error(e.status, e.code, e.message)
+    return web.json_response(done)
+
+
 async def post_flush(request: web.Request) -> web.Response:
     vol = await _volume(request)
     if vol is None:
@@ -356,6 +393,8 @@ def make_app(
     app.router.add_get("/v1/volumes/{vid}/hashes", get_hashes)
     app.router.add_post("/v1/volumes/{vid}/frames", post_frames)
     app.router.add_post("/v1/volumes/{vid}/flush", post_flush)
+    app.router.add_post("/v1/volumes/{vid}/rsync", post_rsync)
+    app.router.add_post("/v1/volumes/{vid}/build", post_build)
     app.on_startup.append(_start_sweeper)
     app.on_cleanup.append(_close_volumes)
     return app

@@ -24,7 +24,15 @@ from opensmc.domain.runs import is_syncing_run
 from opensmc.service import jobs as job_service
 from opensmc.service.context import Services
 from opensmc.service.space import DISK_FULL_CODE
-from opensmc.service.staging import CHUNK_SIZE, fail, job_of_volume, selected_disks, staging_id, volume_id
+from opensmc.service.staging import (
+    CHUNK_SIZE,
+    fail,
+    job_of_volume,
+    part_volume_id,
+    selected_disks,
+    staging_id,
+    volume_id,
+)
 from opensmc.store import dataplane as q
 from opensmc.store import jobs as job_store
 
@@ -160,9 +168,16 @@ def tasks_for(svc: Services, source_id: str) -> list[dict[str, Any]]:
             "token": data_token(svc, job.id, run_id),
             "replication_parameters": _params_view(job.replication_parameters),
             "chunk_size": CHUNK_SIZE,
-            "disks": [{**d, "volume_id": volume_id(ti, d["index"])} for d in disks],
+            "disks": [_disk_task(d, volume_id(ti, d["index"])) for d in disks],
         }
     ]
+
+
+def _disk_task(disk: dict[str, Any], vid: str) -> dict[str, Any]:
+    out = {**disk, "volume_id": vid}
+    if disk.get("files"):
+        out["files"] = [{**f, "volume_id": part_volume_id(vid, f["device"])} for f in disk["files"]]
+    return out
 
 
 def _task_ids(body: dict[str, Any]) -> tuple[str, int]:

@@ -118,7 +118,8 @@ def create_replication_job(svc: Services, caller: Caller, p: Params) -> str:
                 f"{existing[0]} ({existing[1]}). Finish, cut over or delete it first.",
             )
         disks = jp.source_disks(source.disks)
-        jp.check_min_size(p, "SystemDiskSize", system_disk_size, disks.get(0), "system disk")
+        files = jp.has_file_level(p, "SystemDiskPart") or jp.has_file_level(p.sub("Disks").sub("System"), "Part")
+        jp.check_min_size(p, "SystemDiskSize", system_disk_size, disks.get(0), "system disk", file_level=files)
         spec: dict[str, Any] = {}
         parts = jp.system_disk_parts(p, disks)
         if parts is not None:

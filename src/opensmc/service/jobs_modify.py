@@ -126,7 +126,11 @@ def modify_job(svc: Services, caller: Caller, p: Params) -> None:
                 disks = jp.source_disks(q.get_source(conn, row.source_id, caller.account_id).disks)
         size = p.int("SystemDiskSize", lo=20, hi=2048)
         if size is not None:
-            jp.check_min_size(p, "SystemDiskSize", size, disks.get(0), "system disk")
+            stored = json.loads(row.disk_spec or "{}")
+            files = jp.has_file_level(p, "SystemDiskPart") or any(
+                part.get("Block") is False for part in stored.get("SystemDiskParts") or []
+            )
+            jp.check_min_size(p, "SystemDiskSize", size, disks.get(0), "system disk", file_level=files)
             values["system_disk_size"] = size
             before_run_changes.append("SystemDiskSize")
         spec = json.loads(row.disk_spec or "{}")

@@ -45,9 +45,15 @@ def _partitions(disk: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
 
 
-def check_min_size(p: Params, field: str, gib: int | None, disk: dict[str, Any] | None, what: str) -> None:
-    """Block replication copies the whole source disk: the target must be at least as big."""
-    if gib is None or disk is None:
+def check_min_size(
+    p: Params, field: str, gib: int | None, disk: dict[str, Any] | None, what: str, *, file_level: bool = False
+) -> None:
+    """Block replication copies the whole source disk: the target must be at least as big.
+
+    A disk with partitions copied file by file (``file_level``) may be smaller: whether its
+    partitions fit is checked against their SizeBytes when a run is prepared (domain/file_layout.py).
+    """
+    if gib is None or disk is None or file_level:
         return
     size = disk.get("size_bytes")
     if not isinstance(size, int) or size <= 0:
@@ -58,6 +64,11 @@ def check_min_size(p: Params, field: str, gib: int | None, disk: dict[str, Any] 
             f"It must be at least {math.ceil(size / GIB)} GiB: block replication copies the whole "
             f"source {what} ({size} bytes), so the target disk cannot be smaller.",
         )
+
+
+def has_file_level(p: Params, prefix: str) -> bool:
+    """Does any ``<prefix>.N.Block`` of these parameters say false (a partition copied file by file)?"""
+    return any(g.bool("Block", default=True) is False for _n, g in p.groups(prefix))
 
 
 def _block_parts(
@@ -119,7 +130,7 @@ def data_disks(p: Params, disks: dict[int, dict[str, Any]], *, have_source: bool
                 f"{g.wire('Index')}={index}; the source's data disks are "
                 f"{sorted(i for i in disks if i != 0) or 'none'}.",
             )
-        check_min_size(g, "Size", size, disk, f"data disk {index}")
+        check_min_size(g, "Size", size, disk, f"data disk {index}", file_level=has_file_level(g, "Part"))
         item: dict[str, Any] = {"Index": index}
         if size is not None:
             item["Size"] = size
@@ -160,7 +171,7 @@ def new_disks(p: Params, disks: dict[int, dict[str, Any]], *, have_source: bool)
     system = d.sub("System")
     if not system.is_empty():
         size = system.int("Size", lo=20, hi=32768)
-        check_min_size(system, "Size", size, disks.get(0), "system disk")
+        check_min_size(system, "Size", size, disks.get(0), "system disk", file_level=has_file_level(system, "Part"))
         item: dict[str, Any] = {}
         if size is not None:
             item["Size"] = size
@@ -174,7 +185,7 @@ def new_disks(p: Params, disks: dict[int, dict[str, Any]], *, have_source: bool)
         disk = _find_disk(disks, disk_id) if disk_id else None
         if disk_id and have_source and disk is None:
             raise InvalidParameter(g.wire("DiskId"), f"The source has no data disk {disk_id!r}.")
-        check_min_size(g, "Size", size, disk, f"data disk {disk_id}")
+        check_min_size(g, "Size", size, disk, f"data disk {disk_id}", file_level=has_file_level(g, "Part"))
         entry: dict[str, Any] = {}
         if disk_id:
             entry["DiskId"] = disk_id

@@ -35,14 +35,17 @@ from opensmc.faults import crash_point
 from opensmc.images.adaptation import AdaptError, harvest, nothing_to_boot
 from opensmc.images.adaptation_log import source_id
 from opensmc.images.store import ImageCorrupt, ImageError, ImageStore
-from opensmc.service import boot_tests, disk_sizes, leases, os_adaptation, retention
+from opensmc.service import boot_tests, disk_sizes, file_images, leases, os_adaptation, retention
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
 from opensmc.service.images import remove_image_logs, store_of
+from opensmc.service.jobs_params import source_disks
 from opensmc.service.staging import (
+    disk_layout,
     drop_staged_chunks,
     fail,
+    part_volume_id,
     read_staging,
     release_staging,
     selected_disks,
@@ -147,6 +150,11 @@ def _process_one(svc: Services, job_id: str) -> None:
         with store.repo.session():
             vids = [volume_id(ti, d["index"]) for d in disks]
             staged = [read_staging(svc, vid) for vid in vids]
+            # Partitions copied file by file: the disk is composed anew (service/file_images.py).
+            staged = [
+                _with_file_parts(svc, store, job, disks_json, d, vid, s)
+                for d, vid, s in zip(disks, vids, staged, strict=True)
+            ]
             # The sizes the job asked for (source bytes, then zero chunks): before the proof, which hashes them.
             staged = disk_sizes.grow_all(store, job, disks, staged)
             verified: bool | None = None
@@ -212,6 +220,26 @@ def _process_one(svc: Services, job_id: str) -> None:
     if boot_tests.wanted(job):
         with os_adaptation.guest_slot(job_id):
             boot_tests.after_sealing(svc, job, run_id, image_id)
+
+
+def _with_file_parts(
+    svc: Services, store: ImageStore, job: Any, disks_json: str, disk: dict[str, Any], vid: str, staged: DiskIndex
+) -> DiskIndex:
+    if not disk.get("files"):
+        return staged
+    index = int(disk["index"])
+    facts = {**source_disks(disks_json)[index], "index": index}
+    layout = disk_layout(job, facts, {str(f["device"]): int(f["target_size"]) for f in disk["files"]})
+    parts: dict[str, DiskIndex] = {}
+    for f in disk["files"]:
+        try:
+            parts[str(f["device"])] = read_staging(svc, part_volume_id(vid, str(f["device"])))
+        except FileNotFoundError:
+            raise ImageError(
+                f"partition {f['device']} was to be copied file by file, but the receiver holds no filesystem "
+                "built for it: start the job again"
+            ) from None
+    return file_images.compose(store, layout, staged, parts)
 
 
 def _prove(

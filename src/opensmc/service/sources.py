@@ -139,6 +139,9 @@ def _parse_disk(raw: Any, n: int) -> dict[str, Any]:
                 "offset": _int(p, "offset", pw, lo=0, hi=_INT64, default=0),
                 "size_bytes": _int(p, "size_bytes", pw, lo=0, hi=_INT64),
                 "fs_type": _str(p, "fs_type", pw, max_len=32),
+                # number and mount point: where file-level copying (Block=false) finds the partition
+                "number": _int(p, "number", pw, lo=0, hi=4096, default=m + 1),
+                "mount_point": _str(p, "mount_point", pw, max_len=1024) or None,
                 "can_block": _bool(p, "can_block", pw, True),
                 "need": _bool(p, "need", pw, False),
                 "type": kind,
@@ -148,6 +151,9 @@ def _parse_disk(raw: Any, n: int) -> dict[str, Any]:
         "index": index,
         "path": _str(raw, "path", where, max_len=1024),
         "size_bytes": _int(raw, "size_bytes", where, lo=0, hi=_INT64),
+        # the partition table's kind and sector size: file-level copying rewrites the table
+        "label": _str(raw, "label", where, max_len=8) or None,
+        "sector_size": _int(raw, "sector_size", where, lo=512, hi=65536, default=512),
         "parts": parts,
     }
 

@@ -23,8 +23,9 @@ from opensmc.chunkstore.snapshots import DiskIndex
 from opensmc.chunkstore.staging import StagingError, StagingIndex
 from opensmc.domain.enums import BusinessStatus
 from opensmc.domain.errors import SmcError
+from opensmc.domain.file_layout import Layout, LayoutError, plan
 from opensmc.domain.runs import MAY_RUN_AGAIN
-from opensmc.domain.selection import copy_ranges, excluded_devices
+from opensmc.domain.selection import copy_ranges, file_level_sizes
 from opensmc.faults import crash_point
 from opensmc.receiver.space import is_disk_full
 from opensmc.service import jobs as job_service
@@ -90,19 +91,55 @@ def selected_disks(job: Any, source_disks_json: str) -> list[dict[str, Any]]:
     for i in sorted(chosen):
         size = int(disks[i]["size_bytes"])
         parts = list(disks[i].get("parts") or disks[i].get("partitions") or [])
-        excluded = excluded_devices(spec, i, parts)
+        file_sizes = file_level_sizes(spec, i, parts)
         entry: dict[str, Any] = {"index": i, "path": str(disks[i].get("path", "")), "size_bytes": size}
-        if excluded:
-            entry["ranges"] = [list(r) for r in copy_ranges(size, parts, excluded, CHUNK_SIZE)]
-            entry["excluded"] = sorted(excluded)
+        if file_sizes:
+            layout = disk_layout(job, disks[i], file_sizes)
+            entry["ranges"] = [list(r) for r in copy_ranges(size, parts, set(file_sizes), CHUNK_SIZE)]
+            entry["excluded"] = sorted(file_sizes)
+            entry["files"] = [
+                {
+                    "device": m.device,
+                    "number": m.number,
+                    "offset": m.src_offset,
+                    "size_bytes": m.src_size,
+                    "target_size": m.dst_size,
+                    "fs_type": m.fs_type,
+                    "mount_point": next(
+                        (p.get("mount_point") for p in parts if str(p.get("device")) == m.device), None
+                    ),
+                }
+                for m in layout.file_parts()
+            ]
         out.append(entry)
     return out
+
+
+def disk_layout(job: Any, disk: dict[str, Any], file_sizes: dict[str, int | None]) -> Layout:
+    """Where the disk's partitions go in the image (``domain/file_layout.py``); SmcError if they cannot."""
+    index = int(disk.get("index", 0))
+    what = "system disk" if index == 0 else f"data disk {index}"
+    from opensmc.service.disk_sizes import asked_sizes  # disk_sizes reads the image store: not at import
+
+    asked = asked_sizes(job, [{"index": index, "path": disk.get("path", "")}])[0]
+    try:
+        return plan(disk, file_sizes, asked, what)
+    except LayoutError as err:
+        raise SmcError(str(err), code="ReplicationJob.PartitionLayoutInvalid", http_status=400) from None
+
+
+def part_volume_id(vid: str, device: str) -> str:
+    """The staging index a partition copied file by file is built into (beside its disk's, same job)."""
+    return f"{vid}.p{device}"
 
 
 def copy_bytes(disk: dict[str, Any]) -> int:
     """Bytes a run copies of a disk of :func:`selected_disks`: its selected ranges, or all of it."""
     ranges = disk.get("ranges")
-    return sum(int(n) for _o, n in ranges) if ranges else int(disk["size_bytes"])
+    block = sum(int(n) for _o, n in ranges) if ranges else int(disk["size_bytes"])
+    # a partition copied file by file: its files in the receiver's tree, and its new filesystem in
+    # the store (at most its target size each)
+    return block + 2 * sum(int(f["target_size"]) for f in disk.get("files") or [])
 
 
 def fail(svc: Services, job_id: str, code: str, message: str) -> None:

@@ -1,0 +1,426 @@
+"""File-level replication on the agent: a partition's files, by rsync, into a new filesystem.
+
+A partition the job marks ``Block=false`` comes in the task as one of its
+disk's ``files``. For each, before any data moves, :func:`prepare` finds the
+directory its filesystem is mounted on (the discovery's mount point, from
+``/proc/self/mountinfo``, or ``--mount DEVICE=DIR``; a partition that is not
+mounted is refused: the agent does not mount it, since mounting a filesystem
+the system does not use can replay its journal), reads its superblock for
+the UUID, label, block and inode sizes and features, and checks that its
+files fit in the target size with the margin of :data:`MARGIN`. Then
+:func:`send` runs rsync (``-aHAXS --numeric-ids -x --delete-excluded``:
+owners, modes, ACLs, extended attributes, hard links, sparse files, devices,
+FIFOs, symlinks, times; one filesystem; what was deleted or excluded since
+the last run goes) through ``agent/tunnel.py`` into the partition's tree on
+the receiver, and asks the receiver to build the filesystem
+(``receiver/filesystems.py``).
+
+Excludes: :data:`DEFAULT_EXCLUDES`, plus ``--exclude-file`` (SMC's client's
+format: one rsync pattern per line, ``#`` comments). Patterns are paths of
+the source system: one under another partition's mount point is dropped, one
+under this partition's is made relative to it; unanchored patterns apply
+everywhere. Python 3.6, standard library only.
+"""
+
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid as uuid_mod
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+from opensmc.agent import tunnel
+
+log = logging.getLogger("opensmc.agent.files")
+
+__all__ = ["DEFAULT_EXCLUDES", "FileLevelError", "FileOptions", "Prepared", "prepare", "send"]
+
+#: never copied (documented in docs/agent.md): pseudo filesystems' mount points keep their (empty) directory
+DEFAULT_EXCLUDES = [
+    "/proc/*",
+    "/sys/*",
+    "/dev/*",
+    "/run/*",
+    "/tmp/*",
+    "/var/tmp/*",
+    "/swapfile",
+    "/swap.img",
+    "/swap",
+]
+#: a partition's files must fit in its target size with this much to spare: 5 % of the files (their
+#: last blocks, directories), 2 % of the filesystem (inode tables, bitmaps), its journal, 4 MiB
+MARGIN_FRACTION = 0.05
+METADATA_FRACTION = 0.02
+MARGIN_BYTES = 4 * 1024 * 1024
+#: rsync's exit codes for a connection that broke (socket I/O, protocol stream, timeouts, remote shell)
+_LOST_CONTACT_CODES = (10, 12, 30, 35, 255)
+_PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
+#: rsync --stats lines: what a run reports (files and bytes, besides the progress)
+_STATS = {
+    "files": re.compile(r"^Number of files: ([\d,]+)"),
+    "files_sent": re.compile(r"^Number of regular files transferred: ([\d,]+)"),
+    "files_deleted": re.compile(r"^Number of deleted files: ([\d,]+)"),
+    "bytes_sent": re.compile(r"^Total transferred file size: ([\d,]+)"),
+}
+
+
+class FileLevelError(Exception):
+    """The partition cannot be copied file by file as it is; the message says what to do."""
+
+
+class FileOptions(NamedTuple):
+    mounts: "Dict[str, str]" = {}  # device id -> directory (--mount DEVICE=DIR)
+    exclude_file: "Optional[str]" = None
+    ca_file: "Optional[str]" = None
+
+
+class Prepared(NamedTuple):
+    part: "Dict[str, Any]"  # the task's entry
+    directory: str
+    mount_point: str  # where the source system has it (excludes are written in these terms)
+    spec: "Dict[str, Any]"  # what the receiver builds (receiver/filesystems.py FsSpec)
+    used: int  # bytes the files take
+
+
+# -- the superblock ---------------------------------------------------------------------------------------
+
+_COMPAT = {
+    0x4: "has_journal",
+    0x8: "ext_attr",
+    0x10: "resize_inode",
+    0x20: "dir_index",
+    0x200: "sparse_super2",
+    0x1000: "orphan_file",
+    0x800: "stable_inodes",
+}
+_INCOMPAT = {
+    0x2: "filetype",
+    0x10: "meta_bg",
+    0x40: "extent",
+    0x80: "64bit",
+    0x100: "mmp",
+    0x200: "flex_bg",
+    0x400: "ea_inode",
+    0x1000: "dirdata",
+    0x2000: "metadata_csum_seed",
+    0x4000: "large_dir",
+    0x8000: "inline_data",
+    0x10000: "encrypt",
+    0x20000: "casefold",
+}
+_RO_COMPAT = {
+    0x1: "sparse_super",
+    0x2: "large_file",
+    0x8: "huge_file",
+    0x10: "uninit_bg",
+    0x20: "dir_nlink",
+    0x40: "extra_isize",
+    0x100: "quota",
+    0x200: "bigalloc",
+    0x400: "metadata_csum",
+    0x1000: "readonly",
+    0x2000: "project",
+    0x8000: "verity",
+}
+
+
+def read_superblock(disk_path: str, offset: int) -> "Dict[str, Any]":
+    """UUID, label, sizes and features of the ext2/3/4 filesystem at ``offset`` of the disk."""
+    with open(disk_path, "rb") as f:
+        f.seek(offset + 1024)
+        sb = f.read(1024)
+    if len(sb) < 256 or sb[0x38:0x3A] != b"\x53\xef":
+        raise FileLevelError(f"no ext2/3/4 superblock at byte {offset} of {disk_path}")
+
+    def le(a: int, b: int) -> int:
+        return int.from_bytes(sb[a:b], "little")
+
+    compat, incompat, ro = le(0x5C, 0x60), le(0x60, 0x64), le(0x64, 0x68)
+    rev = le(0x4C, 0x50)
+    features = [
+        n
+        for bits, table in ((compat, _COMPAT), (incompat, _INCOMPAT), (ro, _RO_COMPAT))
+        for bit, n in sorted(table.items())
+        if bits & bit
+    ]
+    fs_type = "ext4" if incompat & (0x40 | 0x80 | 0x200) or ro & 0x400 else ("ext3" if compat & 0x4 else "ext2")
+    label = sb[0x78:0x88].split(b"\0", 1)[0].decode("ascii", "replace")
+    return {
+        "fs_type": fs_type,
+        "uuid": str(uuid_mod.UUID(bytes=bytes(sb[0x68:0x78]))),
+        "label": label,
+        "block_size": 1024 << le(0x18, 0x1C),
+        "inode_size": le(0x58, 0x5A) if rev >= 1 else 128,
+        "features": features,
+    }
+
+
+# -- preparing --------------------------------------------------------------------------------------------
+
+
+def _used_bytes(directory: str) -> int:
+    """What the files under ``directory`` take, not crossing into other filesystems.
+
+    A mount point: its filesystem's used blocks (statvfs, instant). A directory (``--mount``):
+    ``du -sx`` (a C walk, about 10x faster than this one), else a walk here.
+    """
+    if os.path.ismount(directory):
+        st = os.statvfs(directory)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    if shutil.which("du"):
+        try:
+            out = subprocess.run(
+                ["du", "-sx", "-B1", directory], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3600
+            )
+            if out.returncode == 0:
+                return int(out.stdout.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            pass
+    return _walk_used(directory)
+
+
+def _walk_used(directory: str) -> int:
+    try:
+        root_dev = os.lstat(directory).st_dev
+    except OSError as err:
+        raise FileLevelError(f"cannot read {directory}: {err.strerror}") from None
+    total = 0
+    stack = [directory]
+    seen = set()  # hard links count once
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != root_dev:
+                continue
+            if st.st_nlink > 1 and not e.is_dir(follow_symlinks=False):
+                if (st.st_ino) in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_blocks * 512
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+    return total
+
+
+def journal_bytes(size: int, block: int = 4096) -> int:
+    """The journal mke2fs gives a filesystem of ``size`` bytes (ext2fs_default_journal_size, 1.47)."""
+    blocks = size // block
+    for limit, journal in ((2048, 0), (32768, 1024), (256 * 1024, 4096), (512 * 1024, 8192), (4096 * 1024, 16384),
+                           (8192 * 1024, 32768), (16384 * 1024, 65536), (32768 * 1024, 131072)):  # fmt: skip
+        if blocks < limit:
+            return journal * block
+    return 262144 * block
+
+
+def needed_bytes(used: int, size: int) -> int:
+    """What files taking ``used`` bytes need in a new filesystem of ``size`` bytes (docs/agent.md)."""
+    return int(used * (1 + MARGIN_FRACTION) + size * METADATA_FRACTION) + journal_bytes(size) + MARGIN_BYTES
+
+
+def prepare(disk: "Dict[str, Any]", options: "FileOptions") -> "List[Prepared]":
+    """Check every file-level partition of a task's disk before any data moves; what :func:`send` needs."""
+    out = []
+    if disk.get("files") and shutil.which("rsync") is None:
+        raise FileLevelError("rsync is not installed on this source: install it to copy partitions file by file")
+    for part in disk.get("files") or []:
+        device = str(part["device"])
+        directory = options.mounts.get(device) or part.get("mount_point")
+        if not directory:
+            raise FileLevelError(
+                "partition {} ({}) is to be copied file by file (Block=false) but is not mounted: mount it "
+                "(read-only is enough), or give the agent --mount {}=DIR, or copy it block by block".format(
+                    device, part.get("fs_type"), device
+                )
+            )
+        if not os.path.isdir(directory):
+            raise FileLevelError(f"partition {device}: {directory} is not a directory")
+        spec = read_superblock(disk["path"], int(part["offset"]))
+        spec["size"] = int(part["target_size"])
+        used = _used_bytes(directory)
+        need = needed_bytes(used, spec["size"])
+        if need > spec["size"]:
+            raise FileLevelError(
+                f"partition {device} holds {used} bytes of files; with the filesystem's metadata and journal "
+                f"they need {need} bytes, more than its target size of {spec['size']} bytes: raise its "
+                f"SizeBytes to at least {need + need // 20}, or exclude files"
+            )
+        mount_point = part.get("mount_point") or "/"
+        out.append(Prepared(part, directory, mount_point, spec, used))
+    return out
+
+
+def exclude_patterns(mount_point: str, lines: "List[str]", all_mounts: "List[str]") -> "List[str]":
+    """The patterns for one partition, relative to its mount point (see the module's docstring)."""
+    mp = "/" + mount_point.strip("/")
+    deeper = [m for m in all_mounts if m != mp and (mp == "/" or m.startswith(mp + "/"))]
+    out = []
+    for raw in lines:
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if not line.startswith("/"):
+            out.append(line)
+            continue
+        if mp != "/":
+            if not (line == mp or line.startswith(mp + "/")):
+                continue
+            line = line[len(mp) :] or "/"
+        if any(line.startswith(m + "/") for m in deeper):  # another partition's files (-x skips them anyway)
+            continue
+        out.append(line)
+    return out
+
+
+# -- sending ----------------------------------------------------------------------------------------------
+
+
+def _package_root() -> str:
+    """Where ``opensmc`` is importable from: a directory, or the zipapp itself."""
+    import opensmc
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(opensmc.__file__)))
+
+
+def send(
+    prep: "Prepared",
+    receiver: str,
+    token: str,
+    options: "FileOptions",
+    *,
+    all_mounts: "List[str]",
+    limit_mbit: float,
+    stopped: "threading.Event",
+    progress: "Callable[[int], None]",
+    build: "Callable[[str, Dict[str, Any]], Dict[str, Any]]",
+) -> "Dict[str, Any]":
+    """rsync the partition's files into its tree on the receiver, then have the receiver build its filesystem."""
+    lines = list(DEFAULT_EXCLUDES)
+    if options.exclude_file:
+        with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
+            lines += f.read().splitlines()
+    patterns = exclude_patterns(prep.mount_point, lines, all_mounts)
+    vid = str(prep.part["volume_id"])
+    with tempfile.NamedTemporaryFile("w", prefix="opensmc-excludes-", suffix=".txt", delete=False) as f:
+        f.write("".join(p + "\n" for p in patterns))
+        excludes = f.name
+    rsh = "'{}' -m opensmc.agent.tunnel".format(sys.executable.replace("'", ""))
+    cmd = [
+        "rsync",
+        "-aHAXS",
+        "--numeric-ids",
+        "-x",
+        "--delete-excluded",
+        "--partial",
+        "--exclude-from=" + excludes,
+        "-e",
+        rsh,
+        "--info=progress2",
+        "--stats",
+    ]
+    if limit_mbit > 0:
+        cmd.append(f"--bwlimit={max(1, int(limit_mbit * 1000 / 8 / 1.024))}k")
+    cmd += [prep.directory.rstrip("/") + "/", "opensmc:tree"]
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONPATH": _package_root(),
+            tunnel.ENV_URL: receiver,
+            tunnel.ENV_TOKEN: token,
+            tunnel.ENV_VOLUME: vid,
+        }
+    )
+    if options.ca_file:
+        env[tunnel.ENV_CA] = options.ca_file
+    log.info(
+        "partition %s: copying the files of %s (%d bytes) file by file", prep.part["device"], prep.directory, prep.used
+    )
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        errors = []  # type: List[bytes]
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        watcher = threading.Thread(target=_stop_when, args=(stopped, proc), daemon=True)
+        watcher.start()
+        buf = b""
+        stats: "Dict[str, int]" = {}
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            # rsync makes its output non-blocking: wait for it, and only b"" is its end
+            select.select([fd], [], [], 1.0)
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+
+            if not data:
+                break
+            buf = (buf + data)[-4096:]
+            *lines_, buf = re.split(rb"[\r\n]", buf)
+            for raw in lines_:
+                line = raw.decode("utf-8", "replace")
+                m = _PROGRESS.match(line)
+                if m:
+                    progress(min(int(m.group(1).replace(",", "")), prep.used))
+                    continue
+                for key, pattern in _STATS.items():
+                    s = pattern.match(line)
+                    if s:
+                        stats[key] = int(s.group(1).replace(",", ""))
+        code = proc.wait()
+        reader.join(5)
+    finally:
+        os.unlink(excludes)
+    if stopped.is_set():
+        return {"stopped": True}
+    if code not in (0, 24):  # 24: files vanished while copying (a live source): the rest is there
+        text = b"".join(errors).decode("utf-8", "replace").strip()
+        if code in _LOST_CONTACT_CODES and "refused the rsync stream" not in text:
+            # the receiver went away (a restart, a network cut): the attempt starts again and
+            # rsync's quick check skips every file the tree already holds
+            raise ConnectionError(f"the rsync stream of partition {prep.part['device']} broke: {text[-300:]}")
+        raise FileLevelError(f"rsync of partition {prep.part['device']} failed (exit {code}): {text[-800:]}")
+    if code == 24:
+        log.warning(
+            "partition %s: some files vanished while they were copied (the source is live)", prep.part["device"]
+        )
+    progress(prep.used)
+    log.info(
+        "partition %s: %d of %d files sent (%d bytes)",
+        prep.part["device"],
+        stats.get("files_sent", 0),
+        stats.get("files", 0),
+        stats.get("bytes_sent", 0),
+    )
+    built = dict(build(vid, prep.spec))
+    built.update(stats)
+    return built
+
+
+def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> None:
+    while proc.poll() is None:
+        if stopped.wait(0.2):
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+            return
+
+
+def describe(prepared: "List[Prepared]") -> str:
+    return json.dumps([{"device": p.part["device"], "dir": p.directory, "used": p.used} for p in prepared])

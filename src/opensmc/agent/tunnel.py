@@ -1,0 +1,270 @@
+"""rsync's remote shell for file-level replication: a byte pipe to the receiver over one HTTP request.
+
+``agent/files.py`` runs ``rsync -e "<python> -m opensmc.agent.tunnel" SRC/
+opensmc:tree``; rsync then starts this program as ``tunnel opensmc rsync
+--server ARGS . tree`` and speaks its protocol on our stdin and stdout. We
+send the remote command to the receiver in ``POST /v1/volumes/<volume>/rsync``
+(``X-OpenSMC-Rsync-Args``, base64 of a JSON list), authenticated with the
+run's data credential like every other receiver request, then stream stdin as
+the chunked request body while the chunked response body goes to stdout: the
+receiver pipes both to its own ``rsync --server`` (``receiver/rsync.py``),
+which it starts with arguments it checks itself, writing into the
+partition's tree and nowhere else.
+
+One thread, one ``select`` loop, non-blocking everywhere: rsync's protocol
+sends both ways at once, so a blocking write in either direction could wait
+on the other forever. TLS goes through the same loop (a non-blocking
+``SSLSocket``; ``pending()`` says what it decrypted already).
+
+The connection's details come in the environment (``OPENSMC_TUNNEL_URL``,
+``OPENSMC_TUNNEL_TOKEN``, ``OPENSMC_TUNNEL_CA``), not on the command line,
+where every user of the machine could read the credential.
+Python 3.6, standard library only (it runs from the agent's zipapp).
+"""
+
+import base64
+import json
+import os
+import select
+import socket
+import ssl
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import quote, urlsplit
+
+__all__ = ["ENV_CA", "ENV_TOKEN", "ENV_URL", "ENV_VOLUME", "main"]
+
+ENV_URL = "OPENSMC_TUNNEL_URL"
+ENV_TOKEN = "OPENSMC_TUNNEL_TOKEN"
+ENV_CA = "OPENSMC_TUNNEL_CA"
+ENV_VOLUME = "OPENSMC_TUNNEL_VOLUME"
+_READ = 256 * 1024
+_HIGH = 4 * 1024 * 1024  # stop reading a side while this much waits to be written to the other
+_IDLE = 600.0  # seconds without a byte either way: the receiver is gone
+
+
+class TunnelError(Exception):
+    pass
+
+
+class _Chunked:
+    """Decodes an HTTP/1.1 chunked body as it arrives."""
+
+    SIZE, DATA, CRLF, DONE = range(4)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.state = self.SIZE
+        self.left = 0  # bytes of the current chunk still to come
+
+    @property
+    def done(self) -> bool:
+        return self.state == self.DONE
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        out = bytearray()
+        while True:
+            if self.state == self.SIZE:
+                end = self.buf.find(b"\r\n")
+                if end < 0:
+                    if len(self.buf) > 1024:
+                        raise TunnelError("bad chunk size line from the receiver")
+                    break
+                line = bytes(self.buf[:end]).split(b";")[0].strip()
+                del self.buf[: end + 2]
+                try:
+                    self.left = int(line, 16)
+                except ValueError:
+                    raise TunnelError(f"bad chunk size from the receiver: {line[:40]!r}") from None
+                self.state = self.DATA if self.left else self.DONE  # trailers, if any, are not needed
+            elif self.state == self.DATA:
+                if not self.buf:
+                    break
+                take = min(self.left, len(self.buf))
+                out += self.buf[:take]
+                del self.buf[:take]
+                self.left -= take
+                if not self.left:
+                    self.state = self.CRLF
+            elif self.state == self.CRLF:
+                if len(self.buf) < 2:
+                    break
+                del self.buf[:2]
+                self.state = self.SIZE
+            else:
+                break
+        return bytes(out)
+
+
+def _connect(url: str, ca: "Optional[str]") -> "socket.socket":
+    u = urlsplit(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    sock = socket.create_connection((u.hostname, port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if u.scheme == "https":
+        ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+        sock = ctx.wrap_socket(sock, server_hostname=u.hostname)
+    return sock
+
+
+def _request(url: str, token: str, command: "List[str]") -> bytes:
+    u = urlsplit(url)
+    volume = os.environ.get(ENV_VOLUME, "")
+    path = u.path.rstrip("/") + "/v1/volumes/{}/rsync".format(quote(volume, safe=""))
+    args = base64.b64encode(json.dumps(command).encode()).decode()
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {u.netloc}",
+        f"Authorization: Bearer {token}",
+        "X-OpenSMC-Protocol: 1",
+        f"X-OpenSMC-Rsync-Args: {args}",
+        "Content-Type: application/octet-stream",
+        "Transfer-Encoding: chunked",
+        "",
+        "",
+    ]
+    return "\r\n".join(head).encode("latin-1")
+
+
+def _headers(raw: bytes) -> "Tuple[int, Dict[str, str]]":
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise TunnelError(f"not an HTTP answer from the receiver: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return int(parts[1]), headers
+
+
+def pipe(sock: "socket.socket", request: bytes, fd_in: int = 0, fd_out: int = 1) -> None:
+    """Send ``request``, then stdin as its chunked body; the answer's chunked body goes to stdout."""
+    sock.setblocking(False)
+    for fd in (fd_in, fd_out):
+        os.set_blocking(fd, False)
+    up = bytearray(request)  # bytes for the socket
+    down = bytearray()  # bytes for stdout
+    head = bytearray()
+    status = None  # type: Optional[int]
+    error_body = bytearray()
+    body = _Chunked()
+    in_open = True
+    while True:
+        if status is not None and status != 200 and body.done:
+            break
+        if body.done and not down:
+            return
+        rlist: "List[Any]" = []
+        if in_open and len(up) < _HIGH:
+            rlist.append(fd_in)
+        if len(down) < _HIGH:
+            rlist.append(sock)
+        wlist: "List[Any]" = []
+        if up:
+            wlist.append(sock)
+        if down:
+            wlist.append(fd_out)
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        r, w, _x = select.select(rlist, wlist, [], 0 if pending else _IDLE)
+        if not (r or w or pending):
+            raise TunnelError(f"no data from the receiver for {_IDLE:.0f} s")
+        if fd_in in r:
+            piece = os.read(fd_in, _READ)
+            if piece:
+                up += b"%x\r\n" % len(piece) + piece + b"\r\n"
+            else:
+                up += b"0\r\n\r\n"
+                in_open = False
+        if sock in r or (pending and sock in rlist):
+            data = None  # type: Optional[bytes]
+            try:
+                data = sock.recv(_READ)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                pass
+            if data == b"":
+                if body.done:
+                    return
+                raise TunnelError("the receiver closed the connection")
+            if data:
+                if status is None:
+                    head += data
+                    end = head.find(b"\r\n\r\n")
+                    if end >= 0:
+                        status, headers = _headers(bytes(head[:end]))
+                        if "chunked" not in headers.get("transfer-encoding", "").lower() and status == 200:
+                            raise TunnelError("the receiver did not answer with a stream")
+                        rest = bytes(head[end + 4 :])
+                        if status != 200 and "chunked" not in headers.get("transfer-encoding", "").lower():
+                            error_body += rest
+                            length = int(headers.get("content-length", "0") or 0)
+                            while len(error_body) < length:
+                                sock.setblocking(True)
+                                more = sock.recv(_READ)
+                                if not more:
+                                    break
+                                error_body += more
+                            break
+                        data = rest
+                    else:
+                        data = b""
+                if status is not None and data:
+                    plain = body.feed(data)
+                    if status == 200:
+                        down += plain
+                    else:
+                        error_body += plain
+        if sock in w and up:
+            try:
+                n = sock.send(up[:_READ])
+                del up[:n]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                pass
+        if fd_out in w and down:
+            try:
+                n = os.write(fd_out, down[:_READ])
+                del down[:n]
+            except BlockingIOError:
+                pass
+    message = bytes(error_body)
+    try:
+        doc = json.loads(message.decode("utf-8", "replace"))
+        message = ("{}: {}".format(doc.get("code"), doc.get("message"))).encode()
+    except ValueError:
+        pass
+    raise TunnelError(
+        "the receiver refused the rsync stream ({}): {}".format(status, message.decode("utf-8", "replace"))
+    )
+
+
+def main(argv: "Optional[List[str]]" = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # rsync gives: [options the rsh understands...] host command...; we take none of the options
+    while args and args[0].startswith("-"):
+        args.pop(0)
+    if len(args) < 2:
+        sys.stderr.write("opensmc tunnel: expected HOST COMMAND... (it is rsync's remote shell)\n")
+        return 2
+    command = args[1:]
+    if len(command) == 1 and " " in command[0]:
+        command = command[0].split()  # rsync may hand the remote command as one string
+    try:
+        url, token = os.environ[ENV_URL], os.environ[ENV_TOKEN]
+    except KeyError as missing:
+        sys.stderr.write(f"opensmc tunnel: {missing} is not set (the agent sets it)\n")
+        return 2
+    try:
+        sock = _connect(url, os.environ.get(ENV_CA) or None)
+        try:
+            pipe(sock, _request(url, token, command))
+        finally:
+            sock.close()
+    except (TunnelError, OSError, ssl.SSLError) as exc:
+        sys.stderr.write(f"opensmc tunnel: {exc}\n")
+        return 12  # rsync's "error in rsync protocol data stream"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

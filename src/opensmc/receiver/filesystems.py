@@ -1,0 +1,226 @@
+"""A partition copied file by file becomes a new filesystem, then chunks in the store.
+
+After the agent's rsync has brought a partition's tree up to date
+(``receiver/rsync.py``), ``POST /v1/volumes/<partition volume>/build`` makes
+its filesystem: ``mke2fs -d`` populates a new ext2/3/4 filesystem from the
+tree without mounting anything, of the target size, with the source's UUID,
+label, block and inode sizes and features (so fstab, the bootloader and the
+kernel find what they found before). The image file is then read once, hole
+by hole skipped, into a staging index of its own (``<volume>.fidx``, beside
+its disk's), whose chunks go into the store like any received chunk: blobs
+the store has already (an unchanged file's blocks at the same place as in
+the last run) are not stored again. The new index replaces the old one in one
+rename, so a crash leaves the last complete build; sealing composes the
+image disk from it (``service/file_images.py``).
+
+The build costs what the data costs (mke2fs writes it once, the store reads
+it once): unlike a block run's sealing, it is not metadata only. It runs on
+the receiver, during the run, so Processing stays metadata only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import uuid as uuid_mod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opensmc.chunkstore.repository import Repository
+from opensmc.chunkstore.staging import StagingIndex
+
+log = logging.getLogger("opensmc.receiver")
+
+__all__ = ["BuildError", "FsSpec", "build"]
+
+INDEX_SUFFIX = ".fidx"
+_LABEL = re.compile(r"^[\x20-\x7e]{0,16}$")
+_FEATURE = re.compile(r"^[a-z0-9_]{1,32}$")
+#: features mke2fs takes from the source; others (mmp, encrypt, casefold…) are refused, not dropped silently
+KNOWN_FEATURES = frozenset(
+    """has_journal ext_attr resize_inode dir_index sparse_super2 orphan_file filetype extent extents 64bit
+    flex_bg metadata_csum_seed inline_data large_dir ea_inode meta_bg sparse_super large_file huge_file
+    dir_nlink extra_isize quota metadata_csum project uninit_bg bigalloc stable_inodes verity""".split()
+)
+_READ = 4 * 1024 * 1024
+MAX_SIZE = 64 * 1024**4
+
+
+class BuildError(Exception):
+    """The filesystem could not be built; ``code`` and a message that says why and what to do."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class FsSpec:
+    fs_type: str
+    size: int
+    uuid: str
+    label: str
+    block_size: int
+    inode_size: int
+    features: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, doc: Any) -> FsSpec:
+        """From the agent's JSON, every field checked (they become mke2fs arguments)."""
+        if not isinstance(doc, dict):
+            raise BuildError("Build.Invalid", "the body must be a JSON object")
+        fs_type = doc.get("fs_type")
+        if fs_type not in ("ext2", "ext3", "ext4"):
+            raise BuildError("Build.Invalid", f"fs_type {fs_type!r}: ext2, ext3 or ext4")
+        size = doc.get("size")
+        if not isinstance(size, int) or not 1024 * 1024 <= size <= MAX_SIZE:
+            raise BuildError("Build.Invalid", f"size {size!r}: bytes, 1 MiB to 64 TiB")
+        try:
+            fs_uuid = str(uuid_mod.UUID(str(doc.get("uuid"))))
+        except ValueError:
+            raise BuildError("Build.Invalid", f"uuid {doc.get('uuid')!r} is not a UUID") from None
+        label = doc.get("label") or ""
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise BuildError("Build.Invalid", "label: at most 16 printable ASCII characters")
+        bs = doc.get("block_size")
+        if bs not in (1024, 2048, 4096, 8192, 16384, 32768, 65536):
+            raise BuildError("Build.Invalid", f"block_size {bs!r}")
+        isz = doc.get("inode_size")
+        if isz not in (128, 256, 512, 1024):
+            raise BuildError("Build.Invalid", f"inode_size {isz!r}")
+        feats = doc.get("features") or []
+        if not isinstance(feats, list) or not all(isinstance(f, str) and _FEATURE.match(f) for f in feats):
+            raise BuildError("Build.Invalid", "features: a list of feature names")
+        unknown = sorted(set(feats) - KNOWN_FEATURES)
+        if unknown:
+            raise BuildError(
+                "Build.UnsupportedFeature",
+                f"the source filesystem uses {', '.join(unknown)}, which OpenSMC does not rebuild: copy this "
+                "partition block by block (Block=true)",
+            )
+        return cls(fs_type, size, fs_uuid, label, bs, isz, tuple(feats))
+
+    def mke2fs(self, tree: Path, image: Path) -> list[str]:
+        cmd = ["mke2fs", "-q", "-F", "-t", self.fs_type, "-b", str(self.block_size), "-I", str(self.inode_size)]
+        cmd += ["-U", self.uuid, "-L", self.label]
+        if self.features:
+            # "none" first: the source's features exactly, not mke2fs.conf's defaults plus them
+            cmd += ["-O", ",".join(("none", *self.features))]
+        # The image file is new and sparse, so it reads as zeros: nothing needs zeroing or discarding.
+        cmd += ["-E", "assume_storage_prezeroed=1,nodiscard", "-d", str(tree), str(image), f"{self.size // 1024}k"]
+        return cmd
+
+
+def tree_bytes(tree: Path) -> int:
+    """What the tree's files take (``du``), for the message when they do not fit."""
+    try:
+        out = subprocess.run(["du", "-sxb", str(tree)], capture_output=True, text=True, timeout=600, check=True)
+        return int(out.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+
+
+def build(root: Path, vid: str, tree: Path, spec: FsSpec, repo: Repository, chunk_size: int) -> dict[str, int]:
+    """Build the filesystem of ``tree`` and record it as the staging index ``<vid>.fidx``."""
+    if not tree.is_dir():
+        raise BuildError("Build.NoTree", f"no files were received for {vid} yet: send them first (rsync)", 409)
+    if shutil.which("mke2fs") is None:
+        raise BuildError("Build.ToolMissing", "mke2fs (e2fsprogs) is not installed on the receiver host", 501)
+    t0 = time.monotonic()
+    image = root / f".{vid}.img"
+    image.unlink(missing_ok=True)
+    with image.open("wb") as f:
+        f.truncate(spec.size)
+    try:
+        done = subprocess.run(spec.mke2fs(tree, image), capture_output=True, text=True, timeout=24 * 3600)
+        if done.returncode != 0:
+            text = (done.stderr or done.stdout).strip()
+            if "allocate" in text or "No space" in text or "Could not" in text:
+                need = tree_bytes(tree)
+                least = need * 11 // 10 + 64 * 1024 * 1024
+                raise BuildError(
+                    "Build.TooSmall",
+                    f"the partition's files ({need} bytes) do not fit in a {spec.size}-byte filesystem: give the "
+                    f"partition a larger SizeBytes (at least {least} bytes) ({text[-300:]})",
+                )
+            raise BuildError("Build.Failed", f"mke2fs failed: {text[-500:]}", 500)
+        _root_inode(tree, image)
+        t1 = time.monotonic()
+        new = root / f"{vid}.new{INDEX_SUFFIX}"
+        vol = StagingIndex.create(new, spec.size, chunk_size)
+        data = 0
+        try:
+            with image.open("rb") as f:
+                fd = f.fileno()
+                for start, end in _extents(fd, spec.size):
+                    # whole chunks around the extent (two extents in one chunk write it twice: harmless)
+                    lo, hi = start // chunk_size * chunk_size, min(-(-end // chunk_size) * chunk_size, spec.size)
+                    for pos in range(lo, hi, _READ):
+                        buf = os.pread(fd, min(_READ, hi - pos), pos)
+                        vol.write(repo, pos, buf)
+                        data += len(buf)
+            vol.checkpoint(repo)
+        finally:
+            vol.close()
+        os.replace(new, root / f"{vid}{INDEX_SUFFIX}")
+    finally:
+        image.unlink(missing_ok=True)
+    t2 = time.monotonic()
+    log.info(
+        "volume %s: %s filesystem of %d bytes built (%d bytes of data): mke2fs %.2f s, into the store %.2f s",
+        vid,
+        spec.fs_type,
+        spec.size,
+        data,
+        t1 - t0,
+        t2 - t1,
+    )
+    return {"size": spec.size, "bytes": data}
+
+
+def _root_inode(tree: Path, image: Path) -> None:
+    """mke2fs -d gives the root directory 0755 root:root: give it the source's mode, owner, mtime, xattrs."""
+    st = os.lstat(tree)
+    cmds = [
+        f"sif / mode 0{stat.S_IFDIR | stat.S_IMODE(st.st_mode):o}",
+        f"sif / uid {st.st_uid}",
+        f"sif / gid {st.st_gid}",
+        f"sif / mtime @{int(st.st_mtime)}",
+    ]
+    with tempfile.TemporaryDirectory(prefix="opensmc-root-") as tmp:
+        for n, name in enumerate(os.listxattr(tree, follow_symlinks=False)):
+            value = Path(tmp) / str(n)
+            value.write_bytes(os.getxattr(tree, name, follow_symlinks=False))
+            cmds.append(f"ea_set -f {value} / {name}")
+        script = Path(tmp) / "cmds"
+        script.write_text("\n".join(cmds) + "\n")
+        done = subprocess.run(["debugfs", "-w", "-f", str(script), str(image)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError("Build.Failed", f"debugfs could not set the root directory: {done.stderr[-300:]}", 500)
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data extents of a sparse file (SEEK_DATA/SEEK_HOLE), merged."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            return [(0, size)]  # no SEEK_DATA here: read it all
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, min(end, size)))
+        pos = end
+    return out

@@ -1,0 +1,175 @@
+"""The receiver's side of file-level copying: rsync through the tunnel, the checked command, the build."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opensmc.agent import tunnel
+from opensmc.chunkstore.staging import StagingIndex
+from opensmc.receiver.rsync import RsyncRefused, server_command
+from tests.integration.test_receiver import TOKEN, Receiver
+
+MiB = 1024 * 1024
+VID = "v-d0.p0_1"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the receiver's rsync keeps owners: needs root")
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    r = Receiver(tmp_path / "volumes", tmp_path / "store")
+    StagingIndex.create(r.root / "v-d0.fidx", 64 * MiB, 16 * 1024).close()
+    yield r
+    r.stop()
+
+
+def _rsync(r: Receiver, src: Path, *extra: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(tunnel.__file__).parents[2]),
+        tunnel.ENV_URL: r.url,
+        tunnel.ENV_TOKEN: token,
+        tunnel.ENV_VOLUME: VID,
+    }
+    rsh = f"{sys.executable} -m opensmc.agent.tunnel"
+    cmd = ["rsync", "-aHAXS", "--numeric-ids", "--delete-excluded", *extra, "-e", rsh, f"{src}/", "opensmc:tree"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+@needs_root
+def test_rsync_through_the_tunnel_then_incremental(receiver: Receiver, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(os.urandom(3 * MiB))  # several chunks each way
+    (src / "b").write_text("bee\n")
+    os.chown(src / "b", 123, 456)
+    done = _rsync(receiver, src)
+    assert done.returncode == 0, done.stderr
+    tree = receiver.root / f"{VID}.tree"
+    assert (tree / "d" / "a").read_bytes() == (src / "d" / "a").read_bytes()
+    assert (tree / "b").stat().st_uid == 123 and (tree / "b").stat().st_gid == 456
+    (src / "b").unlink()
+    (src / "c").write_text("new\n")
+    done = _rsync(receiver, src, "--out-format=SENT %n")
+    assert done.returncode == 0, done.stderr
+    assert not (tree / "b").exists() and (tree / "c").read_text() == "new\n"
+    assert [line for line in done.stdout.splitlines() if line.startswith("SENT")] == ["SENT c"], done.stdout
+
+
+def test_tunnel_with_a_bad_token_is_refused(receiver: Receiver, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    done = _rsync(receiver, src, token="nope")
+    assert done.returncode != 0
+    assert "403" in done.stderr and "Auth.Denied" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        ["rsync", "--server", "--sender", "-logDtpre.iLsfxC", ".", "/etc"],  # read the receiver's files
+        ["rsync", "--server", "-logDtprKe.iLsfxC", ".", "x"],  # keep-dirlinks: follow symlinks out of the tree
+        ["rsync", "--server", "--backup-dir=/etc", "-a", ".", "x"],
+        ["rsync", "--server", "--log-file=/etc/passwd", ".", "x"],
+        ["rsync", "--server", "--bwlimit=1;id", ".", "x"],
+        ["sh", "-c", "id", ".", "x"],
+        ["rsync", "--server", "-a"],
+        "rsync --server . x",
+    ],
+)
+def test_only_a_checked_rsync_server_command_runs(asked: object, tmp_path: Path) -> None:
+    with pytest.raises(RsyncRefused):
+        server_command(asked, tmp_path)
+
+
+def test_the_destination_is_always_the_partitions_tree(tmp_path: Path) -> None:
+    asked = ["rsync", "--server", "-lHogDtpAXrxSe.iLsfxCIvu", "--delete-excluded", "--partial", ".", "/etc"]
+    assert server_command(asked, tmp_path / "t") == [*asked[:-1], f"{tmp_path / 't'}/"]
+
+
+def _post_build(r: Receiver, body: object) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", r.port, timeout=120)
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-OpenSMC-Protocol": "1", "Content-Type": "application/json"}
+    conn.request("POST", f"/v1/volumes/{VID}/build", body=json.dumps(body), headers=headers)
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+SPEC = {
+    "fs_type": "ext4",
+    "size": 32 * MiB,
+    "uuid": "0b2c9f4e-1d4a-4c55-9b7e-2f6a1e0c3d11",
+    "label": "rootfs",
+    "block_size": 4096,
+    "inode_size": 256,
+    "features": ["has_journal", "ext_attr", "dir_index", "filetype", "extent", "flex_bg", "sparse_super",
+                 "large_file", "huge_file", "dir_nlink", "extra_isize", "metadata_csum"],
+}  # fmt: skip
+
+
+def test_build_makes_the_filesystem_into_a_staging_index(receiver: Receiver, tmp_path: Path) -> None:
+    tree = receiver.root / f"{VID}.tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("built\n")
+    status, body = _post_build(receiver, SPEC)
+    assert status == 200, body
+    disk = StagingIndex.read_disk(receiver.root / f"{VID}.fidx")
+    assert disk.size == SPEC["size"]
+    image = bytearray(disk.size)
+    for i in disk.nonzero():
+        image[i * disk.chunk_size : (i + 1) * disk.chunk_size] = receiver.repo.get(bytes(disk.digests[i]))
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(image)
+    assert subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True).returncode == 0
+    out = subprocess.run(["dumpe2fs", "-h", str(fs)], capture_output=True, text=True).stdout
+    assert SPEC["uuid"] in out and "rootfs" in out
+    assert (
+        "built"
+        in subprocess.run(["debugfs", "-R", "cat /etc/hostname", str(fs)], capture_output=True, text=True).stdout
+    )
+    assert not list(receiver.root.glob(".*.img")), "the build's image file was left behind"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"fs_type": "xfs"}, "Build.Invalid"),
+        ({"uuid": "not-a-uuid"}, "Build.Invalid"),
+        ({"label": "x" * 17}, "Build.Invalid"),
+        ({"features": ["has_journal", "encrypt"]}, "Build.UnsupportedFeature"),
+        ({"features": ["-O evil"]}, "Build.Invalid"),
+        ({"size": 2**70}, "Build.Invalid"),
+    ],
+)
+def test_build_checks_every_field(receiver: Receiver, change: dict, code: str) -> None:
+    (receiver.root / f"{VID}.tree").mkdir()
+    status, body = _post_build(receiver, {**SPEC, **change})
+    assert status == 400 and body["code"] == code, body
+
+
+def test_build_of_files_that_do_not_fit_says_how_much_they_need(receiver: Receiver) -> None:
+    tree = receiver.root / f"{VID}.tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(40 * MiB))
+    status, body = _post_build(receiver, SPEC)
+    assert status == 400 and body["code"] == "Build.TooSmall", body
+    assert "larger SizeBytes" in body["message"]
+
+
+def test_tunnel_request_names_the_volume_and_the_command() -> None:
+    os.environ[tunnel.ENV_VOLUME] = VID
+    try:
+        raw = tunnel._request("http://h:1/base", "tok", ["rsync", "--server", ".", "x"]).decode()
+    finally:
+        del os.environ[tunnel.ENV_VOLUME]
+    assert raw.startswith(f"POST /base/v1/volumes/{VID}/rsync HTTP/1.1\r\n")
+    args = next(line.split(": ", 1)[1] for line in raw.split("\r\n") if line.startswith("X-OpenSMC-Rsync-Args"))
+    assert json.loads(base64.b64decode(args)) == ["rsync", "--server", ".", "x"]
