@@ -227,4 +227,7 @@ def wait_idle(timeout: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        threads[0].join(min(left, 0.5))
+        try:
+            threads[0].join(min(left, 0.5))
+        except RuntimeError:  # registered, not yet started (start_leased is claiming its lease)
+            time.sleep(0.05)
