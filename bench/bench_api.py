@@ -14,12 +14,20 @@ Starts real processes on loopback and measures, in the same run:
   account to 1,000 jobs), one client, PageSize 50, unfiltered and filtered by
   Status.
 
+- with ``--processes N`` (N > 1), the same signed load on PostgreSQL spread
+  over N ``opensmc server --roles api`` processes sharing one database (one
+  ``wrk`` per process, the connections split between them), summed.
+
 The load generator is ``wrk`` (Debian package ``wrk``): the signed requests
 are made beforehand (one per nonce, never reused) and a Lua script hands each
 out once; a run that got any non-2xx answer (a replay would) is reported as
-failed. Every figure is printed; nothing here is a test threshold.
+failed. Each rate comes with the CPU time the server process(es) spent per
+request (user + system, from ``/proc``) and the load average: on a shared
+machine the rate depends on what else runs, the CPU per request much less.
+Every figure is printed; nothing here is a test threshold.
 
-    python bench/bench_api.py [--seconds 10] [--connections 32] [--pg postgresql://postgres@127.0.0.1:5432/test]
+    python bench/bench_api.py [--seconds 10] [--connections 32] [--processes 2]
+                              [--pg postgresql://postgres@127.0.0.1:5432/test] [--dir /var/tmp]
 """
 
 from __future__ import annotations
@@ -118,7 +126,17 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing answers on {url}")
 
 
-def wrk(url: str, paths: Path | None, seconds: int, connections: int, threads: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def wrk_args(url: str, paths: Path | None, seconds: int, connections: int, threads: int) -> list[str]:
     args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
     if paths is not None:
         script = paths.with_suffix(".lua")
@@ -126,7 +144,15 @@ def wrk(url: str, paths: Path | None, seconds: int, connections: int, threads: i
         args += ["-s", str(script), url, "--", str(paths), str(threads)]
     else:
         args.append(url)
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return args
+
+
+def wrk(url: str, paths: Path | None, seconds: int, connections: int, threads: int) -> dict[str, float]:
+    args = wrk_args(url, paths, seconds, connections, threads)
+    return parse_wrk(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -139,8 +165,9 @@ def wrk(url: str, paths: Path | None, seconds: int, connections: int, threads: i
 
 
 class Server:
-    def __init__(self, work: Path, database: str | None) -> None:
-        self.data = work / f"data-{uuid.uuid4().hex[:6]}"
+    def __init__(self, work: Path, database: str | None, data: Path | None = None) -> None:
+        # Processes that share a database share a data dir too (its master key opens the AccessKeys).
+        self.data = data or work / f"data-{uuid.uuid4().hex[:6]}"
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         db_args = ["--database", database] if database else []
@@ -218,30 +245,73 @@ def latency(server: Server, params: dict[str, str], n: int) -> tuple[float, floa
     return statistics.median(times), times[int(len(times) * 0.99) - 1]
 
 
-def signed_rate(server: Server, work: Path, args: argparse.Namespace) -> dict[str, float]:
+def write_paths(server: Server, paths: Path, count: int) -> None:
+    with paths.open("w") as f:
+        for _ in range(count):
+            f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
+
+
+def signed_rate(servers: list[Server], work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Signed requests/s over all ``servers`` (one wrk each, connections split), and server CPU per request."""
     # Enough fresh nonces for 4x the target rate for the whole run: never a replay.
-    count = max(20_000, 8_000 * args.seconds)
-    paths = work / f"paths-{server.port}.txt"
-    with paths.open("w") as f:
-        for _ in range(count):
-            f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
-    wrk(server.endpoint, paths, 2, args.connections, args.threads)  # warm-up (its nonces are used up)
-    with paths.open("w") as f:
-        for _ in range(count):
-            f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
-    return wrk(server.endpoint, paths, args.seconds, args.connections, args.threads)
+    count = max(20_000, 8_000 * args.seconds) // len(servers)
+    conns = max(2, args.connections // len(servers))
+    files = [work / f"paths-{s.port}.txt" for s in servers]
+    for server, paths in zip(servers, files, strict=True):
+        write_paths(server, paths, count)
+    for server, paths in zip(servers, files, strict=True):  # warm-up (its nonces are used up)
+        wrk(server.endpoint, paths, 2, conns, args.threads)
+    for server, paths in zip(servers, files, strict=True):
+        write_paths(server, paths, count)
+    cpu0 = [cpu_seconds(s.proc.pid) for s in servers]
+    runs = [
+        subprocess.Popen(wrk_args(s.endpoint, p, args.seconds, conns, args.threads), stdout=subprocess.PIPE, text=True)
+        for s, p in zip(servers, files, strict=True)
+    ]
+    results = [parse_wrk(r.communicate()[0]) for r in runs]
+    cpu = sum(cpu_seconds(s.proc.pid) for s in servers) - sum(cpu0)
+    rate = sum(r["rate"] for r in results)
+    return {
+        "rate": rate,
+        "non2xx": sum(r["non2xx"] for r in results),
+        "p99_ms": max(r["p99_ms"] for r in results),
+        "cpu_ms": cpu / max(1.0, rate * args.seconds) * 1000,
+    }
+
+
+def report(kind: str, r: dict[str, float], bare: float) -> None:
+    flag = "" if r["non2xx"] == 0 else f"  FAILED: {int(r['non2xx'])} non-2xx answers"
+    print(
+        f"{kind:10s} signed DescribeSourceServers: {r['rate']:8.0f} req/s  p99 {r['p99_ms']:.1f} ms  "
+        f"server CPU {r['cpu_ms']:.3f} ms/request  (bare/signed = {bare / r['rate']:.1f}x; "
+        f"load {load_average()}){flag}",
+        flush=True,
+    )
+
+
+def run_processes(database: str, work: Path, args: argparse.Namespace, bare: float) -> None:
+    """The signed rate with ``args.processes`` API processes on one PostgreSQL database."""
+    first = Server(work, database)
+    servers = [first, *(Server(work, database, first.data) for _ in range(args.processes - 1))]
+    try:
+        report(f"PG x{args.processes}", signed_rate(servers, work, args), bare)
+        once = first.signed_path("DescribeSourceServers", {"RegionId": "local"})
+        answers = [httpx.get(s.endpoint + once) for s in servers]
+        refused = all(a.status_code == 400 and "SignatureNonceUsed" in a.text for a in answers[1:])
+        print(
+            f"PG x{args.processes} one request sent to every process: first {answers[0].status_code}, "
+            f"{'every other refused (SignatureNonceUsed)' if refused else 'REPLAY ACCEPTED'}",
+            flush=True,
+        )
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def run_db(kind: str, database: str | None, work: Path, args: argparse.Namespace, bare: float) -> None:
     server = Server(work, database)
     try:
-        r = signed_rate(server, work, args)
-        flag = "" if r["non2xx"] == 0 else f"  FAILED: {int(r['non2xx'])} non-2xx answers"
-        print(
-            f"{kind:10s} signed DescribeSourceServers: {r['rate']:8.0f} req/s  p99 {r['p99_ms']:.1f} ms  "
-            f"(bare/signed = {bare / r['rate']:.1f}x){flag}",
-            flush=True,
-        )
+        report(kind, signed_rate([server], work, args), bare)
         account = server.account_id()
         have = 0
         for target in (100, 1_000, 10_000):
@@ -266,33 +336,43 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=300, help="requests per DescribeReplicationJobs latency figure")
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL server to create a scratch database on ('skip' for SQLite only)")  # fmt: skip
+    ap.add_argument("--processes", type=int, default=1, help="also measure this many API processes on PostgreSQL")
+    ap.add_argument("--dir", type=Path, default=None, help="where the data dirs go (default: a temporary directory)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("bench_api: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="osmc-api-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="osmc-api-bench-", dir=args.dir))
     port = free_port()
     bare_proc = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)], env=ENV)
     try:
         wait_http(f"http://127.0.0.1:{port}/")
         wrk(f"http://127.0.0.1:{port}/", None, 2, args.connections, args.threads)
         bare = wrk(f"http://127.0.0.1:{port}/", None, args.seconds, args.connections, args.threads)
-        print(f"bare Starlette endpoint:           {bare['rate']:8.0f} req/s  p99 {bare['p99_ms']:.1f} ms", flush=True)
+        print(
+            f"bare Starlette endpoint:           {bare['rate']:8.0f} req/s  p99 {bare['p99_ms']:.1f} ms  "
+            f"(load {load_average()})",
+            flush=True,
+        )
     finally:
         bare_proc.terminate()
         bare_proc.wait()
     run_db("SQLite", None, work, args, bare["rate"])
     if args.pg != "skip":
         admin = create_engine(_sa_url(args.pg), isolation_level="AUTOCOMMIT")
-        name = f"opensmc_bench_{os.getpid()}"
+        names = [f"opensmc_bench_{os.getpid()}", f"opensmc_bench_{os.getpid()}_n"]
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            for name in names:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
         try:
-            url = make_url(args.pg).set(database=name).render_as_string(hide_password=False)
-            run_db("PostgreSQL", url, work, args, bare["rate"])
+            urls = [make_url(args.pg).set(database=n).render_as_string(hide_password=False) for n in names]
+            run_db("PostgreSQL", urls[0], work, args, bare["rate"])
+            if args.processes > 1:
+                run_processes(urls[1], work, args, bare["rate"])
         finally:
             with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                for name in names:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
     shutil.rmtree(work, ignore_errors=True)
     return 0

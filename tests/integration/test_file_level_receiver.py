@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from opensmc.agent import tunnel
 from opensmc.chunkstore.staging import StagingIndex
+from opensmc.receiver.http import make_app
 from opensmc.receiver.rsync import RsyncRefused, server_command
 from tests.integration.test_receiver import TOKEN, Receiver
 
@@ -31,9 +35,12 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
     r.stop()
 
 
-def _rsync(r: Receiver, src: Path, *extra: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+def _rsync(
+    r: Receiver, src: Path, *extra: str, token: str = TOKEN, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
+        **(env_extra or {}),
         "PYTHONPATH": str(Path(tunnel.__file__).parents[2]),
         tunnel.ENV_URL: r.url,
         tunnel.ENV_TOKEN: token,
@@ -173,3 +180,56 @@ def test_tunnel_request_names_the_volume_and_the_command() -> None:
     assert raw.startswith(f"POST /base/v1/volumes/{VID}/rsync HTTP/1.1\r\n")
     args = next(line.split(": ", 1)[1] for line in raw.split("\r\n") if line.startswith("X-OpenSMC-Rsync-Args"))
     assert json.loads(base64.b64decode(args)) == ["rsync", "--server", ".", "x"]
+
+
+class TlsReceiver(Receiver):
+    """The same receiver app behind TLS (the tunnel's other path through its select loop)."""
+
+    def __init__(self, root: Path, store: Path, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        super().__init__(root, store)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = make_app(self.root, self.repo, lambda token, vid: token == TOKEN and vid.startswith("v"))
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ctx)
+        self.loop.run_until_complete(site.start())
+        self.port = self.runner.addresses[0][1]
+        self.started.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+@needs_root
+def test_rsync_through_the_tunnel_over_tls(tmp_path: Path) -> None:
+    from tests.e2e.test_tls import make_cert
+
+    cert, key = make_cert(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    r = TlsReceiver(tmp_path / "volumes", tmp_path / "store", ctx)
+    try:
+        StagingIndex.create(r.root / "v-d0.fidx", 64 * MiB, 16 * 1024).close()
+        src = tmp_path / "src"
+        src.mkdir()
+        payload = os.urandom(5 * MiB)  # TLS records both ways, many of them
+        (src / "big").write_bytes(payload)
+        os.environ[tunnel.ENV_CA] = str(cert)
+        try:
+            done = _rsync(r, src)
+        finally:
+            del os.environ[tunnel.ENV_CA]
+        assert done.returncode == 0, done.stderr
+        assert (r.root / f"{VID}.tree" / "big").read_bytes() == payload
+        (src / "big").write_bytes(payload[: 4 * MiB] + os.urandom(MiB))  # a delta both ways
+        os.utime(src / "big", (1_700_000_000, 1_700_000_000))  # same size: the quick check needs another mtime
+        done = _rsync(r, src, "--no-whole-file", env_extra={tunnel.ENV_CA: str(cert)})
+        assert done.returncode == 0, done.stderr
+        assert (r.root / f"{VID}.tree" / "big").read_bytes() == (src / "big").read_bytes()
+    finally:
+        r.stop()

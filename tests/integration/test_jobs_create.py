@@ -477,3 +477,18 @@ def test_concurrent_creates_with_one_client_token_replay(call: Call, src: str) -
         t.join()
     assert not errors, errors
     assert len(results) == 4 and len(set(results)) == 1
+
+
+def test_a_disk_with_partitions_copied_file_by_file_may_be_smaller(
+    call: Call, services: Services, caller: Caller
+) -> None:
+    """Block=false: the partitions' SizeBytes decide, checked when the run is prepared (domain/file_layout.py)."""
+    disk = {
+        "index": 0,
+        "size_bytes": 100 * GIB,
+        "partitions": [{"device": "0_0", "offset": 1 << 20, "size_bytes": 100 * GIB - (2 << 20), "fs_type": "ext4"}],
+    }
+    src = add_source(services, caller, disks=[disk])
+    file_level = {"SystemDiskPart__1__Device": "0_0", "SystemDiskPart__1__SizeBytes": 10 * GIB}
+    raises("InvalidParameter", create, call, src, SystemDiskSize=20, **file_level)  # Block=true: the whole disk
+    create(call, src, SystemDiskSize=20, **file_level, SystemDiskPart__1__Block=False)

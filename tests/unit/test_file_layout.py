@@ -101,3 +101,12 @@ def test_the_job_names_file_level_parts_by_device_or_by_path() -> None:
     }
     parts = [{"device": "0_2", "mount_point": "/data"}]
     assert file_level_sizes(spec, 0, parts) == {"0_1": 5 * MiB, "0_2": 7 * MiB}
+
+
+def test_a_data_disk_of_the_newer_model_names_its_parts_by_path() -> None:
+    spec = {
+        "Disks": {"Data": [{"DiskId": "/dev/vdb", "Parts": [{"Path": "/srv", "SizeBytes": 9 * MiB, "Block": False}]}]}
+    }
+    parts = [{"device": "1_0", "mount_point": "/srv"}]
+    assert file_level_sizes(spec, 1, parts, "/dev/vdb") == {"1_0": 9 * MiB}
+    assert file_level_sizes(spec, 1, parts, "/dev/vdc") == {}

@@ -50,6 +50,7 @@ def controls(monkeypatch: pytest.MonkeyPatch) -> list[TaskControl]:
         tls: ssl.SSLContext | None = None,
         control: TaskControl | None = None,
         cache_dir: str | None = None,
+        file_options: object = None,
     ) -> dict[str, Any]:
         assert control is not None
         seen.append(control)
@@ -174,6 +175,7 @@ def test_an_attempt_that_lost_contact_starts_again_while_the_channel_wants_it(
         tls: ssl.SSLContext | None = None,
         control: TaskControl | None = None,
         cache_dir: str | None = None,
+        file_options: object = None,
     ) -> dict[str, Any]:
         assert control is not None
         attempts.append(control)

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from opensmc import __version__
 from opensmc.api import agent_dist
+from opensmc.api.task_poll import TaskPoll
 from opensmc.domain import strictjson
 from opensmc.domain.errors import InvalidParameter, SmcError
 from opensmc.service import agents, wakeup
@@ -33,8 +34,8 @@ MAX_BODY = 1 << 20
 #: the longest ``wait`` a task long-poll may ask for (seconds); the default when it asks none
 MAX_WAIT = 60.0
 DEFAULT_WAIT = 25.0
-#: how often an open long-poll re-reads the database: the bound on how late it sees a change
-#: made by another server process (changes of this one wake it at once, service/wakeup.py)
+#: how often the open long-polls' sources are re-read (one query for all, api/task_poll.py): the bound on
+#: how late one sees a change made by another server process (this one's wake it at once, service/wakeup.py)
 POLL_EVERY = 0.25
 
 
@@ -165,10 +166,11 @@ async def tasks(request: Request) -> Response:
 
     Answers at once when the version differs from ``since`` (or none is
     given), else when the view changes, else after ``wait`` seconds with the
-    same view. Between two reads it holds neither a database connection nor a
-    worker thread: each read is one short query on the threadpool, and the
-    coroutine sleeps on an in-process wake-up (a job transition of this
-    process) with a :data:`POLL_EVERY` timeout (one of another process).
+    same view. While it waits it holds neither a database connection nor a
+    worker thread: it sleeps on an in-process wake-up (a job transition of
+    this process: it then reads its own view again) and on the shared re-read
+    of every open long-poll's source every :data:`POLL_EVERY` seconds (a
+    change made by another process, ``api/task_poll.py``).
     """
     services: Services = request.app.state.services
     authorization = request.headers.get("authorization")
@@ -177,19 +179,27 @@ async def tasks(request: Request) -> Response:
         wait, since = _wait_param(request)
         who = await run_in_threadpool(agents.authenticate, services, authorization)
         deadline = loop.time() + wait
-        with wakeup.waiter() as changed:
+        poll: TaskPoll | None = getattr(request.app.state, "task_poll", None)
+        if poll is None:
+            poll = request.app.state.task_poll = TaskPoll(services, lambda: POLL_EVERY)
+        with wakeup.waiter() as changed, poll.watch(who.source_id, since) as other_process:
             while True:
                 changed.clear()  # before the read: a transition during it wakes the next wait
                 version = await run_in_threadpool(agents.task_view_version, services, who.source_id)
-                left = deadline - loop.time()
-                if version != since or left <= 0:
+                while version == since and not changed.is_set():
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    if await request.is_disconnected():  # the agent went away (restarted): stop polling for it
+                        return Response(status_code=204)
+                    if other_process.moved.is_set():  # the shared read saw another version
+                        version = other_process.version
+                        break
+                    # Woken by this process's transitions at once, by the shared read (another process's)
+                    # within POLL_EVERY; the timeout is only for noticing a disconnected agent.
+                    await _first(changed, other_process.moved, timeout=min(POLL_EVERY, left))
+                if version != since or deadline - loop.time() <= 0:
                     break
-                if await request.is_disconnected():  # the agent went away (restarted): stop polling for it
-                    return Response(status_code=204)
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout=min(POLL_EVERY, left))
-                except TimeoutError:
-                    pass
         view = await run_in_threadpool(agents.task_view, services, who.source_id)
         return JSONResponse(view)
     except SmcError as err:
@@ -199,6 +209,16 @@ async def tasks(request: Request) -> Response:
     except Exception:
         log.exception("agent API %s: internal error", request.url.path)
         return _error(500, "InternalError", "The server failed to handle the request; see its log.")
+
+
+async def _first(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+    """Until either event is set, or ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def info(request: Request) -> Response:

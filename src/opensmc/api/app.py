@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -24,7 +23,8 @@ from starlette.routing import BaseRoute, Route
 
 from opensmc import API_VERSION
 from opensmc.api.actions import ACTIONS
-from opensmc.api.auth import authenticate
+from opensmc.api.auth import authenticate_then
+from opensmc.api.nonces import NonceBatcher
 from opensmc.api.render import error_body, render
 from opensmc.api.serving import MAX_BODY, BodyLimit
 from opensmc.api.signing import V1_METHOD, SignedRequest, collect_headers
@@ -32,7 +32,7 @@ from opensmc.clock import new_request_id
 from opensmc.domain.errors import AuthError, InternalError, InvalidParameter, MissingParameter, SmcError
 from opensmc.params import Params
 from opensmc.service.accounts import check_policy
-from opensmc.service.context import Services
+from opensmc.service.context import Caller, Services
 
 log = logging.getLogger("opensmc.api")
 
@@ -64,7 +64,8 @@ async def handle_rpc(request: Request) -> Response:
     fmt = "JSON"
     action_name = "Error"
     try:
-        raw_query = request.url.query
+        # From the scope, as request.url would give them, without building a URL per request.
+        raw_query = request.scope.get("query_string", b"").decode()
         query = parse_qsl(raw_query, keep_blank_values=True)
         headers, repeated = collect_headers(request.headers.items())
         body = await _read_body(request)
@@ -97,7 +98,7 @@ async def handle_rpc(request: Request) -> Response:
             raise AuthError("InvalidVersion", "Specified parameter Version is not valid.")
         signed = SignedRequest(
             method=request.method,
-            path=request.url.path,
+            path=request.scope["path"],  # "/": the only path this route matches
             query=query,
             form=form,
             headers=headers,
@@ -105,10 +106,9 @@ async def handle_rpc(request: Request) -> Response:
             repeated=repeated,
         )
 
-        def authenticated_call() -> dict[str, Any]:
-            # Authentication and the handler in one worker-thread hop: a second hop cost
-            # about as much as verifying the signature (bench/bench_api.py).
-            caller = authenticate(services, signed)
+        def authorized_call(caller: Caller) -> dict[str, Any]:
+            # On the worker thread that runs the handler: with a cached key, the request's
+            # one thread hop (api/auth.py; the nonce may have been recorded on it too).
             request.state.caller = caller  # for the access log (api/ops.py)
             check_policy(caller, action_name)
             if caller.scheme == V1_METHOD:
@@ -125,7 +125,7 @@ async def handle_rpc(request: Request) -> Response:
             params = Params({k: v for k, v in values.items() if k not in COMMON})
             return action.handler(services, caller, params)
 
-        result = await run_in_threadpool(authenticated_call)
+        _caller, result = await authenticate_then(services, signed, request.app.state.nonces, authorized_call)
         payload: dict[str, Any] = {"RequestId": request_id, **result}
         data, ctype = render(payload, f"{action_name}Response", fmt)
         return Response(data, 200, headers={"x-acs-request-id": request_id}, media_type=ctype)
@@ -180,6 +180,7 @@ def create_app(services: Services, extra_routes: Sequence[BaseRoute] = ()) -> St
         middleware=[Middleware(BodyLimit, limit=MAX_BODY)],
     )
     app.state.services = services
+    app.state.nonces = NonceBatcher(services)  # the nonce transactions of concurrent requests (api/nonces.py)
     # --- operations: /metrics, /healthz, /readyz and the access log (api/ops.py) ---
     from opensmc.api import ops
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
+import socket
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ __all__ = [
     "Backend",
     "Data",
     "LocalBackend",
+    "LocalSpool",
     "LockBusy",
     "ObjectExists",
     "ObjectNotFound",
@@ -166,6 +169,7 @@ class LocalBackend:
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._dirs: set[Path] = set()
+        self._spools_swept = False
 
     def describe(self) -> str:
         return str(self.root)
@@ -209,6 +213,23 @@ class LocalBackend:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
+
+    def spool(self) -> LocalSpool:
+        """A new object written as it grows, named only once whole (not part of the contract).
+
+        The chunk store writes a pack straight into its file this way instead of
+        building it in memory first (``repository.py``): its name is the hash of
+        its bytes, known only at the end. The file is hidden (``data/.spool-…``)
+        until :meth:`LocalSpool.commit` makes it durable and renames it into place;
+        spools that a dead process of this host left are removed on the first call.
+        """
+        folder = self.root / "data"
+        if not self._spools_swept:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            _sweep_spools(folder)
+            self._spools_swept = True
+        tmp = folder / f"{_SPOOL_PREFIX}{_host()}-{os.getpid()}-{next(_spool_numbers)}.tmp"
+        return LocalSpool(self, tmp)
 
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)
@@ -282,6 +303,58 @@ class LocalBackend:
                 raise LockBusy(f"lock {name!r} is held") from None
             raise
         return _FileLock(fd)
+
+
+_SPOOL_PREFIX = ".spool-"
+_spool_numbers = itertools.count()  # per process: two backends on one root never share a name
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
+def _sweep_spools(folder: Path) -> None:
+    """Remove the spools of this host's processes that are gone (a crash mid-pack)."""
+    mine = f"{_SPOOL_PREFIX}{_host()}-"
+    for path in folder.glob(f"{mine}*.tmp"):
+        pid = path.name[len(mine) :].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+
+
+class LocalSpool:
+    """A file under the store being appended to; durable and visible only after :meth:`commit`."""
+
+    def __init__(self, backend: LocalBackend, tmp: Path) -> None:
+        self._backend = backend
+        self._tmp = tmp
+        self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def append(self, parts: Sequence[Buffer]) -> None:
+        """Write the parts at the end (into the page cache: not durable until commit)."""
+        _write_all(self._fd, parts)
+
+    def commit(self, name: str) -> None:
+        """fsync, rename to ``name`` (replacing an object of that name) and fsync its folder."""
+        path = self._backend._path(name)
+        self._backend._parent(path)
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.replace(self._tmp, path)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -22,7 +22,9 @@ a store reads indexes, not packs; ``check`` rebuilds and compares both.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 import zstandard
@@ -34,6 +36,7 @@ __all__ = [
     "BlobEntry",
     "PackBuilder",
     "PackCorrupt",
+    "Spool",
     "decode_blob",
     "parse_index",
     "parse_pack",
@@ -61,23 +64,50 @@ class BlobEntry:
     stored_length: int
 
 
+class Spool(Protocol):
+    """Where a pack is written as it fills (``LocalSpool``): append, then commit under its name."""
+
+    def append(self, parts: Sequence[bytes | bytearray | memoryview]) -> None: ...
+
+    def commit(self, name: str) -> None: ...
+
+    def discard(self) -> None: ...
+
+
 def _zstd_compressor() -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(level=1)
 
 
 class PackBuilder:
-    """Collects blobs in one buffer until :meth:`finish_parts` gives the pack's bytes and index.
+    """Collects blobs until :meth:`finish_parts` gives the pack's bytes and index.
 
-    The buffer can be handed in and taken back (:meth:`release`), so a writer reuses a
-    few buffers for every pack it makes: a pack built by appending to a new ``bytearray``
-    was reallocated, and every byte copied, about eight times as it grew, and each new
-    buffer costs page faults on fresh memory; those were the receiver's largest costs.
-    A blob past the buffer's end grows it (rare: it is sized for a pack and one chunk).
+    Two ways to hold the pack while it fills:
+
+    * in one buffer, which can be handed in and taken back (:meth:`release`), so
+      a writer reuses a few buffers for every pack it makes: a pack built by
+      appending to a new ``bytearray`` was reallocated, and every byte copied,
+      about eight times as it grew, and each new buffer costs page faults on
+      fresh memory. A blob past the buffer's end grows it (rare: it is sized for
+      a pack and one chunk);
+    * in a file (``spool``, a factory of :class:`Spool`: the local backend's): each
+      blob is written out by :meth:`drain`, which the caller runs before it reuses
+      the memory the blobs were given in, so the pack costs no memory at all and
+      its bytes are copied once, into the page cache. :meth:`finish_spooled`
+      writes the index; the caller commits the spool under the pack's name.
     """
 
-    def __init__(self, buffer: bytearray | None = None, capacity: int = 0) -> None:
-        self._buf = buffer if buffer is not None else bytearray(capacity or len(PACK_MAGIC))
-        self._buf[: len(PACK_MAGIC)] = PACK_MAGIC
+    def __init__(
+        self, buffer: bytearray | None = None, capacity: int = 0, *, spool: Callable[[], Spool] | None = None
+    ) -> None:
+        self._new_spool = spool
+        self._spool: Spool | None = None
+        self._parts: list[bytes | memoryview] = []  # written out by drain() (spooled)
+        if spool is None:
+            self._buf = buffer if buffer is not None else bytearray(capacity or len(PACK_MAGIC))
+            self._buf[: len(PACK_MAGIC)] = PACK_MAGIC
+        else:
+            self._buf = bytearray()
+            self._parts.append(PACK_MAGIC)
         self._size = len(PACK_MAGIC)
         self._hash = xxhash.xxh3_128(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
@@ -90,8 +120,14 @@ class PackBuilder:
     def count(self) -> int:
         return len(self.entries)
 
+    @property
+    def spooled(self) -> bool:
+        return self._new_spool is not None
+
     def add(self, blob_hash: bytes, plain: bytes | memoryview, *, compress: bool = False) -> None:
-        """Append a blob (its hash already checked by the caller). ``compress``: try zstd-1, keep it if smaller."""
+        """Append a blob (its hash already checked by the caller). ``compress``: try zstd-1, keep it if smaller.
+
+        Spooled, ``plain`` is only referred to until the next :meth:`drain`."""
         data: bytes | memoryview = plain
         codec = CODEC_NONE
         if compress:
@@ -103,14 +139,47 @@ class PackBuilder:
         header = _BLOB.pack(blob_hash, codec, len(plain), len(data))
         offset = self._size + _BLOB.size
         end = offset + len(data)
-        if end > len(self._buf):
-            self._buf.extend(bytes(end - len(self._buf)))
-        self._buf[self._size : offset] = header
-        self._buf[offset:end] = data
+        if self._new_spool is not None:
+            self._parts += (header, data)
+        else:
+            if end > len(self._buf):
+                self._buf.extend(bytes(end - len(self._buf)))
+            self._buf[self._size : offset] = header
+            self._buf[offset:end] = data
         self._hash.update(header)
         self._hash.update(data)
         self._size = end
         self.entries.append(BlobEntry(blob_hash, codec, offset, len(plain), len(data)))
+
+    def drain(self) -> None:
+        """Spooled: write the blobs added since the last drain into the spool (one ``writev``)."""
+        if not self.entries or not self._parts or self._new_spool is None:
+            return  # (no file for a pack without blobs)
+        if self._spool is None:
+            self._spool = self._new_spool()
+        parts, self._parts = self._parts, []
+        self._spool.append(parts)
+
+    def finish_spooled(self) -> tuple[str, bytes]:
+        """Spooled: write what is left and the index; (pack name, index bytes). Then :meth:`commit`."""
+        index = encode_index(self.entries)
+        self._hash.update(index)
+        self._parts.append(index)
+        self.drain()
+        return self._hash.hexdigest(), index
+
+    def commit(self, name: str) -> None:
+        """Spooled: make the pack durable as ``name`` (after :meth:`finish_spooled`)."""
+        assert self._spool is not None
+        spool, self._spool = self._spool, None
+        spool.commit(name)
+
+    def discard(self) -> None:
+        """Spooled: drop the pack's file (a lost pack); harmless otherwise, and twice."""
+        self._parts = []
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            spool.discard()
 
     def finish_parts(self) -> tuple[str, list[bytes | memoryview], bytes]:
         """(pack name, the pack's bytes as parts in order, index bytes), for ``Backend.write``.

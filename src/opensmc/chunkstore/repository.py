@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from opensmc.chunkstore.backend import AbstractLock, Backend, ObjectExists, ObjectNotFound
+from opensmc.chunkstore.backend import AbstractLock, Backend, LocalBackend, ObjectExists, ObjectNotFound
+from opensmc.chunkstore.blobindex import BlobIndex
 from opensmc.chunkstore.packs import BlobEntry, PackBuilder, PackCorrupt, decode_blob, parse_index
 from opensmc.faults import crash_point
 
@@ -47,7 +48,8 @@ PACK_SIZE = 16 * 1024 * 1024
 #: an open pack older than this is written out even if not full: on a slow link a crash
 #: must not lose minutes of received data (the staging index can name only durable blobs)
 SEAL_AFTER = 2.0
-#: packs written but not yet durable, at most (memory: one pack buffer each, plus the open one).
+#: packs written but not yet durable, at most (on a backend other than a local directory,
+#: one pack buffer each, plus the open one; a local store's packs are files as they fill).
 #: One lets the next pack fill while the last is written; two measured no faster on the 2 GiB
 #: migration and cost the server 16 MiB more.
 PACKS_IN_FLIGHT = 1
@@ -92,17 +94,19 @@ class Repository:
         self.chunk_size = self._config(chunk_size)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # blob hash -> its location packed into one int (see _pack_location): about 120 bytes
-        # a blob in memory instead of ~300 for a dict of objects, which is what bounds the
-        # server's memory on a store of many terabytes.
-        self._index: dict[bytes, int] = {}
+        # blob hash -> its location packed into one int (see _pack_location), in sorted columns
+        # of 32 bytes a blob (blobindex.py; a dict took ~140): what bounds the server's memory
+        # on a store of many terabytes.
+        self._index = BlobIndex()
         self._pack_names: list[str] = []
         self._pack_numbers: dict[str, int] = {}
         self._loaded: set[str] = set()
         self._generation = self._read_generation()
         # Blobs in the open pack or in packs on their way to the backend: hash -> pack seq.
         self._pending: dict[bytes, int] = {}
-        # Pack buffers written and free for the next pack: at most PACKS_IN_FLIGHT + 1 exist.
+        # A local store gets each pack written into its file as it fills (no pack in memory);
+        # other backends get packs built in buffers, reused: at most PACKS_IN_FLIGHT + 1 exist.
+        self._spools = backend.spool if isinstance(backend, LocalBackend) else None
         self._buffers: list[bytearray] = []
         self._open = self._builder()
         self._opened = 0.0  # monotonic time of the open pack's first blob
@@ -161,8 +165,7 @@ class Repository:
                 continue
             with self._lock:
                 number = self._number_locked(pack)
-                for e in entries:
-                    self._index.setdefault(e.hash, _pack_location(number, e))
+                self._index.add_absent([(e.hash, _pack_location(number, e)) for e in entries])
                 self._loaded.add(pack)
 
     def has(self, blob_hash: bytes) -> bool:
@@ -208,8 +211,9 @@ class Repository:
         seqs: list[int] = []
         index, pending = self._index, self._pending
         with self._lock:
-            for blob_hash, plain, compress in blobs:
-                if blob_hash in index:
+            known = index.known([b[0] for b in blobs])  # one search of the index for the frame
+            for (blob_hash, plain, compress), durable in zip(blobs, known, strict=True):
+                if durable:
                     seqs.append(0)
                     continue
                 seq = pending.get(blob_hash)
@@ -223,10 +227,29 @@ class Repository:
                     if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
                         self._seal_locked()
                 seqs.append(seq)
+            self._drain_locked()  # before the caller reuses the memory the blobs are in
         return seqs
+
+    def _drain_locked(self) -> None:
+        """Write the open pack's new blobs into its file (spooled); a failure loses that pack."""
+        try:
+            self._open.drain()
+        except OSError as err:  # the disk is full: this pack cannot be made durable
+            lost = self._seq
+            self._lost.append((lost, lost))
+            for e in self._open.entries:
+                if self._pending.get(e.hash) == lost:
+                    del self._pending[e.hash]
+            self._open.discard()
+            self._open = self._builder()
+            self._seq += 1
+            log.error("writing a pack to %s failed: %s", self.backend.describe(), err)
+            raise StoreError(f"cannot write to the store at {self.backend.describe()}: {err}") from err
 
     def _builder(self) -> PackBuilder:
         """A builder for the next pack, on a free buffer when there is one (called locked)."""
+        if self._spools is not None:
+            return PackBuilder(spool=self._spools)
         if self._buffers:
             return PackBuilder(self._buffers.pop())
         # A pack, plus the blob that fills it past pack_size, plus one header: never grows.
@@ -235,6 +258,7 @@ class Repository:
     def _seal_locked(self) -> None:
         if not self._open.count:
             return
+        self._drain_locked()
         while len(self._queue) >= PACKS_IN_FLIGHT and self._writer_error is None:
             self._cond.wait()
         self._raise_writer_error()
@@ -254,15 +278,19 @@ class Repository:
                     return
                 seq, builder = self._queue[0]
             try:
-                name, pack, index = builder.finish_parts()
                 # The pack first, then its index: an index never names a pack that is not there.
-                self.backend.write(f"data/{name[:2]}/{name}", pack)
+                if builder.spooled:
+                    name, index = builder.finish_spooled()
+                    builder.commit(f"data/{name[:2]}/{name}")
+                else:
+                    name, pack, index = builder.finish_parts()
+                    self.backend.write(f"data/{name[:2]}/{name}", pack)
+                    for part in pack:
+                        if isinstance(part, memoryview):
+                            part.release()  # so that the buffer can be reused (and resized)
+                    del pack
                 crash_point("pack.written")
                 self.backend.write(f"index/{name}", index)
-                for part in pack:
-                    if isinstance(part, memoryview):
-                        part.release()  # so that the buffer can be reused (and resized)
-                del pack
             except BaseException as err:  # the disk is full, the store is gone: every writer hears it
                 with self._lock:
                     self._writer_error = err
@@ -270,6 +298,8 @@ class Repository:
                     # gets a new seq, so no seq means both "lost" and "durable".
                     self._lost.append((seq, self._seq))
                     self._seq += 1
+                    for lost in [self._open, *(b for _s, b in self._queue)]:
+                        lost.discard()
                     self._open = self._builder()
                     self._queue.clear()
                     self._pending.clear()
@@ -279,12 +309,14 @@ class Repository:
                 return
             with self._lock:
                 number = self._number_locked(name)
+                # the newest copy wins (see forget)
+                self._index.update([(e.hash, _pack_location(number, e)) for e in builder.entries])
                 for e in builder.entries:
-                    self._index[e.hash] = _pack_location(number, e)  # the newest copy wins (see forget)
                     self._pending.pop(e.hash, None)
                 self._loaded.add(name)
                 self._queue.pop(0)
-                self._buffers.append(builder.release())
+                if not builder.spooled:
+                    self._buffers.append(builder.release())
                 self.durable_seq = seq
                 self._cond.notify_all()
 
@@ -363,7 +395,7 @@ class Repository:
         damaged pack itself.
         """
         with self._lock:
-            self._index.pop(blob_hash, None)
+            self._index.pop(blob_hash)
 
     def bump_generation(self) -> int:
         """Tell every process that blobs may be gone (gc calls this under the exclusive lock)."""

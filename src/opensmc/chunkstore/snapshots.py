@@ -74,19 +74,30 @@ def chunks_of(size: int, chunk_size: int) -> int:
 
 
 def encode_snapshot(snap: Snapshot) -> bytes:
+    return b"".join(encode_snapshot_parts(snap))
+
+
+def encode_snapshot_parts(snap: Snapshot) -> list[bytes | memoryview]:
+    """The snapshot's bytes as parts in order, the digests as views of the disks' arrays.
+
+    For ``Backend.write``: sealing an 8 GiB disk's image copied its 8 MiB of digests
+    three times over when the snapshot was joined into one ``bytes`` first."""
     header = {
         "image_id": snap.image_id,
         "created": snap.created,
         "disks": [{"size": d.size, "chunk_size": d.chunk_size, "sha256": d.sha256} for d in snap.disks],
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    parts = [MAGIC, _LEN.pack(len(head)), head]
+    parts: list[bytes | memoryview] = [MAGIC, _LEN.pack(len(head)), head]
     for d in snap.disks:
         if d.digests.shape != (chunks_of(d.size, d.chunk_size), DIGEST) or d.digests.dtype != np.uint8:
             raise ValueError("a disk's digests must be a (chunks, 16) uint8 array")
-        parts.append(np.ascontiguousarray(d.digests).tobytes())
-    body = b"".join(parts)
-    return body + xxhash.xxh3_128_digest(body)
+        parts.append(np.ascontiguousarray(d.digests).data.cast("B"))
+    digest = xxhash.xxh3_128()
+    for part in parts:
+        digest.update(part)
+    parts.append(digest.digest())
+    return parts
 
 
 def decode_snapshot(raw: bytes) -> Snapshot:
@@ -113,7 +124,7 @@ def decode_snapshot(raw: bytes) -> Snapshot:
 def save_snapshot(backend: Backend, image_id: str, disks: list[DiskIndex], created: float | None = None) -> Snapshot:
     """Write an image; an existing one is never replaced (:class:`~.backend.ObjectExists`)."""
     snap = Snapshot(image_id, time.time() if created is None else created, tuple(disks))
-    backend.write(f"snapshots/{image_id}", encode_snapshot(snap), exclusive=True)
+    backend.write(f"snapshots/{image_id}", encode_snapshot_parts(snap), exclusive=True)
     return snap
 
 

@@ -24,16 +24,24 @@ def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Seq
 
 
 def file_level_sizes(
-    spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]]
+    spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]], disk_path: str = ""
 ) -> dict[str, int | None]:
-    """Device id -> the target size the job gives it (SizeBytes; None: as at the source), for Block=false parts."""
+    """Device id -> the target size the job gives it (SizeBytes; None: as at the source), for Block=false parts.
+
+    ``disk_path``: the data disk's path, which ``Disks.Data.N.DiskId`` may name instead of its index.
+    """
     out: dict[str, int | None] = {}
     if disk_index == 0:
         lists: Iterable[Any] = [spec.get("SystemDiskParts") or []]
         path_lists: Iterable[Any] = [((spec.get("Disks") or {}).get("System") or {}).get("Parts") or []]
     else:
         lists = [d.get("Parts") or [] for d in spec.get("DataDisks") or [] if d.get("Index") == disk_index]
-        path_lists = []
+        names = {str(disk_index), disk_path} - {""}
+        path_lists = [
+            d.get("Parts") or []
+            for d in (spec.get("Disks") or {}).get("Data") or []
+            if str(d.get("DiskId", "")) in names
+        ]
     for parts in lists:
         for part in parts:
             if part.get("Block") is False and part.get("Device"):

@@ -21,6 +21,7 @@ the receiver, during the run, so Processing stays metadata only.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -137,7 +138,9 @@ def build(root: Path, vid: str, tree: Path, spec: FsSpec, repo: Repository, chun
     if shutil.which("mke2fs") is None:
         raise BuildError("Build.ToolMissing", "mke2fs (e2fsprogs) is not installed on the receiver host", 501)
     t0 = time.monotonic()
-    image = root / f".{vid}.img"
+    scratch = _scratch_dir(root, spec.size)
+    _drop_leftovers(root, scratch)
+    image = scratch / f".{vid}.img"
     image.unlink(missing_ok=True)
     with image.open("wb") as f:
         f.truncate(spec.size)
@@ -175,6 +178,11 @@ def build(root: Path, vid: str, tree: Path, spec: FsSpec, repo: Repository, chun
         os.replace(new, root / f"{vid}{INDEX_SUFFIX}")
     finally:
         image.unlink(missing_ok=True)
+        if scratch != root:
+            try:
+                scratch.rmdir()  # only when empty: another build of this installation may be running
+            except OSError:
+                pass
     t2 = time.monotonic()
     log.info(
         "volume %s: %s filesystem of %d bytes built (%d bytes of data): mke2fs %.2f s, into the store %.2f s",
@@ -186,6 +194,38 @@ def build(root: Path, vid: str, tree: Path, spec: FsSpec, repo: Repository, chun
         t2 - t1,
     )
     return {"size": spec.size, "bytes": data}
+
+
+#: where a build's image file goes when memory allows: it lives seconds, and on disk its dirty pages
+#: would be written back while the store writes the same bytes into packs
+_SCRATCH = Path("/dev/shm")
+
+
+def _scratch_dir(root: Path, size: int) -> Path:
+    """tmpfs when it and the free memory hold the whole filesystem with 1 GiB to spare, else ``root``."""
+    try:
+        st = os.statvfs(_SCRATCH)
+        meminfo = Path("/proc/meminfo").read_text()
+        avail = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return root
+    if st.f_bavail * st.f_frsize >= size + 2**30 and avail >= size + 2**30 and os.access(_SCRATCH, os.W_OK):
+        # one directory per staging directory: leftovers are only ever this installation's
+        mine = _SCRATCH / f"opensmc-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}"
+        try:
+            mine.mkdir(mode=0o700, exist_ok=True)
+            return mine
+        except OSError:
+            return root
+    return root
+
+
+def _drop_leftovers(root: Path, scratch: Path) -> None:
+    """Image files a killed build left behind (in tmpfs they hold memory) whose job's staging is gone."""
+    for left in scratch.glob(".ti-*.p*.img"):
+        disk_vid = left.name[1:].removesuffix(".img").rsplit(".p", 1)[0]
+        if not (root / f"{disk_vid}{INDEX_SUFFIX}").exists():
+            left.unlink(missing_ok=True)
 
 
 def _root_inode(tree: Path, image: Path) -> None:

@@ -163,7 +163,7 @@ async def get_hashes(request: web.Request) -> web.Response:
         hashes = await loop.run_in_executor(None, vol.hashes)
         body = {"chunk_size": vol.chunk_size, "hashes": {str(i): h.hex() for i, h in sorted(hashes.items())}}
         return web.json_response(body)
-    raw = await loop.run_in_executor(None, lambda: encode_hash_array(vol.chunk_size, vol.current()))
+    raw = await loop.run_in_executor(None, vol.with_current, lambda d: encode_hash_array(vol.chunk_size, d))
     return web.Response(body=raw, content_type=HASHMAP_CONTENT_TYPE)
 
 
@@ -316,7 +316,7 @@ async def post_flush(request: web.Request) -> web.Response:
     if vol is None:
         return _not_found(request)
     await asyncio.get_running_loop().run_in_executor(None, vol.checkpoint, request.app[_REPO])
-    return web.json_response({"chunks": len(vol.hashes())})
+    return web.json_response({"chunks": vol.held()})
 
 
 def _close(app: web.Application, vid: str) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -209,14 +210,14 @@ def check_nonce(svc: Services, caller: Caller, nonce: str, *, key_version: int |
     """
     now = svc.clock()
     if _nonce_seen_in_memory(caller.access_key_id, nonce, now, svc, remember=False):
-        raise _NONCE_USED
+        raise NONCE_USED
     try:
         with svc.db.begin() as conn:
             if key_version is not None and q.get_keys_version(conn) != key_version:
                 cache_for(svc.db).drop(caller.access_key_id)
                 return False
             if not q.remember_nonce(conn, caller.access_key_id, nonce, now):
-                raise _NONCE_USED
+                raise NONCE_USED
     except ServerDiskFull:
         # The database's disk is full, so it cannot record the nonce: remember it in this
         # process for the signature window instead, so that reads keep working (a write
@@ -226,13 +227,68 @@ def check_nonce(svc: Services, caller: Caller, nonce: str, *, key_version: int |
                 cache_for(svc.db).drop(caller.access_key_id)
                 return False
             if q.nonce_used(conn, caller.access_key_id, nonce):
-                raise _NONCE_USED from None
+                raise NONCE_USED from None
         if _nonce_seen_in_memory(caller.access_key_id, nonce, now, svc, remember=True):
-            raise _NONCE_USED from None
+            raise NONCE_USED from None
     return True
 
 
-_NONCE_USED = AuthError("SignatureNonceUsed", "Specified signature nonce was used already.")
+@dataclass(frozen=True, slots=True)
+class NonceClaim:
+    """One request's nonce, for :func:`record_nonces`; ``key_version`` as in :func:`check_nonce`."""
+
+    access_key_id: str
+    nonce: str
+    key_version: int | None
+
+
+#: claims per call of :func:`record_nonces` at most
+NONCE_BATCH_MAX = q.NONCE_BATCH_MAX
+#: what :func:`record_nonces` says of each claim
+RECORDED = "recorded"  #: the nonce is new and now recorded: the request may run
+REPLAYED = "replayed"  #: seen before (in any process, or earlier in the same batch): SignatureNonceUsed
+STALE = "stale"  #: AccessKeys changed since the key was cached; not recorded: verify again from the database
+IN_MEMORY = "in-memory"  #: the database cannot take writes (disk full): check it alone with check_nonce
+
+
+def record_nonces(svc: Services, claims: Sequence[NonceClaim]) -> list[str]:
+    """Record the nonces of many requests in one transaction (group commit); one outcome per claim.
+
+    The same rule as :func:`check_nonce`, for a batch: the ``keys_version`` row
+    is read in the transaction that inserts the nonces, a claim made with an
+    older version is not recorded (``STALE``), and the primary key of
+    ``nonces`` decides between this batch and every other process. A request
+    runs only once its claim is ``RECORDED``, after the commit. When nonces
+    are kept in memory (the database's disk was full) every claim is
+    ``IN_MEMORY``: the caller checks each one with :func:`check_nonce`.
+    """
+    if _memory_nonces:
+        return [IN_MEMORY] * len(claims)
+    outcomes = [REPLAYED] * len(claims)
+    stale: set[str] = set()
+    try:
+        with svc.db.begin() as conn:
+            version = q.get_keys_version(conn)
+            first: dict[tuple[str, str], int] = {}
+            for i, c in enumerate(claims):
+                if c.key_version is not None and c.key_version != version:
+                    outcomes[i] = STALE
+                    stale.add(c.access_key_id)
+                elif (c.access_key_id, c.nonce) not in first:  # a second one in the batch is a replay
+                    first[(c.access_key_id, c.nonce)] = i
+            inserted = q.remember_nonces(conn, list(first), svc.clock())
+            for pair, i in first.items():
+                if pair in inserted:
+                    outcomes[i] = RECORDED
+    except ServerDiskFull:
+        return [IN_MEMORY] * len(claims)
+    cache = cache_for(svc.db)
+    for key_id in stale:
+        cache.drop(key_id)
+    return outcomes
+
+
+NONCE_USED = AuthError("SignatureNonceUsed", "Specified signature nonce was used already.")
 log = logging.getLogger("opensmc.api")
 #: nonces this process could not record in a full database: (key id, nonce) -> when
 _memory_nonces: dict[tuple[str, str], datetime] = {}

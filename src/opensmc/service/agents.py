@@ -482,6 +482,11 @@ def task_view_version(svc: Services, source_id: str) -> str:
     return agent_tasks.view_version(svc, source_id)
 
 
+def task_view_versions(svc: Services, source_ids: list[str]) -> dict[str, str]:
+    """:func:`task_view_version` of many sources in one read: what a process's open long-polls share."""
+    return agent_tasks.view_versions(svc, source_ids)
+
+
 def task_view(svc: Services, source_id: str) -> dict[str, Any]:
     """`GET /agent/v1/tasks`: the source's tasks and the version the agent sends back as `since`."""
     return agent_tasks.task_view(svc, source_id)

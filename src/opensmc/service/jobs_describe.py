@@ -14,6 +14,10 @@ from opensmc.service.validation import page, parse_tags
 from opensmc.store import jobs as q
 from opensmc.store import tags as tagq
 
+#: once, not per request (iterating an Enum is slow)
+STATUSES = tuple(s.value for s in JobStatus)
+BUSINESS_STATUSES = tuple(b.value for b in BusinessStatus if b.value)
+
 
 @dataclass
 class JobView:
@@ -40,8 +44,8 @@ def describe_jobs(svc: Services, caller: Caller, p: Params) -> JobPage:
         source_ids=p.list("SourceId", max_n=50),
         instance_ids=p.list("InstanceId", max_n=50),
         name=p.str("Name", max_len=128) or None,
-        status=p.str("Status", choices=tuple(s.value for s in JobStatus)) or None,
-        business_status=p.str("BusinessStatus", choices=tuple(b.value for b in BusinessStatus if b.value)) or None,
+        status=p.str("Status", choices=STATUSES) or None,
+        business_status=p.str("BusinessStatus", choices=BUSINESS_STATUSES) or None,
         job_type=p.int("JobType", lo=0, hi=3),
         # The legacy SDK sends its client region on every request: RegionId filters only
         # when it names a configured region (no job can be in any other).

@@ -3,7 +3,8 @@
 Looking the key up and opening its Fernet-sealed secret was a large part of
 a signed request's cost. An entry holds (account id, secret) together with
 the ``keys_version`` counter read **in the same transaction** as the key
-row. Every request still writes its nonce in a transaction of its own, and
+row. Every request still writes its nonce in a transaction (its own, or one
+shared with the requests that arrived meanwhile: ``api/nonces.py``), and
 that transaction also reads ``keys_version``: if it moved since the entry
 was read, some key was disabled, deleted or changed, the nonce is not
 recorded, the entry is dropped, and the request is verified again from the

@@ -91,7 +91,7 @@ def selected_disks(job: Any, source_disks_json: str) -> list[dict[str, Any]]:
     for i in sorted(chosen):
         size = int(disks[i]["size_bytes"])
         parts = list(disks[i].get("parts") or disks[i].get("partitions") or [])
-        file_sizes = file_level_sizes(spec, i, parts)
+        file_sizes = file_level_sizes(spec, i, parts, str(disks[i].get("path", "")))
         entry: dict[str, Any] = {"index": i, "path": str(disks[i].get("path", "")), "size_bytes": size}
         if file_sizes:
             layout = disk_layout(job, disks[i], file_sizes)

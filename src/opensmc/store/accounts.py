@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -109,6 +110,31 @@ def remember_nonce(conn: Connection, key_id: str, nonce: str, now: datetime) -> 
     seen = to_db(now) if to_db is not None else now
     found = conn.exec_driver_sql(_driver_sql(conn, _REMEMBER_NONCE), (key_id, nonce, seen)).first()
     return found is not None
+
+
+#: rows per INSERT of :func:`remember_nonces` (3 parameters each: well under SQLite's 32,766)
+NONCE_BATCH_MAX = 500
+_REMEMBER_NONCES = (
+    "INSERT INTO nonces (access_key_id, nonce, seen_at) VALUES {} ON CONFLICT DO NOTHING RETURNING access_key_id, nonce"
+)
+
+
+def remember_nonces(conn: Connection, claims: Sequence[tuple[str, str]], now: datetime) -> set[tuple[str, str]]:
+    """Record many (key id, nonce) pairs in one statement; the pairs this statement inserted.
+
+    A pair not returned was recorded already (a replay), by any process that
+    shares the database: the primary key decides, as in :func:`remember_nonce`.
+    The pairs must be distinct and at most :data:`NONCE_BATCH_MAX`.
+    """
+    if not claims:
+        return set()
+    to_db = nonces.c.seen_at.type.bind_processor(conn.dialect)
+    seen = to_db(now) if to_db is not None else now
+    sql = _driver_sql(conn, _REMEMBER_NONCES.format(", ".join(["(?, ?, ?)"] * len(claims))))
+    args: list[Any] = []
+    for key_id, nonce in claims:
+        args += (key_id, nonce, seen)
+    return {(str(k), str(n)) for k, n in conn.exec_driver_sql(sql, tuple(args))}
 
 
 def nonce_used(conn: Connection, key_id: str, nonce: str) -> bool:

@@ -130,3 +130,25 @@ def syncing_run_of_source(conn: Connection, source_id: str) -> list[tuple[str, i
     for r in rows:
         out.setdefault(r.id, (r.id, int(r.run_id), str(r.replication_parameters or ""), r.receiver))
     return list(out.values())
+
+
+def syncing_runs_of_sources(
+    conn: Connection, source_ids: list[str]
+) -> dict[str, list[tuple[str, int, str, str | None]]]:
+    """:func:`syncing_run_of_source` for many sources in one query (the shared long-poll read)."""
+    rows = conn.execute(
+        select(
+            jobs.c.source_id, jobs.c.id, job_runs.c.id.label("run_id"), jobs.c.replication_parameters, jobs.c.receiver
+        )
+        .join(job_runs, (job_runs.c.job_id == jobs.c.id) & job_runs.c.end_time.is_(None))
+        .where(
+            jobs.c.source_id.in_(source_ids),
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.business_status == BusinessStatus.SYNCING.value,
+        )
+        .order_by(job_runs.c.id.desc())
+    )
+    out: dict[str, dict[str, tuple[str, int, str, str | None]]] = {sid: {} for sid in source_ids}
+    for r in rows:
+        out[r.source_id].setdefault(r.id, (r.id, int(r.run_id), str(r.replication_parameters or ""), r.receiver))
+    return {sid: list(found.values()) for sid, found in out.items()}

@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from opensmc.domain.errors import ServerDiskFull
@@ -46,6 +47,9 @@ _READ_ONLY = "opensmc.read_only"
 #: orchestrator and the receiver, so that connections are reused, not opened and closed under load
 SQLITE_POOL_SIZE = 48
 SQLITE_POOL_OVERFLOW = 16
+#: pooled PostgreSQL connections per process, kept open, and how many more may be opened for a peak
+PG_POOL_SIZE = 24
+PG_POOL_OVERFLOW = 16
 
 
 def normalize_url(url: str) -> str:
@@ -76,9 +80,19 @@ class Database:
             kwargs["max_overflow"] = SQLITE_POOL_OVERFLOW
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs["pool_pre_ping"] = True
-            kwargs["pool_size"] = 10
+            # Kept open: an overflow connection is closed when it is given back, and opening one
+            # (a new server process on PostgreSQL's side) cost more than the requests it served;
+            # under load the API's worker threads use about as many as they are.
+            kwargs["pool_size"] = PG_POOL_SIZE
+            kwargs["max_overflow"] = PG_POOL_OVERFLOW
+            kwargs["pool_use_lifo"] = True  # the connections in use stay warm; the others idle (and are pinged)
         self.engine: Engine = create_engine(self.url, **kwargs)
+        if not self.is_sqlite:
+            # A pooled PostgreSQL connection is pinged before use only when it sat idle (the server
+            # may have restarted meanwhile); SQLAlchemy's pool_pre_ping pinged at every checkout, one
+            # more round trip per transaction under load.
+            event.listen(self.engine, "checkout", _ping_if_idle)
+            event.listen(self.engine, "checkin", _note_checkin)
         self._writer = threading.RLock()  # re-entrant: a nested begin() of one thread must not hang here
         #: held open while the Database lives (SQLite): keeps the WAL index mapped (see the module doc)
         self._keeper: sqlite3.Connection | None = None
@@ -112,9 +126,14 @@ class Database:
         """A read-only unit of work (still one transaction, rolled back at the end).
 
         On SQLite it is a deferred transaction that takes no write lock, so reads
-        never wait for each other or for a writer. Never write in it.
+        never wait for each other or for a writer. On PostgreSQL it runs in
+        autocommit: each statement sees the last committed state, as it does in
+        a READ COMMITTED transaction (PostgreSQL's default, and ours), without
+        the BEGIN and ROLLBACK round trips. Never write in it.
         """
         with _disk_full_is_clear(), self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execution_options(isolation_level="AUTOCOMMIT")  # reset when the pool takes it back
             conn.info[_READ_ONLY] = True
             try:
                 yield conn
@@ -149,6 +168,36 @@ class Database:
             keeper = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
             keeper.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # maps the WAL index
             self._keeper = keeper
+
+
+#: seconds a pooled PostgreSQL connection may sit in the pool and still be used without a ping
+PING_IDLE = 1.0
+_CHECKED_IN = "opensmc.checked_in"
+
+
+def _note_checkin(_dbapi_conn: Any, record: Any) -> None:
+    record.info[_CHECKED_IN] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    """Pessimistic disconnect handling, for connections idle longer than :data:`PING_IDLE`.
+
+    A dead connection raises ``DisconnectionError``: the pool drops it and
+    checks out another (SQLAlchemy's documented recipe, and what
+    ``pool_pre_ping`` does at every checkout).
+    """
+    last = record.info.get(_CHECKED_IN)
+    if last is not None and time.monotonic() - last < PING_IDLE:
+        return
+    try:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("SELECT 1")
+        finally:
+            cur.close()
+        dbapi_conn.rollback()  # the ping's transaction: leave the connection idle, as the pool gives it
+    except Exception as exc:
+        raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
 @contextmanager

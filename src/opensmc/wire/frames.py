@@ -512,19 +512,22 @@ def encode_hash_map(chunk_size: int, hashes: "Dict[int, bytes]", hash_id: int = 
     return bytes(out)
 
 
-def encode_hash_array(chunk_size: int, digests: "np.ndarray", hash_id: int = HASH_XXH3) -> bytes:
+def encode_hash_array(chunk_size: int, digests: "np.ndarray", hash_id: int = HASH_XXH3) -> bytearray:
     """The same encoding from a (chunks, 16) array whose all-zero rows are absent chunks.
 
-    Built with NumPy, without a Python object per chunk: a receiver answers this
-    for disks of millions of chunks. Server side only (the receiver has NumPy).
+    Built with NumPy, without a Python object per chunk, straight into the buffer it
+    returns: a receiver answers this for disks of millions of chunks. Server side only
+    (the receiver has NumPy).
     """
     import numpy as np
 
     rows = np.flatnonzero(digests.any(axis=1))
-    records = np.empty(len(rows), dtype=np.dtype([("idx", "<u8"), ("digest", "V16")]))
+    out = bytearray(_HASHMAP_HEADER.size + 24 * len(rows))
+    _HASHMAP_HEADER.pack_into(out, 0, HASHMAP_MAGIC, 1, hash_id, chunk_size, len(rows))
+    records = np.frombuffer(out, np.dtype([("idx", "<u8"), ("digest", "V16")]), offset=_HASHMAP_HEADER.size)
     records["idx"] = rows
     records["digest"] = np.ascontiguousarray(digests[rows]).view("V16").ravel()
-    return _HASHMAP_HEADER.pack(HASHMAP_MAGIC, 1, hash_id, chunk_size, len(rows)) + records.tobytes()
+    return out
 
 
 class HashArray(Mapping[int, bytes]):

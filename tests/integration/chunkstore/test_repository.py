@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opensmc.chunkstore.backend import LocalBackend
-from opensmc.chunkstore.packs import parse_index
+from opensmc.chunkstore.packs import parse_index, parse_pack
 from opensmc.chunkstore.repository import BlobNotFound, Repository, StoreError
 from tests.integration.chunkstore.support import CHUNK, PACK4, FailingBackend, blob, h
 
@@ -216,3 +216,60 @@ def test_random_sequences_against_a_model(ops: list[tuple[str, int, bool]]) -> N
         assert fresh.blob_count() == len(model)
         for key, data in model.items():
             assert fresh.get(key) == data
+
+
+def _spools(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "data").glob(".spool-*"))
+
+
+@pytest.mark.timeout(60)
+def test_a_local_pack_is_written_into_its_file_as_it_fills(backend: LocalBackend) -> None:
+    repo = Repository(backend, pack_size=PACK4)
+    for i in range(3):
+        repo.put(h(blob(i)), blob(i))
+    # three blobs in the open pack: already in its (hidden) file, none in memory
+    (spool,) = _spools(backend.root)
+    assert (backend.root / "data" / spool).stat().st_size == 8 + 3 * (28 + CHUNK)
+    assert backend.list("data/") == []
+    repo.put(h(blob(3)), blob(3))  # fills the pack
+    repo.flush()
+    assert _spools(backend.root) == []
+    (pack,) = backend.list("data/")
+    assert parse_pack(backend.read(pack), pack)[0].hash == h(blob(0))
+    assert [Repository(backend).get(h(blob(i))) for i in range(4)] == [blob(i) for i in range(4)]
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_while_a_pack_fills_loses_that_pack_only(tmp_path: Path) -> None:
+    backend = FailingBackend(tmp_path / "s")
+    repo = Repository(backend, pack_size=PACK4)
+    for i in range(4):  # the first pack, sealed and written
+        repo.put(h(blob(i)), blob(i))
+    assert repo.wait_durable(1, timeout=30) and repo.durable_seq == 1
+    seq = repo.put(h(blob(4)), blob(4))  # in the open pack's file
+    backend.full_on_append = True
+    with pytest.raises(StoreError, match="No space left"):
+        repo.put(h(blob(5)), blob(5))
+    assert repo.lost(seq) and not repo.has(h(blob(4))) and not repo.has(h(blob(5)))
+    assert _spools(backend.root) == []
+    backend.full_on_append = False
+    assert repo.flush() >= 1 and not repo.lost(1)
+    new = repo.put(h(blob(4)), blob(4))
+    assert new > seq and repo.flush() >= new
+    assert Repository(backend).get(h(blob(4))) == blob(4)
+    assert Repository(backend).blob_count() == 5
+
+
+def test_spools_of_dead_processes_are_removed(backend: LocalBackend) -> None:
+    repo = Repository(backend)
+    repo.put(h(blob(1)), blob(1))
+    (mine,) = _spools(backend.root)
+    host = mine.removeprefix(".spool-").rsplit("-", 2)[0]
+    dead = backend.root / "data" / f".spool-{host}-999999999-0.tmp"
+    other_host = backend.root / "data" / ".spool-elsewhere-999999999-0.tmp"
+    dead.write_bytes(b"x")
+    other_host.write_bytes(b"x")
+    fresh = LocalBackend(backend.root)
+    Repository(fresh).put(h(blob(2)), blob(2))
+    assert not dead.exists() and other_host.exists()
+    assert mine in _spools(backend.root)  # a live process's pack is left alone
