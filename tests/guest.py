@@ -53,6 +53,20 @@ RECIPE: dict[str, object] = {
 }
 
 
+LEGACY_INTERFACES = """\
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+# The primary network interface
+allow-hotplug eth0
+iface eth0 inet static
+\taddress 10.20.30.40/24
+\tgateway 10.20.30.1
+\thwaddress ether 00:0c:29:3a:5b:7c
+"""
+
 #: the same guest as a physical machine or another hypervisor leaves it (``legacy_guest``)
 LEGACY_RECIPE: dict[str, object] = {
     **RECIPE,
@@ -64,6 +78,13 @@ LEGACY_RECIPE: dict[str, object] = {
         "crc32c_generic",
     ],
     "files": {
+        # The old machine's NIC by name, with a static address of its network (ifupdown, Debian's default),
+        # and a MAC-bound netplan file as cloud-init writes it: OS adaptation gives the first NIC DHCP in both.
+        "etc/network/interfaces": LEGACY_INTERFACES,
+        "etc/netplan/50-cloud-init.yaml": (
+            "network:\n    version: 2\n    ethernets:\n        eth0:\n            dhcp4: true\n"
+            "            match:\n                macaddress: 00:0c:29:3a:5b:7c\n            set-name: eth0\n"
+        ),
         "etc/udev/rules.d/70-persistent-net.rules": (
             'SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="00:0c:29:3a:5b:7c", '
             'ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n'
@@ -88,7 +109,8 @@ def recipe_hash(recipe: dict[str, object] | None = None) -> str:
 
 def legacy_guest() -> Guest:
     """The guest as a physical machine or an old hypervisor has it: no virtio drivers in its initramfs,
-    ``/dev/sda1`` in fstab and on the kernel command line, a persistent-net rule for a NIC it no longer has.
+    ``/dev/sda1`` in fstab and on the kernel command line, a persistent-net rule for a NIC it no longer has,
+    and that NIC (``eth0``, a static address) in its ifupdown and netplan configs.
     It boots from a SATA or IDE disk and not from a virtio one (until OS adaptation)."""
     return debian_guest(LEGACY_RECIPE)
 

@@ -18,6 +18,7 @@ POINTS = (
     "prepare.allocated",  # staging allocated, the job not yet Syncing
     "pack.written",  # a pack is in the store, its index object not yet
     "process.recorded",  # the image row exists (Creating), no snapshot yet
+    "process.adapting",  # the unadapted disks sealed in a temporary snapshot, OS adaptation about to run
     "process.sealed",  # the snapshot exists, the image not yet Available nor the job Cleaning
     "clean.rotated",  # old images rotated away, staging not yet released, the run not closed
     "clean.released",  # staging released, the job not yet Finished/Waiting

@@ -2,7 +2,8 @@
 
 The legacy guest (tests/guest.py ``legacy_guest``) has a host-only initramfs
 (SATA/IDE drivers, no virtio), ``/dev/sda1`` in fstab and on the kernel
-command line, and a persistent-net rule. A real server and agent migrate it
+command line, a persistent-net rule, and its NIC ``eth0`` with a static
+address in ``/etc/network/interfaces`` and a MAC-bound netplan file. A real server and agent migrate it
 twice: with ``os_adaptation: false`` the image boots from a SATA disk and
 fails on virtio, in the initramfs; with adaptation on (the default) and a
 20 GiB system disk, Processing adapts it with libguestfs and the image boots
@@ -21,7 +22,7 @@ import pytest
 
 from tests.e2e.conftest import OPENSMC, clean_env, stop
 from tests.e2e.flows import create_job, register, runs, start_migration_server, store, wait_status
-from tests.guest import MiB, legacy_guest
+from tests.guest import LEGACY_INTERFACES, MiB, legacy_guest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.boot]
 
@@ -30,6 +31,13 @@ GiB = 1024 * MiB
 
 def _image(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OPENSMC, "image", *args], capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def _debugfs_cat(fs: str, path: str) -> str:
+    """A file of an ext4 file system (``image?offset=N``), read without mounting it."""
+    done = subprocess.run(["debugfs", "-R", f"cat {path}", fs], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def _migrate(server: object, source_id: str, name: str, *params: str) -> tuple[str, dict[str, object]]:
@@ -77,6 +85,10 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
             "added virtio_blk", "ran: update-initramfs -u -k all", "/etc/fstab: /dev/sda1 (/) -> UUID=",
             "root=/dev/sda1 -> root=UUID=", "removed /etc/udev/rules.d/70-persistent-net.rules",
             "/dev/sda1 grew from", "the ext4 file system on /dev/sda1 grew with it",
+            "changed: /etc/network/interfaces: the source's NIC eth0 (inet static 10.20.30.40/24, gateway "
+            "10.20.30.1) commented out; the first Ethernet NIC, whatever its name, does DHCP",
+            "changed: /etc/netplan/50-cloud-init.yaml: the source's NIC eth0 (DHCP; match macaddress "
+            "00:0c:29:3a:5b:7c; set-name eth0) replaced by zz-opensmc-kvm",
         ):  # fmt: skip
             assert expected in text, text
         assert "failed:" not in text, text
@@ -98,6 +110,17 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         sb = superblock[1024 : 1024 + 1024]
         blocks, log_block = int.from_bytes(sb[4:8], "little"), int.from_bytes(sb[24:28], "little")
         assert blocks * (1024 << log_block) > 19 * GiB, blocks
+
+        # In the adapted guest: the first NIC does DHCP, the original config is kept as its backup.
+        raw = tmp_path / "adapted.raw"
+        store(server).export(adapted, 0, "raw", raw)
+        fs = f"{raw}?offset={start * 512}"
+        interfaces = _debugfs_cat(fs, "/etc/network/interfaces")
+        active = [w.strip() for w in interfaces.splitlines() if w.strip() and not w.lstrip().startswith("#")]
+        assert active[-2:] == ["auto type/1/1=opensmc0", "iface opensmc0 inet dhcp"], interfaces
+        assert not any("eth0" in line for line in active), interfaces
+        assert _debugfs_cat(fs, "/var/backups/opensmc-kvm/etc/network/interfaces") == LEGACY_INTERFACES
+        raw.unlink()
 
         booted = _image("boot-test", adapted, *data, "--bus", "virtio", "--timeout", "480")
         assert booted.returncode == 0, booted.stdout + booted.stderr

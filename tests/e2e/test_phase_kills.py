@@ -17,6 +17,8 @@ running) reconnects on its own. Every test then checks the same invariants:
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -45,7 +47,8 @@ from tests.e2e.flows import (
 
 pytestmark = pytest.mark.e2e
 
-RUN_ONCE_POINTS = [p for p in POINTS if not p.startswith("gc.")]
+#: process.adapting is reached only where OS adaptation runs: test_kill_during_os_adaptation
+RUN_ONCE_POINTS = [p for p in POINTS if not p.startswith("gc.") and p != "process.adapting"]
 GC_POINTS = [p for p in POINTS if p.startswith("gc.")]
 
 
@@ -53,10 +56,12 @@ def crashed(server: ServerProcess) -> bool:
     return server.proc.poll() == -signal.SIGKILL
 
 
-def restart(tmp_path: Path, server: ServerProcess, point: str) -> ServerProcess:
+def restart(
+    tmp_path: Path, server: ServerProcess, point: str, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
     wait_for(lambda: crashed(server) or None, timeout=90, what=f"the server to reach crash point {point}")
     port = int(server.endpoint.rsplit(":", 1)[1])
-    return start_migration_server(tmp_path, port=port)
+    return start_migration_server(tmp_path, port=port, extra_env=extra_env)
 
 
 def check_invariants(server: ServerProcess, job_id: str, disk: Disk, tmp: Path, *, released: bool) -> None:
@@ -130,6 +135,42 @@ def test_kill_during_garbage_collection(tmp_path: Path, point: str) -> None:
         assert len(images_of(server, job_id)) == 1
         wait_for(lambda: not store(server).gc_wanted() or None, 30, "the interrupted gc to be finished")
         check_invariants(server, job_id, disk, tmp_path, released=False)
+    finally:
+        if agent:
+            agent.stop()
+        stop(server.proc)
+
+
+def test_kill_during_os_adaptation(tmp_path: Path) -> None:
+    """A kill while the system disk is adapted (its unadapted snapshot sealed, the guest being changed): the
+    restarted server removes the half-made image and its temporary snapshot and makes the image again.
+
+    The disk has bytes in its MBR's boot code area, so adaptation is tried. The restarted server has no
+    libguestfs, so that attempt ends at once: an unadapted image (the source's bytes) with the warning.
+    """
+    require_tools()
+    tools = {name: shutil.which(name) for name in ("qemu-img", "nbdkit")}
+    if None in tools.values():
+        pytest.skip("qemu-img and nbdkit are needed")
+    disk = build_disk(tmp_path / "sys.img", 48 * MiB, parts=1, seed=23, random_mib=20)
+    with disk.path.open("r+b") as f:
+        f.write(b"\xeb\x63\x90" + b"OPENSMC" * 40)
+    bin_dir = tmp_path / "bin"  # qemu-img and nbdkit, no guestfish
+    bin_dir.mkdir()
+    for name, path in tools.items():
+        (bin_dir / name).symlink_to(str(path))
+    server = start_migration_server(tmp_path, extra_env={"OPENSMC_CRASH_AT": "process.adapting"})
+    agent: Agent | None = None
+    try:
+        agent, source_id = register(server, [disk.path], tmp_path / "agent")
+        job_id = create_job(server, source_id, "adapt-kill")
+        server.call_json("StartReplicationJob", "--JobId", job_id)
+        server = restart(tmp_path, server, "process.adapting", extra_env={"PATH": str(bin_dir)})
+        job = wait_status(server, job_id, "Finished", timeout=120)
+        assert len(runs(server, job_id)) == 1, "the job finished without another StartReplicationJob"
+        assert json.loads(job["StatusInfo"])["error_code"] == "OsAdaptation.NotAdapted", job
+        check_invariants(server, job_id, disk, tmp_path, released=True)  # no .unadapted snapshot is left
+        assert not list((server.data_dir / "tmp").glob(".adapt-*"))
     finally:
         if agent:
             agent.stop()

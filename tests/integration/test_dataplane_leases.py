@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from opensmc.domain.enums import BusinessStatus
 from opensmc.service import leases
@@ -58,3 +59,43 @@ def test_lease_of_a_dead_process_is_taken_over(call: ActionCaller, services: Ser
     [(_, stale)] = leases.ids_in(services, BusinessStatus.PREPARING)
     assert stale is None
     assert not leases.claim(services, job_id, BusinessStatus.PREPARING, stale)
+
+
+def test_a_leased_step_on_its_own_thread(call: ActionCaller, services: Services, caller: Caller) -> None:
+    """start_leased: the lease is taken and held while the step runs on its thread; the job is busy in this
+    process (each_leased and a second start skip it, though its lease is this process's); released after."""
+    src = add_source(services, caller)
+    job_id = call("CreateReplicationJob", RegionId="local", SourceId=src)["JobId"]
+    call("StartReplicationJob", JobId=job_id)
+    running, go_on = threading.Event(), threading.Event()
+
+    def step() -> None:
+        running.set()
+        assert go_on.wait(30)
+
+    assert leases.start_leased(services, job_id, BusinessStatus.PREPARING, None, step)
+    assert running.wait(30)
+    assert leases.busy(job_id)
+    assert not leases.start_leased(services, job_id, BusinessStatus.PREPARING, None, step)
+    assert list(leases.each_leased(services, BusinessStatus.PREPARING)) == []
+    with services.db.connect() as conn:
+        owner = conn.execute(select(jobs.c.lease_owner).where(jobs.c.id == job_id)).scalar()
+    assert owner == leases.OWNER
+    go_on.set()
+    assert leases.wait_idle(30)
+    assert not leases.busy(job_id)
+    with services.db.connect() as conn:
+        assert conn.execute(select(jobs.c.lease_owner).where(jobs.c.id == job_id)).scalar() is None
+
+
+def test_a_leased_step_that_raises_frees_its_job(call: ActionCaller, services: Services, caller: Caller) -> None:
+    src = add_source(services, caller)
+    job_id = call("CreateReplicationJob", RegionId="local", SourceId=src)["JobId"]
+    call("StartReplicationJob", JobId=job_id)
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    assert leases.start_leased(services, job_id, BusinessStatus.PREPARING, None, broken)
+    assert leases.wait_idle(30)
+    assert list(leases.each_leased(services, BusinessStatus.PREPARING)) == [job_id]  # free for the next pass

@@ -351,6 +351,18 @@ def test_agent_lost_fails_running_job(call: Call, services: Services, src: str, 
     assert source_row(services, src).state == "Unavailable"  # its owner decides when it is back
 
 
+def test_agent_lost_after_syncing_does_not_fail_the_image_being_made(
+    call: Call, services: Services, src: str, clock: Clock
+) -> None:
+    job_id = create(call, src)
+    call("StartReplicationJob", JobId=job_id)
+    J.mark_prepared(services, job_id, "ti")
+    J.mark_synced(services, job_id)  # Processing: the data is all here (an adaptation can take minutes)
+    set_source_state(services, src, "Unavailable")  # the source was shut down after its last sync
+    assert run_due(services, clock.now) == 0
+    assert (one_job(call, job_id)["Status"], one_job(call, job_id)["BusinessStatus"]) == ("Running", "Processing")
+
+
 def _race(n: int, fn: Any) -> tuple[list[Any], list[BaseException]]:
     barrier = threading.Barrier(n)
     results: list[Any] = []

@@ -39,11 +39,24 @@ elif have update-initramfs; then
       echo "changed: $f: added $m"
     fi
   done
-  if grep -qsE '^[[:space:]]*MODULES=dep' /etc/initramfs-tools/initramfs.conf /etc/initramfs-tools/conf.d/* 2>/dev/null; then
-    echo "MODULES=most" > /etc/initramfs-tools/conf.d/zz-opensmc-kvm
-    echo "changed: /etc/initramfs-tools/conf.d/zz-opensmc-kvm: MODULES=most (MODULES=dep keeps only the old machine's drivers)"
-  fi
+  # The guest's MODULES= (mkinitramfs reads initramfs.conf, then conf.d/* by name: the last one counts).
+  mode=$(cat /etc/initramfs-tools/initramfs.conf /usr/share/initramfs-tools/conf.d/* /etc/initramfs-tools/conf.d/* \
+    2>/dev/null | sed -nE 's/^[[:space:]]*MODULES=([A-Za-z]+).*/\1/p' | tail -n 1)
+  build=/etc/initramfs-tools/conf.d/zzz-opensmc-kvm-build
+  case "${mode:-most}" in
+    list|dep) ;;  # list: the drivers above are in it; dep: it finds this KVM appliance's drivers (virtio)
+    *)
+      # most (Debian's default): every storage driver, hundreds of modprobe runs, many minutes under TCG.
+      # This one build uses MODULES=dep, run in the appliance: virtio's drivers, the root file system's and
+      # its block layers' (LVM, RAID, crypt hooks), plus the list above; the guest's setting comes back after.
+      echo "MODULES=dep" > "$build"
+      ;;
+  esac
   run update-initramfs -u -k all
+  if [ -e "$build" ]; then
+    rm -f "$build"
+    echo "kept: MODULES=${mode:-most} in the guest's initramfs config; this build alone used MODULES=dep in the KVM appliance (its virtio drivers, the root file system's) plus the drivers above (a MODULES=most build runs past the time limit under emulation)"
+  fi
 elif have dracut; then
   f=/etc/dracut.conf.d/90-opensmc-kvm.conf
   echo "add_drivers+=\" $DRIVERS \"" > "$f"
@@ -115,9 +128,7 @@ for f in /etc/network/interfaces /etc/network/interfaces.d/*; do
     sed -i -E '/^[[:space:]]*hwaddress/d' "$f"
     echo "changed: $f: removed hwaddress"
   fi
-  names=$(sed -nE 's/^[[:space:]]*iface[[:space:]]+([^[:space:]]+)[[:space:]]+inet.*/\1/p' "$f" | grep -v '^lo$' | tr '\n' ' ')
-  [ -n "$names" ] && echo "kept: $f configures $names(ifupdown names NICs; check the name on the new machine)"
-done
+done  # adaptation.py rewrote the first NIC's stanza before this ran (guest_network.py)
 for f in /etc/systemd/network/*.network /etc/systemd/network/*.link; do
   [ -f "$f" ] || continue
   if grep -qE '^[[:space:]]*MACAddress=' "$f"; then
@@ -125,10 +136,7 @@ for f in /etc/systemd/network/*.network /etc/systemd/network/*.link; do
     echo "changed: $f matched the old MAC address: renamed to $f.opensmc-disabled"
   fi
 done
-for f in /etc/netplan/*.yaml; do
-  [ -f "$f" ] || continue
-  grep -qE 'macaddress:' "$f" && echo "kept: $f binds a NIC by macaddress: (not rewritten; check it)"
-done
+# netplan: adaptation.py rewrote /etc/netplan/*.yaml before this ran (guest_network.py)
 if [ -e /etc/systemd/system/multi-user.target.wants/systemd-networkd.service ] || [ -L /etc/systemd/system/multi-user.target.wants/systemd-networkd.service ]; then
   f=/etc/systemd/network/90-opensmc-kvm.network
   printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' > "$f"

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from opensmc.service import accounts, dataplane, orchestration, sources, wakeup
+from opensmc.service import accounts, dataplane, leases, orchestration, sources, wakeup
 from opensmc.service.context import Services
 
 log = logging.getLogger("opensmc.orchestrator")
@@ -53,9 +53,14 @@ class Orchestrator:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, and give the worker threads of its steps ``timeout`` seconds to end (a sealing takes
+        milliseconds); a step still running then (an OS adaptation) is left as a crash leaves it: its lease
+        is freed when this process exits and the next start does it again."""
         self._stop.set()
         wakeup.orchestrator.set()
         self._thread.join(timeout)
+        if not leases.wait_idle(timeout):
+            log.warning("orchestrator: a job's step is still running; it starts again with the next server")
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -8,9 +8,10 @@ test, it is a warning (a workgroup's ``NotPassed``), the image stays for the
 operator to look at. A test that cannot run (no QEMU here) is recorded as
 ``not-run`` with the reason, and logged.
 
-The test runs in the orchestrator's Processing step and holds the job's
-lease (10 minutes) while it runs, so ``boot_test_timeout`` (seconds, default
-300) is capped at 480; other jobs' steps in this server process wait for it.
+The test runs on the job's Processing worker thread (``sealing``, one guest
+at a time per process: ``os_adaptation.guest_slot``), holding the job's
+lease, which keeps the job in Cleaning until it ends; ``boot_test_timeout``
+(seconds, default 300) is capped at 480. Other jobs do not wait for it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from opensmc.store.tables import images, job_runs, jobs
 log = logging.getLogger("opensmc.dataplane")
 
 DEFAULT_TIMEOUT = 300.0
-MAX_TIMEOUT = 480.0  # under the 10-minute lease, with room for QEMU's start and the KVM probe
+MAX_TIMEOUT = 480.0  # a job waits in Cleaning for its test: minutes at most, with room for QEMU's start
 
 
 def wanted(job: Any) -> bool:

@@ -178,6 +178,51 @@ def _adaptation(svc: Services, image_id: str) -> list[dict[str, object]]:
     return adaptation_doc(results_dir(svc.settings.data_dir), image_id)
 
 
+# what is kept beside an image --------------------------------------------------------------------
+
+
+def _log_roots(svc: Services) -> list[Path]:
+    from opensmc.images.adaptation_log import results_dir as adaptation_dir
+    from opensmc.images.boot import results_dir as boot_dir
+
+    return [adaptation_dir(svc.settings.data_dir), boot_dir(svc.settings.data_dir)]
+
+
+def remove_image_logs(svc: Services, image_id: str) -> None:
+    """Delete the OS adaptation log and the boot tests kept beside an image (``<data dir>/os-adaptation/<id>``,
+    ``<data dir>/boot-tests/<id>``): called when the image is deleted, before its row goes, so that a
+    crash in between leaves a row whose next deletion removes them again."""
+    for root in _log_roots(svc):
+        folder = root / image_id
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_image_logs(svc: Services) -> int:
+    """Delete the log folders of images that no row names any more (left by a crash, or by a version that
+    did not delete them); returns how many went.
+
+    An image's row always exists before its folders (``Creating`` while it is made), so the folders are
+    listed first and the rows read after: a folder made meanwhile is never taken for an orphan.
+    """
+    folders = [
+        folder
+        for root in _log_roots(svc)
+        if root.is_dir()
+        # only image folders ("m-…"): the roots hold notes of their own (boot-tests/.kvm-stalls)
+        for folder in root.iterdir()
+        if folder.name.startswith("m-") and folder.is_dir()
+    ]
+    if not folders:
+        return 0
+    with svc.db.connect() as conn:
+        recorded = image_q.recorded_ids(conn)
+    gone = [folder for folder in folders if folder.name not in recorded]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(gone)
+
+
 def open_disk(svc: Services, caller: Caller, image_id: str, position: int) -> tuple[ImageStore, Manifest]:
     """Check the caller owns the image and it has disk ``position``; return the store and manifest."""
     _owned_row(svc, caller, image_id)

@@ -1,4 +1,4 @@
-"""Leases on a job's long data-plane steps (allocation, sealing, cleaning).
+"""Leases on a job's long data-plane steps (allocation, sealing, cleaning), and worker threads for the longest.
 
 A step takes the job's lease before it starts and drops it when done, so two
 server processes never work on one job at once. A lease lasts :data:`LEASE`
@@ -12,6 +12,10 @@ The owner's name is ``<machine>:<pid>``, where the machine is the host name
 (for people) and a digest of the kernel's boot id and the process's PID
 namespace: two hosts (or containers) that share a host name never take each
 other's leases for their own processes', and a restarted host is a new machine.
+
+Processing runs on worker threads (:func:`start_leased`): OS adaptation and a
+boot test take minutes, and the orchestrator's pass, which drives every other
+job of this process, must not wait for them.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 from opensmc.domain.enums import BusinessStatus
+from opensmc.service import wakeup
 from opensmc.service.context import Services
 from opensmc.store import dataplane as q
 
@@ -135,11 +141,93 @@ def each_leased(svc: Services, business: BusinessStatus) -> Iterator[str]:
     """The ids of jobs in Running/`business` whose lease this process got, one at a time.
 
     Each lease is released when the loop moves on, or leaves, whatever happened.
+    A job a worker thread of this process holds (:func:`start_leased`) is
+    skipped: its lease is this process's, so a claim would take it again.
     """
     for job_id, stale in ids_in(svc, business):
-        if not claim(svc, job_id, business, stale):
+        if busy(job_id) or not claim(svc, job_id, business, stale):
             continue
         try:
             yield job_id
         finally:
             release(svc, job_id)
+
+
+_busy_lock = threading.Lock()
+#: jobs whose step runs on a worker thread of this process (:func:`start_leased`), with that thread
+_busy: dict[str, threading.Thread] = {}
+
+
+def busy(job_id: str) -> bool:
+    """A worker thread of this process is running a step of this job."""
+    with _busy_lock:
+        return job_id in _busy
+
+
+def start_leased(
+    svc: Services, job_id: str, business: BusinessStatus, stale: str | None, work: Callable[[], None]
+) -> bool:
+    """Take the job's lease and run ``work`` on a thread of its own; False if busy here or leased elsewhere.
+
+    The lease is renewed while ``work`` runs and released when it returns or
+    raises, so the orchestrator's pass goes on at once and a long step (OS
+    adaptation, a boot test) holds nothing but its own job. A crash frees the
+    lease as for any step (at once on this machine, else within :data:`LEASE`),
+    and the next pass starts the step again. The thread wakes the orchestrator
+    when ``work`` returns (its job has moved on); after an exception it does
+    not, so a step that keeps failing is retried at the pass interval.
+    """
+    with _busy_lock:
+        if job_id in _busy:
+            return False
+        thread = threading.Thread(
+            target=_run_leased, args=(svc, job_id, work), name=f"opensmc-{business.value.lower()}-{job_id}", daemon=True
+        )
+        _busy[job_id] = thread
+    try:
+        claimed = claim(svc, job_id, business, stale)
+    except BaseException:
+        with _busy_lock:
+            _busy.pop(job_id, None)
+        raise
+    if not claimed:
+        with _busy_lock:
+            _busy.pop(job_id, None)
+        return False
+    thread.start()
+    return True
+
+
+def _run_leased(svc: Services, job_id: str, work: Callable[[], None]) -> None:
+    finished = False
+    try:
+        work()
+        finished = True
+    except Exception:
+        log.exception("job %s: a leased step failed; the next orchestrator pass tries again", job_id)
+    finally:
+        try:
+            release(svc, job_id)
+        except Exception as exc:  # the database is away: the lease expires on its own
+            log.warning("cannot release the lease on job %s (%s)", job_id, exc)
+        with _busy_lock:
+            _busy.pop(job_id, None)
+    if finished:
+        wakeup.notify()
+
+
+def wait_idle(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for this process's worker threads to end; True if none is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _busy_lock:
+            threads = list(_busy.values())
+        if not threads:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            threads[0].join(min(left, 0.5))
+        except RuntimeError:  # registered, not yet started (start_leased is claiming its lease)
+            time.sleep(0.05)

@@ -10,12 +10,18 @@ other disks as they came. A guest that is not recognised, or an adaptation
 that fails or takes too long, never fails the job: the image is the source's
 bytes, the run's record (``job_runs.detail`` ``os_adaptation``) and the job's
 StatusInfo carry the warning, and the log says what was tried.
+
+It runs on the job's Processing worker thread (:func:`opensmc.service.leases.start_leased`),
+never in the orchestrator's pass, one guest at a time per server process (:func:`guest_slot`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -34,6 +40,24 @@ log = logging.getLogger("opensmc.dataplane")
 
 #: StatusInfo's code when a run's image could not be adapted (a warning: the job does not fail)
 NOT_ADAPTED = "OsAdaptation.NotAdapted"
+
+
+#: guests (a libguestfs appliance, a boot test's QEMU) this server process runs at once: each is a VM that
+#: takes a core or more under TCG, so further jobs' adaptations and boot tests queue here, each on its worker
+GUESTS = 1
+_slots = threading.BoundedSemaphore(GUESTS)
+
+
+@contextmanager
+def guest_slot(job_id: str) -> Iterator[None]:
+    """Hold one of :data:`GUESTS` while a guest runs for this job (the job's worker waits for it, leased)."""
+    if not _slots.acquire(blocking=False):
+        log.info("job %s: waiting for another job's adaptation or boot test to end (%d at a time)", job_id, GUESTS)
+        _slots.acquire()
+    try:
+        yield
+    finally:
+        _slots.release()
 
 
 def wanted(svc: Services, job: Any) -> bool:

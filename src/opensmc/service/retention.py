@@ -1,7 +1,8 @@
 """Which images a job keeps, and giving the space of the others back.
 
 :func:`rotate` keeps at most MaxNumberOfImageToKeep images of an incremental
-job (the oldest go first); a deleted image only loses its snapshot, and
+job (the oldest go first); a deleted image loses its snapshot and the logs kept
+beside it (OS adaptation, boot tests), and
 :func:`collect_garbage` (each orchestrator pass, when something was deleted)
 frees the blobs that no image and no staging index names any more.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 from opensmc.images.store import ImageNotFound
 from opensmc.service.context import Services
-from opensmc.service.images import store_of
+from opensmc.service.images import remove_image_logs, store_of, sweep_image_logs
 from opensmc.service.staging import live_staging
 from opensmc.store import images as image_q
 
@@ -35,6 +36,7 @@ def rotate(svc: Services, job: Any) -> None:
             store.delete_image(row.id)
         except ImageNotFound:
             log.warning("image %s was already gone from the image store", row.id)
+        remove_image_logs(svc, row.id)  # its OS adaptation log and boot tests, before the row that names them
         with svc.db.begin() as conn:
             image_q.remove_image(conn, row.id)
 
@@ -52,4 +54,7 @@ def collect_garbage(svc: Services) -> bool:
         return False
     for err in report.errors:
         log.error("gc: %s", err)
+    swept = sweep_image_logs(svc)  # log folders a crash left without their image
+    if swept:
+        log.info("gc: removed the logs of %d deleted image(s)", swept)
     return True

@@ -1,8 +1,10 @@
 """Processing: a run's staging becomes an immutable image; then Cleaning.
 
-:func:`process` makes the image of every job in Running/Processing. The
-image row is written first (state ``Creating``), so a crash leaves a record
-of what to clean up; the row turns ``Available`` in the same transaction
+:func:`process` makes the image of every job in Running/Processing, each
+on a worker thread that holds the job's lease (the orchestrator's pass goes
+on at once: OS adaptation and a boot test take minutes). The image row is
+written first (state ``Creating``), so a crash leaves a record of what to
+clean up; the row turns ``Available`` in the same transaction
 that moves the job to Cleaning, so each run yields exactly one image
 however often the step is retried. :func:`clean` then rotates old images,
 releases staging when the job finishes and closes the run; it is idempotent,
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection
@@ -36,7 +39,7 @@ from opensmc.service import boot_tests, disk_sizes, file_images, leases, os_adap
 from opensmc.service import jobs as job_service
 from opensmc.service.agent_tasks import current_run, replication_parameters
 from opensmc.service.context import Services
-from opensmc.service.images import store_of
+from opensmc.service.images import remove_image_logs, store_of
 from opensmc.service.jobs_params import source_disks
 from opensmc.service.staging import (
     disk_layout,
@@ -60,24 +63,36 @@ def image_store(svc: Services) -> ImageStore:
 
 
 def process(svc: Services) -> int:
-    """Make the image of every job in Processing; returns how many moved on to Cleaning."""
-    done = 0
-    for job_id in leases.each_leased(svc, BusinessStatus.PROCESSING):
-        try:
-            _process_one(svc, job_id)
-            done += 1
-        except ImageCorrupt as err:
-            fail(
-                svc,
-                job_id,
-                "Image.ChecksumFailed",
-                f"checksum verification failed: {err}; start the job again to send the damaged data again",
-            )
-        except (ImageError, OSError) as err:
-            fail(svc, job_id, "Image.CreateFailed", f"Cannot create the image: {err}")
-        except SmcError as err:
-            fail(svc, job_id, err.code, err.message)
-    return done
+    """Start making the image of every job in Processing whose lease this process gets; returns how many.
+
+    Each job's step runs on a worker thread of its own (:func:`leases.start_leased`),
+    so the orchestrator's pass never waits for one: sealing alone takes
+    milliseconds, but OS adaptation and a boot test take minutes. The job
+    stays in Processing until its image is made (adapted), as SMC's does:
+    the image a Finished job names is the one to use.
+    """
+    started = 0
+    for job_id, stale in leases.ids_in(svc, BusinessStatus.PROCESSING):
+        if leases.start_leased(svc, job_id, BusinessStatus.PROCESSING, stale, partial(_process_guarded, svc, job_id)):
+            started += 1
+    return started
+
+
+def _process_guarded(svc: Services, job_id: str) -> None:
+    """One job's Processing step, on its worker thread: a failure puts the job InError with its reason."""
+    try:
+        _process_one(svc, job_id)
+    except ImageCorrupt as err:
+        fail(
+            svc,
+            job_id,
+            "Image.ChecksumFailed",
+            f"checksum verification failed: {err}; start the job again to send the damaged data again",
+        )
+    except (ImageError, OSError) as err:
+        fail(svc, job_id, "Image.CreateFailed", f"Cannot create the image: {err}")
+    except SmcError as err:
+        fail(svc, job_id, err.code, err.message)
 
 
 def clean(svc: Services) -> int:
@@ -155,7 +170,9 @@ def _process_one(svc: Services, job_id: str) -> None:
                 # The disks as they came, for libguestfs to read over NBD (and to hold their blobs meanwhile).
                 store.create_image(source_id(image_id), staged)
         if adapting:
-            result = os_adaptation.run(svc, store, job_id, source_id(image_id), system)
+            crash_point("process.adapting")
+            with os_adaptation.guest_slot(job_id):
+                result = os_adaptation.run(svc, store, job_id, source_id(image_id), system)
             try:
                 with store.repo.session():
                     if result.adapted:
@@ -198,8 +215,11 @@ def _process_one(svc: Services, job_id: str) -> None:
         sum(d.chunks for d in staged),
         ", every blob re-read" if checksum else "",
     )
-    # ReplicationParameters boot_test: boot the new image; its verdict goes into the run's record.
-    boot_tests.after_sealing(svc, job, run_id, image_id)
+    # ReplicationParameters boot_test: boot the new image; its verdict goes into the run's record. The job
+    # is in Cleaning already, and finishes once this worker lets its lease go (after the test).
+    if boot_tests.wanted(job):
+        with os_adaptation.guest_slot(job_id):
+            boot_tests.after_sealing(svc, job, run_id, image_id)
 
 
 def _with_file_parts(
@@ -271,6 +291,7 @@ def discard_half_made(svc: Services, store: ImageStore, job_id: str) -> None:
         except ImageError:
             pass  # the store never got as far as this image
         _drop_source_snapshot(store, image_id)
+        remove_image_logs(svc, image_id)  # an adaptation log written before the crash
         with svc.db.begin() as conn:
             image_q.remove_image(conn, image_id)
         log.info("removed half-made image %s of job %s", image_id, job_id)

@@ -93,6 +93,11 @@ def list_images(conn: Connection, account_id: str) -> list[Row[Any]]:
     )
 
 
+def recorded_ids(conn: Connection) -> set[str]:
+    """The id of every image row, in any state (one being made included)."""
+    return {r for (r,) in conn.execute(select(images.c.id))}
+
+
 def remove_image(conn: Connection, image_id: str) -> None:
     conn.execute(delete(images).where(images.c.id == image_id))
 

@@ -198,10 +198,16 @@ def due_ids(conn: Connection, where: ColumnElement[bool], limit: int = 500) -> l
 
 
 def running_on_unavailable_sources(conn: Connection, limit: int = 500) -> list[str]:
+    """Jobs that need their agent (Preparing, Syncing) whose source's agent is lost. Processing and
+    Cleaning need nothing of the source: an image being made (adapted, boot-tested: minutes) is finished."""
     stmt = (
         select(jobs.c.id)
         .join(sources, sources.c.id == jobs.c.source_id)
-        .where(jobs.c.status == JobStatus.RUNNING.value, sources.c.state == SourceState.UNAVAILABLE.value)
+        .where(
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.business_status.in_([BusinessStatus.PREPARING.value, BusinessStatus.SYNCING.value]),
+            sources.c.state == SourceState.UNAVAILABLE.value,
+        )
         .order_by(jobs.c.id)
         .limit(limit)
     )
