@@ -154,23 +154,34 @@ def in_chroot(rootfs: Path, script: str, timeout: float = 120) -> subprocess.Com
     )
 
 
+_STUB = '#!/bin/sh\necho "$*" >> /var/tmp/systemctl.calls\n'
+
+
+def clear_stand_in(rootfs: Path) -> None:
+    """Remove what :func:`fake_systemd` puts in the (cached, shared) root: a killed run leaves it there."""
+    stub = rootfs / "usr/bin/systemctl"
+    if stub.exists() and stub.read_text() == _STUB:
+        stub.unlink()
+    (rootfs / "var/tmp/systemctl.calls").unlink(missing_ok=True)
+    shutil.rmtree(rootfs / "run/systemd", ignore_errors=True)
+    (rootfs / "etc/systemd/system/opensmc-agent.service").unlink(missing_ok=True)
+
+
 @contextmanager
 def fake_systemd(rootfs: Path) -> Iterator[Callable[[], list[str]]]:
     """A chroot that looks as if systemd ran: /run/systemd/system and a systemctl that logs its calls."""
+    clear_stand_in(rootfs)
     stub = rootfs / "usr/bin/systemctl"  # on the chroot's PATH; minbase has no systemd
     assert not stub.exists(), f"{stub} exists: this root has systemd; the stand-in would hide it"
     log = rootfs / "var/tmp/systemctl.calls"
     marker = rootfs / "run/systemd/system"
-    stub.write_text('#!/bin/sh\necho "$*" >> /var/tmp/systemctl.calls\n')
+    stub.write_text(_STUB)
     stub.chmod(0o755)
     marker.mkdir(parents=True, exist_ok=True)
     try:
         yield lambda: log.read_text().splitlines() if log.exists() else []
     finally:
-        stub.unlink(missing_ok=True)
-        log.unlink(missing_ok=True)
-        shutil.rmtree(rootfs / "run/systemd", ignore_errors=True)
-        (rootfs / "etc/systemd/system/opensmc-agent.service").unlink(missing_ok=True)
+        clear_stand_in(rootfs)
 
 
 @pytest.mark.chroot
@@ -180,6 +191,7 @@ def test_install_script_on_debian_bullseye(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("chroot needs root")
     rootfs = bullseye_root()
+    clear_stand_in(rootfs)  # the first install below must find no systemd
     work = Path("/var/tmp") / f"opensmc-test-{uuid.uuid4().hex[:8]}"  # inside the root: what the agent sees
     server = start_migration_server(tmp_path)
     try:
