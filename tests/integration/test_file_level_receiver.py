@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import http.client
 import json
@@ -14,11 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from opensmc.agent import tunnel
 from opensmc.chunkstore.staging import StagingIndex
-from opensmc.receiver.http import make_app
 from opensmc.receiver.rsync import RsyncRefused, server_command
 from tests.integration.test_receiver import TOKEN, Receiver
 
@@ -184,29 +181,6 @@ def test_tunnel_request_names_the_volume_and_the_command() -> None:
     assert json.loads(base64.b64decode(args)) == ["rsync", "--server", ".", "x"]
 
 
-class TlsReceiver(Receiver):
-    """The same receiver app behind TLS (the tunnel's other path through its select loop)."""
-
-    def __init__(self, root: Path, store: Path, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        super().__init__(root, store)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = make_app(self.root, self.repo, lambda token, vid: token == TOKEN and vid.startswith("v"))
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ctx)
-        self.loop.run_until_complete(site.start())
-        self.port = self.runner.addresses[0][1]
-        self.started.set()
-        self.loop.run_forever()
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-
 @needs_root
 def test_rsync_through_the_tunnel_over_tls(tmp_path: Path) -> None:
     from tests.e2e.test_tls import make_cert
@@ -214,7 +188,7 @@ def test_rsync_through_the_tunnel_over_tls(tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
-    r = TlsReceiver(tmp_path / "volumes", tmp_path / "store", ctx)
+    r = Receiver(tmp_path / "volumes", tmp_path / "store", ctx)
     try:
         StagingIndex.create(r.root / "v-d0.fidx", 64 * MiB, 16 * 1024).close()
         src = tmp_path / "src"

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,7 +49,8 @@ TOKEN = "job-token"
 class Receiver:
     """make_app served by aiohttp on 127.0.0.1 from a thread with its own event loop."""
 
-    def __init__(self, root: Path, store: Path) -> None:
+    def __init__(self, root: Path, store: Path, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.repo = Repository(LocalBackend(store))
@@ -63,7 +65,7 @@ class Receiver:
         app = make_app(self.root, self.repo, lambda token, vid: token == TOKEN and vid.startswith("v"))
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         self.loop.run_until_complete(site.start())
         self.port = self.runner.addresses[0][1]
         self.started.set()
@@ -71,7 +73,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)

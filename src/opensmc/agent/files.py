@@ -22,7 +22,6 @@ under this partition's is made relative to it; unanchored patterns apply
 everywhere. Python 3.6, standard library only.
 """
 
-import json
 import logging
 import os
 import re
@@ -421,6 +420,3 @@ def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> N
                 pass
             return
 
-
-def describe(prepared: "List[Prepared]") -> str:
-    return json.dumps([{"device": p.part["device"], "dir": p.directory, "used": p.used} for p in prepared])

@@ -18,11 +18,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
-def excluded_devices(spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Device ids (`0_1`) of the disk's partitions the job copies file by file (Block=false)."""
-    return set(file_level_sizes(spec, disk_index, source_parts))
-
-
 def file_level_sizes(
     spec: Mapping[str, Any], disk_index: int, source_parts: Sequence[Mapping[str, Any]], disk_path: str = ""
 ) -> dict[str, int | None]:
