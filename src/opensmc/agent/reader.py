@@ -110,8 +110,19 @@ def nonzero_chunks(buf: "bytes | bytearray | memoryview", chunk_size: int) -> "L
     if np is not None:
         out = np.empty(-(-n // chunk_size), dtype=np.bool_)
         if full:
-            words = np.frombuffer(buf, dtype=np.uint64, count=full * chunk_size // 8)
-            out[:full] = words.reshape(full, chunk_size // 8).any(axis=1)
+            words = np.frombuffer(buf, dtype=np.uint64, count=full * chunk_size // 8).reshape(full, chunk_size // 8)
+            # A chunk whose first word is not zero holds data (nearly every chunk of data);
+            # only the others are read whole, with max(), which unlike any() does not cast
+            # every word to a bool first (any() was a fifth of the agent's CPU in a full run).
+            head = words[:, 0] != 0
+            out[:full] = head
+            rest = np.flatnonzero(~head)
+            if len(rest):  # by runs of such chunks: slices are views, a fancy index would copy them
+                cut = np.flatnonzero(np.diff(rest) != 1)
+                starts = [int(rest[0]), *rest[cut + 1].tolist()]
+                ends = [*(rest[cut] + 1).tolist(), int(rest[-1]) + 1]
+                for a, b in zip(starts, ends):
+                    out[a:b] = words[a:b].max(axis=1) != 0
         if full < len(out):
             out[full] = bool(np.frombuffer(buf, dtype=np.uint8, offset=full * chunk_size).any())
         flags: "List[bool]" = out.tolist()

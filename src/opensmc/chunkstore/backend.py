@@ -129,13 +129,25 @@ _IOV_MAX = 1024  # Linux's limit on buffers per writev
 
 
 def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
-    """Write every part, in order, with as few system calls as the kernel allows."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    """Write every part, in order, with as few system calls as the kernel allows.
+
+    Parts are byte buffers (``bytes``, ``bytearray``, views of one-byte items), as every
+    caller's are: a pack's two parts a blob, a snapshot's digests cast to bytes. They go
+    to ``writev`` as they are: casting each to a byte view first cost a Python call per
+    16 KiB of received data, for the rare short write that the slow path below handles.
+    """
+    views: Sequence[Buffer] = parts
     i = 0
     while i < len(views):
         batch = views[i : i + _IOV_MAX]
         n = os.writev(fd, batch)
-        for v in batch:  # a short write: skip what went, go on from the middle of a part
+        if n == sum(map(len, batch)):
+            i += len(batch)
+            continue
+        # A short write (a signal, a full disk): byte views from here, on from where it stopped.
+        views = [memoryview(p).cast("B") for p in views[i:]]
+        i = 0
+        for v in views:
             if n >= len(v):
                 n -= len(v)
                 i += 1

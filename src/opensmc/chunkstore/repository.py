@@ -208,25 +208,40 @@ class Repository:
 
     def put_many(self, blobs: Sequence[tuple[bytes, bytes | memoryview, bool]]) -> list[int]:
         """:meth:`put` of each ``(hash, plain, compress)`` in order, under one lock: the seqs."""
-        seqs: list[int] = []
         index, pending = self._index, self._pending
         with self._lock:
+            self._raise_writer_error()  # (only _seal_locked lets go of the lock, and it checks too)
             known = index.known([b[0] for b in blobs])  # one search of the index for the frame
-            for (blob_hash, plain, compress), durable in zip(blobs, known, strict=True):
-                if durable:
-                    seqs.append(0)
+            seqs = [0] * len(blobs)
+            new: list[tuple[bytes, bytes | memoryview, bool]] = []  # first copies, to store
+            first: dict[bytes, int] = {}  # their positions in `blobs`
+            repeats: list[int] = []  # positions of later copies of a blob of `new`
+            for i, blob in enumerate(blobs):
+                if known[i]:
                     continue
+                blob_hash = blob[0]
                 seq = pending.get(blob_hash)
-                if seq is None:
-                    self._raise_writer_error()
-                    now = time.monotonic()
-                    if not self._open.count:
-                        self._opened = now
-                    self._open.add(blob_hash, plain, compress=compress)
-                    pending[blob_hash] = seq = self._seq
-                    if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
-                        self._seal_locked()
-                seqs.append(seq)
+                if seq is not None:
+                    seqs[i] = seq
+                elif blob_hash in first:
+                    repeats.append(i)
+                else:
+                    first[blob_hash] = i
+                    new.append(blob)
+            now = time.monotonic()
+            k = 0
+            while k < len(new):
+                if not self._open.count:
+                    self._opened = now
+                seq = self._seq
+                took = self._open.add_many(new[k:] if k else new, self.pack_size)
+                for blob_hash, _plain, _compress in new[k : k + took]:
+                    pending[blob_hash] = seqs[first[blob_hash]] = seq
+                k += took
+                if len(self._open) >= self.pack_size or now - self._opened >= SEAL_AFTER:
+                    self._seal_locked()
+            for i in repeats:
+                seqs[i] = seqs[first[blobs[i][0]]]
             self._drain_locked()  # before the caller reuses the memory the blobs are in
         return seqs
 
@@ -337,6 +352,8 @@ class Repository:
 
     def lost_ranges(self) -> list[tuple[int, int]]:
         """(first, last) seqs of packs lost to writer errors (usually none)."""
+        if not self._lost:  # the usual answer, without queueing for the lock behind the pack writer
+            return []
         with self._lock:
             return list(self._lost)
 
@@ -381,9 +398,7 @@ class Repository:
             self.reload(full=True)
             loc = self.locate(blob_hash)
             try:
-                stored = self.backend.read(
-                    f"data/{loc.pack[:2]}/{loc.pack}", loc.entry.offset, loc.entry.stored_length
-                )
+                stored = self.backend.read(f"data/{loc.pack[:2]}/{loc.pack}", loc.entry.offset, loc.entry.stored_length)
             except ObjectNotFound:
                 raise BlobNotFound(f"pack {loc.pack} holding blob {blob_hash.hex()} is missing") from None
         return decode_blob(loc.entry, stored)
