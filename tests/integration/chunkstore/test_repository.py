@@ -274,3 +274,46 @@ def test_spools_of_dead_processes_are_removed(backend: LocalBackend) -> None:
     Repository(fresh).put(h(blob(2)), blob(2))
     assert not dead.exists() and other_host.exists()
     assert mine in _spools(backend.root)  # a live process's pack is left alone
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 12), st.booleans()), min_size=1, max_size=12),  # frames of (blob, compress)
+        max_size=8,
+    ),
+    st.sets(st.integers(0, 12), max_size=4),  # blobs made durable before the frames
+)
+def test_put_many_against_put(frames: list[list[tuple[int, bool]]], before: set[int]) -> None:
+    """A frame's blobs in one call: as many single puts would be, a blob met twice stored once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = LocalBackend(Path(tmp) / "s")
+        repo = Repository(backend, pack_size=PACK4)  # four blobs a pack: frames cross pack boundaries
+        data = {n: blob(n) if n % 3 else bytes(CHUNK // 2) + blob(n, CHUNK // 2) for n in range(13)}
+        for n in sorted(before):
+            repo.put(h(data[n]), data[n])
+        repo.flush()
+        stored: set[int] = set(before)
+        for frame in frames:
+            durable = repo.durable_seq
+            seqs = repo.put_many([(h(data[n]), memoryview(data[n]), c) for n, c in frame])
+            assert len(seqs) == len(frame)
+            firsts: list[int] = []
+            for i, ((n, _c), seq) in enumerate(zip(frame, seqs, strict=True)):
+                if n in before:
+                    assert seq == 0  # durable already: not stored again
+                elif n not in stored:  # new: in a pack not durable before the call
+                    assert seq > durable
+                    if all(m != n for m, _ in frame[:i]):
+                        firsts.append(seq)
+                # (a blob of an earlier frame: its pack's seq, or 0 once that pack is durable)
+                assert all(s == seq for (m, _), s in zip(frame, seqs, strict=True) if m == n)  # one blob, one seq
+            assert firsts == sorted(firsts)  # new blobs fill the packs in order
+            stored |= {n for n, _ in frame}
+        repo.flush()
+        fresh = Repository(backend)
+        assert fresh.blob_count() == len(stored)  # every blob once, whatever the repeats
+        for n in stored:
+            assert fresh.get(h(data[n])) == data[n]
+        packs = [parse_index(backend.read(f"index/{p}")) for p in fresh.packs()]
+        assert sum(len(entries) for entries in packs) == len(stored)
