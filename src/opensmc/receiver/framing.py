@@ -85,13 +85,15 @@ class BodyReader:
                     nxt = self._other(buf)
                     if need > len(nxt):
                         nxt = bytearray(need)
-                    nxt[: fill - start] = buf[start:fill]
+                    memoryview(nxt)[: fill - start] = memoryview(buf)[start:fill]
                     buf, fill, start = nxt, fill - start, 0
                 n = min(len(buf) - fill, len(data))
-                buf[fill : fill + n] = data[:n]
+                view = memoryview(buf)
+                # Through a memoryview: a bytearray's slice assignment from anything but a
+                # bytearray copies the source into a new bytearray first (twice the memcpy).
+                view[fill : fill + n] = data[:n]
                 fill += n
                 data = data[n:]
-                view = memoryview(buf)
                 while True:  # every frame now whole in the buffer joins the group
                     if header is None:
                         if fill - start < HEADER_SIZE:
