@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,10 +46,6 @@ assert HEADER_SIZE == 64
 _ZERO = bytes(DIGEST)
 _PAGE = 4096
 T = TypeVar("T")
-
-
-def _chunks(view: memoryview, cs: int, n: int) -> list[memoryview]:
-    return [view[k * cs : (k + 1) * cs] for k in range(n)]
 
 
 def _data_pages(words: np.ndarray) -> np.ndarray:
@@ -212,14 +208,49 @@ class StagingIndex:
 
     def write(self, repo: Repository, offset: int, data: bytes | memoryview) -> None:
         """Record ``data`` (verified plain bytes) at ``offset``: new chunks go into the store."""
-        self.check(offset, len(data))
+        self.write_many(repo, [(offset, data)])
+
+    def write_many(self, repo: Repository, frames: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """:meth:`write` of each ``(offset, data)`` in order, with one store call and one index update.
+
+        An incremental run sends thousands of one-chunk frames: written one by one, each paid
+        the store's lock, index search and ``writev`` and this index's lock on its own, which
+        cost the receiver more than the data did. Every range is checked before any is written.
+        """
+        for offset, data in frames:
+            self.check(offset, len(data))
+        with self._lock:
+            self._begin_session(repo)
+        digest = xxhash.xxh3_128_digest
+        blobs: list[tuple[bytes, bytes | memoryview, bool]] = []
+        # per chunk, in order: its index, and whether it holds data (its blob is the next of `blobs`)
+        slots: list[tuple[int, bool]] = []
+        for offset, data in frames:
+            view = memoryview(data)
+            first = offset // self.chunk_size
+            nonzero, sparse = self._classify(view)
+            for k, (nz, sp) in enumerate(zip(nonzero, sparse, strict=True)):
+                slots.append((first + k, nz))
+                if nz:
+                    c = view[k * self.chunk_size : (k + 1) * self.chunk_size]
+                    blobs.append((digest(c), c, sp))
+        seqs = iter(zip(blobs, repo.put_many(blobs), strict=True))  # one lock for all of them
+        entries: list[tuple[int, bytes, int]] = []
+        for idx, nz in slots:
+            if nz:
+                b, seq = next(seqs)
+                entries.append((idx, b[0], seq))
+            else:
+                entries.append((idx, _ZERO, 0))
+        self._add(entries, repo)
+
+    def _classify(self, view: memoryview) -> tuple[list[bool], list[bool]]:
+        """Per chunk of a frame: (holds data, has a zero 4 KiB page: worth zstd)."""
         cs = self.chunk_size
-        view = memoryview(data)
-        first = offset // cs
         n = -(-len(view) // cs)
         full = len(view) // cs
-        # One vectorised pass over the frame: which 4 KiB pages hold data, per chunk.
         if full and cs % _PAGE == 0:
+            # One vectorised pass over the frame: which 4 KiB pages hold data, per chunk.
             words = np.frombuffer(view[: full * cs], np.uint64).reshape(full, cs // _PAGE, _PAGE // 8)
             pages = _data_pages(words)
             nonzero: list[bool] = np.any(pages, axis=1).tolist()
@@ -232,26 +263,7 @@ class StagingIndex:
         if n > full:  # the short last chunk of the disk
             nonzero.append(any(view[full * cs :]))
             sparse.append(True)
-        with self._lock:
-            self._begin_session(repo)
-        digest = xxhash.xxh3_128_digest
-        if all(nonzero):  # a frame of data, as nearly every frame is: no zero chunk to leave out
-            blobs = [(digest(c), c, sp) for c, sp in zip(_chunks(view, cs, n), sparse, strict=True)]
-            seqs = repo.put_many(blobs)  # one lock for the frame, not one per chunk
-            entries = [(first + k, b[0], seq) for k, (b, seq) in enumerate(zip(blobs, seqs, strict=True))]
-        else:
-            data_at: list[int] = [k for k in range(n) if nonzero[k]]
-            chunks = [view[k * cs : (k + 1) * cs] for k in data_at]
-            blobs = [(digest(c), c, sparse[k]) for k, c in zip(data_at, chunks, strict=True)]
-            it = iter(zip(blobs, repo.put_many(blobs), strict=True))
-            entries = []
-            for k in range(n):
-                if nonzero[k]:
-                    b, seq = next(it)
-                    entries.append((first + k, b[0], seq))
-                else:
-                    entries.append((first + k, _ZERO, 0))
-        self._add(entries, repo)
+        return nonzero, sparse
 
     def zero(self, repo: Repository, offset: int, length: int) -> None:
         """The range reads as zeros at the source now."""

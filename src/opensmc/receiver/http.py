@@ -179,21 +179,32 @@ BUFFERS_KEPT = 16
 def _verify_and_write(
     vol: StagingIndex, repo: Repository, group: list[tuple[FrameHeader, memoryview]]
 ) -> tuple[int, int, FrameError | StagingError | None]:
-    """Write the group's frames in order until the first bad one: (frames, plain bytes, error)."""
+    """Write the group's frames in order until the first bad one: (frames, plain bytes, error).
+
+    The good frames before a zero frame, a bad one or the group's end go to the index in one
+    call (``write_many``): one store call for a group of an incremental run's small frames."""
     frames = plain = 0
+    data: list[tuple[int, bytes | memoryview]] = []
+    error: FrameError | StagingError | None = None
     for header, payload in group:
         try:
             vol.check(header.offset, header.plain_length)  # cheap, and before decoding
             frame = decode_payload(header, payload)
             if frame.is_zero:
+                if data:
+                    vol.write_many(repo, data)
+                    data = []
                 vol.zero(repo, frame.offset, frame.length)
             else:
-                vol.write(repo, frame.offset, frame.data)
+                data.append((frame.offset, frame.data))
         except (FrameError, StagingError) as e:
-            return frames, plain, e
+            error = e
+            break
         frames += 1
         plain += frame.length
-    return frames, plain, None
+    if data:
+        vol.write_many(repo, data)
+    return frames, plain, error
 
 
 async def post_frames(request: web.Request) -> web.Response:
