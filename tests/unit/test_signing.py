@@ -515,3 +515,16 @@ def test_percent_encode_is_quote() -> None:
     for _ in range(5000):
         s = "".join(chr(rng.choice([rng.randrange(128), rng.randrange(0xE000)])) for _ in range(rng.randrange(30)))
         assert percent_encode(s) == quote(s, safe="", encoding="utf-8", errors="surrogatepass")
+
+
+def test_the_rpc_query_parser_is_parse_qsl() -> None:
+    import random
+    from urllib.parse import parse_qsl
+
+    from opensmc.api.app import parse_query
+
+    rng = random.Random(5)
+    alphabet = ["a", "B", "1", "=", "&", "%", "+", " ", "%2", "%3D", "%26", "%zz", "%C3%A9", "%FF", "é", ".", "~"]
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(25)))
+        assert parse_query(text) == parse_qsl(text, keep_blank_values=True), text

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -112,11 +112,11 @@ class RpcEndpoint:
         action_name = "Error"
         try:
             # Straight from the ASGI scope: no URL or Headers object per request.
-            query = parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True)
+            query = parse_query(scope.get("query_string", b"").decode())
             headers, repeated = collect_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
             form: list[tuple[str, str]] = []
             if body and headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-                form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+                form = parse_query(body.decode("utf-8", errors="replace"))
             values: dict[str, str] = {}
             for key, value in (*query, *form):
                 values[key] = value
@@ -196,6 +196,24 @@ class _Note:
 
 class _TooLarge(Exception):
     """The request body is over :data:`MAX_BODY`."""
+
+
+def parse_query(text: str) -> list[tuple[str, str]]:
+    """``parse_qsl(text, keep_blank_values=True)``, with less work for the fields that need no decoding.
+
+    Most fields of a signed request are plain ``name=value``; parse_qsl
+    unquotes every name and value, a visible share of a small call's CPU.
+    """
+    out: list[tuple[str, str]] = []
+    for field in text.split("&"):
+        if not field:
+            continue
+        name, _eq, value = field.partition("=")
+        if "%" in field or "+" in field:
+            name = unquote(name.replace("+", " "))
+            value = unquote(value.replace("+", " "))
+        out.append((name, value))
+    return out
 
 
 def _one(query: list[tuple[str, str]], form: list[tuple[str, str]], name: str) -> str | None:
