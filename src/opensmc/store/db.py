@@ -27,6 +27,7 @@ writers, seeing the last committed state (WAL snapshot isolation).
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -301,6 +302,10 @@ def _is_broken(dbapi_conn: Any) -> bool:
     return bool(getattr(dbapi_conn, "broken", False) or getattr(dbapi_conn, "closed", False))
 
 
+#: a named parameter in the psycopg dialect's SQL (a literal percent sign there is %%)
+_NAMED = re.compile(r"(?<!%)%\((\w+)\)s")
+
+
 class Prepared:
     """A SQLAlchemy Core statement compiled once per dialect, run on the driver's cursor.
 
@@ -316,10 +321,10 @@ class Prepared:
         self.stmt = stmt
         self.keys = tuple(c.key for c in stmt.selected_columns) if hasattr(stmt, "selected_columns") else ()
         self.row = namedtuple("Row", self.keys, rename=True) if self.keys else None
-        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any], list[Any]]] = {}
+        self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any], list[Any]]] = {}
         self._lock = threading.Lock()
 
-    def _for(self, dialect: Any) -> tuple[str, tuple[str, ...] | None, dict[str, Any], list[Any]]:
+    def _for(self, dialect: Any) -> tuple[str, tuple[str, ...], dict[str, Any], list[Any]]:
         found = self._compiled.get(dialect.name)
         if found is None:
             with self._lock:
@@ -332,8 +337,15 @@ class Prepared:
                 results = [
                     c.type.dialect_impl(dialect).result_processor(dialect, None) for c in self.stmt.selected_columns
                 ]
-                order = tuple(compiled.positiontup) if compiled.positional else None
-                found = self._compiled[dialect.name] = (compiled.string, order, binds, results)
+                sql = compiled.string
+                if compiled.positional:
+                    order = tuple(compiled.positiontup or ())
+                else:
+                    # psycopg's named style (%(name)s) as its positional one (%s): with a tuple,
+                    # psycopg maps no names at each execution.
+                    order = tuple(_NAMED.findall(sql))
+                    sql = _NAMED.sub("%s", sql)
+                found = self._compiled[dialect.name] = (sql, order, binds, results)
         return found
 
     def rows(self, db: Database, dbapi_conn: Any, params: dict[str, Any]) -> list[Any]:
@@ -341,7 +353,7 @@ class Prepared:
         sql, order, binds, results = self._for(db.engine.dialect)
         for name, proc in binds.items():
             params[name] = proc(params[name])
-        args: Any = tuple(params[n] for n in order) if order is not None else params
+        args = tuple(params[n] for n in order)
         cur = dbapi_conn.cursor()
         try:
             cur.execute(sql, args)
