@@ -233,7 +233,8 @@ if HttpToolsProtocol is not None:
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             cycle = getattr(self, "cycle", None)
-            if cycle is not None and not isinstance(cycle.transport, _OneWrite):
+            # Not for HEAD: uvicorn writes no body part for it, so a held head would never go out.
+            if cycle is not None and cycle.scope["method"] != "HEAD" and not isinstance(cycle.transport, _OneWrite):
                 cycle.transport = _OneWrite(cycle.transport)
 
     _PROTOCOL: type[_HeaderDeadline] = DeadlineHttpToolsProtocol
