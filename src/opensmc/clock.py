@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import string
-import uuid
 from datetime import UTC, datetime
 
 _ALNUM = string.ascii_lowercase + string.digits
@@ -20,8 +20,14 @@ def new_id(prefix: str) -> str:
 
 
 def new_request_id() -> str:
-    """An upper-case UUID, as the real service's RequestId."""
-    return str(uuid.uuid4()).upper()
+    """An upper-case random (version 4) UUID, as the real service's RequestId."""
+    # uuid.uuid4() with fewer steps (every API answer makes one): 16 random bytes, the
+    # version and variant bits set as uuid.UUID(version=4) sets them.
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex().upper()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def iso(dt: datetime | None) -> str:

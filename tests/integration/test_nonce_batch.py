@@ -11,7 +11,7 @@ import asyncio
 from urllib.parse import parse_qsl
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import update
 
 from opensmc import API_VERSION
 from opensmc.api.auth import authenticate, authenticate_async
@@ -47,23 +47,26 @@ def _codes(results: list[object]) -> list[str]:
     return [r.code if isinstance(r, AuthError) else "OK" for r in results]
 
 
-def _count_nonce_transactions(db: Database) -> list[int]:
-    """A list that grows by one for each statement that inserts nonces."""
+def _count_nonce_transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one for each transaction that inserts nonces (the claims it holds)."""
     seen: list[int] = []
+    real = q.claim_nonces
 
-    def before(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.startswith("INSERT INTO nonces"):
-            seen.append(statement.count("(?, ?, ?)") + statement.count("(%s, %s, %s)"))
+    def counting(db: Database, claims: list[tuple[str, str, int | None]], now: object) -> object:
+        seen.append(len(claims))
+        return real(db, claims, now)  # type: ignore[arg-type]
 
-    event.listen(db.engine, "before_cursor_execute", before)
+    monkeypatch.setattr(q, "claim_nonces", counting)
     return seen
 
 
-def test_concurrent_requests_share_nonce_transactions_and_all_pass(services: Services) -> None:
+def test_concurrent_requests_share_nonce_transactions_and_all_pass(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = create_account(services, "k")
     authenticate(services, _signed(key))  # the key is cached from here on
     batcher = NonceBatcher(services)
-    inserts = _count_nonce_transactions(services.db)
+    inserts = _count_nonce_transactions(monkeypatch)
 
     async def many() -> list[object]:
         reqs = [_signed(key) for _ in range(60)]
@@ -153,10 +156,11 @@ def test_a_database_that_cannot_take_the_batch_falls_back_to_memory(
     authenticate(services, _signed(key))
     real_begin = services.db.begin
 
-    def full() -> object:
+    def full(*_args: object) -> object:
         raise ServerDiskFull("full")
 
     monkeypatch.setattr(services.db, "begin", full)
+    monkeypatch.setattr(q, "claim_nonces", full)  # the shared transactions, on the driver's connection
     batcher = NonceBatcher(services)
     req = _signed(key, nonce="while-full")
     try:

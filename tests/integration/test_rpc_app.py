@@ -385,3 +385,24 @@ def test_body_too_large(client: httpx.Client, key: KeyPair) -> None:
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert_error(resp, 400, "InvalidParameter")
+
+
+def test_other_methods_and_head_on_the_rpc_path_keep_their_answers(client: httpx.Client, key: KeyPair) -> None:
+    """GET and POST / take the RPC endpoint's direct path; HEAD and other methods still go through Starlette."""
+    params = v1_query(key, {"Action": "DescribeSourceServers"}, method="GET")
+    got = client.get("/", params=params)
+    assert got.status_code == 200 and REQUEST_ID.match(got.headers["x-acs-request-id"])
+    assert got.headers["content-type"] == JSON_TYPE and int(got.headers["content-length"]) == len(got.content)
+    head = client.head("/", params=v1_query(key, {"Action": "DescribeSourceServers"}, method="HEAD"))
+    assert head.status_code == 200 and head.content == b""
+    assert client.head("/healthz").status_code == 200  # a HEAD answer has no body part to carry its head
+    assert client.put("/", params=params).status_code == 405
+
+
+def test_an_over_large_rpc_body_is_refused_before_it_is_read(client: httpx.Client) -> None:
+    from opensmc.api.serving import MAX_BODY
+
+    for body in (b"a" * (MAX_BODY + 1), iter([b"a" * MAX_BODY, b"b"])):
+        got = client.post("/", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert got.status_code == 400 and got.json()["Code"] == "InvalidParameter"
+        assert f"larger than {MAX_BODY} bytes" in got.json()["Message"] and got.headers["connection"] == "close"

@@ -427,3 +427,38 @@ def test_mark_lost_agents(call: Any, services: Services, caller: Caller) -> None
         "start the agent on the source server.",
     }
     assert by_id[busy]["State"] == "Unavailable"  # the orchestrator then fails its running job
+
+
+def test_the_unfiltered_page_on_the_driver_path_is_the_general_path(services: Services, caller: Caller) -> None:
+    """The precompiled DescribeSourceServers page (store.sources.describe_account) gives what the
+    SQLAlchemy path gives: rows with converted values, total, tags, the latest job of sources without one."""
+    from opensmc.store import sources as q
+    from opensmc.store import tags as tag_store
+
+    made = [add(services, caller, f"h{i}") for i in range(4)]
+    add_job(services, caller, made[1], "Ready")
+    with services.db.begin() as conn:
+        conn.execute(update(sources).where(sources.c.id == made[2]).values(last_heartbeat_at=T0))
+        conn.execute(
+            insert(tags).values(
+                account_id=caller.account_id, resource_type=q.SOURCE_TAG, resource_id=made[3], key="env",
+                value="prod", created_at=T0,
+            )
+        )  # fmt: skip
+    for offset, limit in ((0, 10), (1, 2), (3, 5), (10, 5)):
+        total, rows, tag_map, latest = q.describe_account(services.db, caller.account_id, offset=offset, limit=limit)
+        with services.db.connect() as conn:
+            want_total, want_rows = q.describe(
+                conn, caller.account_id, ids=[], name=None, state=None, job_id=None, workgroup_id=None,
+                related_job_types=(), resource_group_id=None, tag_filters=(), offset=offset, limit=limit,
+            )  # fmt: skip
+            want_tags = tag_store.tags_of(conn, q.SOURCE_TAG, [r.id for r in want_rows])
+            want_latest = q.latest_jobs(conn, [r.id for r in want_rows if not r.job_id])
+        assert total == want_total
+        assert [tuple(r) for r in rows] == [tuple(r) for r in want_rows]
+        assert [r._fields for r in rows[:1]] == [tuple(want_rows[0]._fields)] if want_rows else rows == []
+        assert (tag_map, latest) == (want_tags if want_rows else {}, want_latest)
+    _, rows, tag_map, latest = q.describe_account(services.db, caller.account_id, offset=0, limit=10)
+    by_id = {r.id: r for r in rows}
+    assert isinstance(by_id[made[2]].last_heartbeat_at, datetime) and isinstance(by_id[made[0]].created_at, datetime)
+    assert tag_map[made[3]] == [("env", "prod")] and made[1] in latest

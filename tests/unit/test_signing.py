@@ -484,3 +484,47 @@ def test_property_v1(params: dict[str, str], data: st.DataObject) -> None:
         changed = {**query, **_mutations(params, data)}
         err = _fails(replace(req, query=list(changed.items())), "SignatureDoesNotMatch", now=NOW)
         assert err.message.split(":")[1] == v1_string_to_sign("POST", changed)
+
+
+def test_the_v1_string_to_sign_is_the_percent_encoded_canonical_query() -> None:
+    """v1_string_to_sign encodes the canonical query with three replaces; it must equal percent_encode of it."""
+    import random
+
+    from opensmc.api import signing
+
+    rng = random.Random(7)
+
+    def text(n: int) -> str:
+        return "".join(chr(rng.choice([rng.randrange(0, 128), rng.randrange(128, 0x3000)])) for _ in range(n))
+
+    for _ in range(2000):
+        params = [(text(rng.randrange(0, 8)), text(rng.randrange(0, 20))) for _ in range(rng.randrange(0, 6))]
+        canonical = signing._canonical_query(params, exclude="Signature")
+        assert signing.v1_string_to_sign("get", params) == f"GET&%2F&{signing.percent_encode(canonical)}"
+
+
+def test_percent_encode_is_quote() -> None:
+    import random
+    from urllib.parse import quote
+
+    from opensmc.api.signing import percent_encode
+
+    rng = random.Random(11)
+    for n in range(0x3000):
+        assert percent_encode(chr(n)) == quote(chr(n), safe="", encoding="utf-8", errors="surrogatepass")
+    for _ in range(5000):
+        s = "".join(chr(rng.choice([rng.randrange(128), rng.randrange(0xE000)])) for _ in range(rng.randrange(30)))
+        assert percent_encode(s) == quote(s, safe="", encoding="utf-8", errors="surrogatepass")
+
+
+def test_the_rpc_query_parser_is_parse_qsl() -> None:
+    import random
+    from urllib.parse import parse_qsl
+
+    from opensmc.api.app import parse_query
+
+    rng = random.Random(5)
+    alphabet = ["a", "B", "1", "=", "&", "%", "+", " ", "%2", "%3D", "%26", "%zz", "%C3%A9", "%FF", "é", ".", "~"]
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(25)))
+        assert parse_query(text) == parse_qsl(text, keep_blank_values=True), text

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from starlette.concurrency import run_in_threadpool
-
 from opensmc.api.nonces import NonceBatcher
 from opensmc.api.signing import SignedRequest, verify
+from opensmc.api.threads import run_sync
 from opensmc.service import accounts
 from opensmc.service.context import Caller, Services
 from opensmc.service.keycache import CachedKey, cache_for
@@ -53,7 +52,7 @@ async def authenticate_then(
     ``then``.
     """
     if len(signed.body) > LOOP_BODY_MAX:
-        return await run_in_threadpool(_authenticate_then, services, signed, then)
+        return await run_sync(lambda: _authenticate_then(services, signed, then))
     cache = cache_for(services.db)
     found: list[CachedKey] = []
 
@@ -67,11 +66,11 @@ async def authenticate_then(
     try:
         cred = verify(signed, lookup, services.clock(), services.settings.signature_window)
     except _NotCached:
-        return await run_in_threadpool(_authenticate_then, services, signed, then)
+        return await run_sync(lambda: _authenticate_then(services, signed, then))
     if "\x00" in cred.nonce:
         # PostgreSQL text cannot hold NUL: such a nonce must not fail the shared transaction of
         # other requests. Alone, it fails as it always did (and a NUL parameter is refused anyway).
-        return await run_in_threadpool(_authenticate_then, services, signed, then)
+        return await run_sync(lambda: _authenticate_then(services, signed, then))
     key = found[0]
     caller = Caller(
         account_id=key.account_id,
@@ -87,7 +86,7 @@ async def authenticate_then(
     if outcome == accounts.REPLAYED:
         raise accounts.NONCE_USED
     # STALE (the cached key may be disabled or gone: its entry is dropped) or IN_MEMORY
-    return await run_in_threadpool(_authenticate_then, services, signed, then)
+    return await run_sync(lambda: _authenticate_then(services, signed, then))
 
 
 def _authenticate_then(services: Services, signed: SignedRequest, then: Callable[[Caller], T]) -> tuple[Caller, T]:

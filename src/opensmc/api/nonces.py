@@ -26,8 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from starlette.concurrency import run_in_threadpool
-
+from opensmc.api.threads import run_sync
 from opensmc.service import accounts
 from opensmc.service.context import Services
 
@@ -78,7 +77,7 @@ class NonceBatcher:
             outcome = await self.claim(claim)
             if outcome != accounts.RECORDED:
                 return outcome, None
-            return outcome, (await run_in_threadpool(then),)
+            return outcome, (await run_sync(then),)
         state.in_flight += 1
 
         def recorded() -> None:  # on the loop, once the lone transaction is over
@@ -93,7 +92,7 @@ class NonceBatcher:
                 loop.call_soon_threadsafe(recorded)
             return (outcome, (then(),)) if outcome == accounts.RECORDED else (outcome, None)
 
-        return await run_in_threadpool(alone)
+        return await run_sync(alone)
 
     def _state(self, loop: asyncio.AbstractEventLoop) -> _Loop:
         state = self._loops.get(loop)
@@ -116,7 +115,7 @@ class NonceBatcher:
         batch: list[tuple[accounts.NonceClaim, asyncio.Future[str]]],
     ) -> None:
         try:
-            outcomes = await run_in_threadpool(accounts.record_nonces, self.services, [c for c, _ in batch])
+            outcomes = await run_sync(lambda: accounts.record_nonces(self.services, [c for c, _ in batch]))
         except Exception as exc:  # the database failed: each request answers with it
             for _, future in batch:
                 if not future.done():

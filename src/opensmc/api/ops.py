@@ -3,9 +3,10 @@
 - Every SMC API call (``/``) is logged once, when its answer is sent, with its
   RequestId, action, account, AccessKey id, HTTP status, error code and
   duration, and counted in ``opensmc_api_requests_total`` and
-  ``opensmc_api_request_duration_seconds``. :func:`handle_rpc` notes the
-  action, the caller and the error code in ``request.state``; this middleware
-  reads them, so the wire code stays free of logging and metrics.
+  ``opensmc_api_request_duration_seconds``: the RPC endpoint
+  (``api/app.py``) hands what it noted to :meth:`ApiCalls.record`, so the
+  wire code stays free of logging and metrics. Other routes are logged by the
+  :class:`AccessLog` middleware.
 - ``/metrics`` is Prometheus' text format (prometheus_client): the counters
   above, plus gauges read from the database at scrape time (jobs by status,
   agents by state and heartbeat age, per-job bytes) and from the data
@@ -88,15 +89,63 @@ class ApiMetrics:
 LOGGED_PREFIXES = ("/opensmc/",)
 
 
-class AccessLog:
-    """ASGI middleware: logs and counts each SMC API call once, when it is answered; logs other requests too."""
+class ApiCalls:
+    """The access log line and the metrics of each SMC API call."""
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
-        self.app = app
+    def __init__(self, metrics: ApiMetrics) -> None:
         self.metrics = metrics
+        # prometheus_client's labels() hashes and validates its arguments under a lock at each call;
+        # the children are looked up here instead (the label sets are few: actions x error codes).
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+
+    def record(self, action: str, caller: Any, code: str, status: int, request_id: str, seconds: float) -> None:
+        # An unknown action is one label, not one per typo: labels must stay a small, fixed set.
+        label = action if action in ACTIONS else "unknown"
+        count = self._counts.get((label, code))
+        if count is None:
+            count = self._counts[(label, code)] = self.metrics.requests.labels(label, code or "OK")
+        count.inc()
+        latency = self._latencies.get(label)
+        if latency is None:
+            latency = self._latencies[label] = self.metrics.latency.labels(label)
+        latency.observe(seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": request_id,
+            "action": action,
+            "account_id": getattr(caller, "account_id", ""),
+            "access_key_id": getattr(caller, "access_key_id", ""),
+            "http_status": status,
+            "error_code": code,
+            "duration_ms": round(seconds * 1000, 1),
+        }
+        log.info(
+            "api %s status=%d code=%s account=%s key=%s RequestId=%s %.1f ms",
+            action or "-", status, code or "-", fields["account_id"] or "-", fields["access_key_id"] or "-",
+            fields["request_id"] or "-", fields["duration_ms"],
+            extra={"fields": fields},
+        )  # fmt: skip
+
+
+#: methods on ``/`` whose calls the RPC endpoint logs itself (``api/app.py``); others are logged here
+RPC_SELF_LOGGED = frozenset({"GET", "POST", "HEAD"})
+
+
+class AccessLog:
+    """ASGI middleware: logs the requests of routes other than the SMC API's.
+
+    SMC API calls (``/``) reach the RPC endpoint, which records each one with
+    :meth:`ApiCalls.record`, mostly without passing through this middleware.
+    """
+
+    def __init__(self, app: ASGIApp, calls: ApiCalls) -> None:
+        self.app = app
+        self.calls = calls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("path") == "/" and scope.get("method") in RPC_SELF_LOGGED):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -115,7 +164,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - started
             if scope.get("path") == "/":
-                self._record(scope.get("state") or {}, answer, seconds)
+                self.calls.record("", None, "", int(answer["status"]), answer["request_id"], seconds)
             else:
                 self._other(scope, answer, seconds)
 
@@ -137,31 +186,6 @@ class AccessLog:
         log.log(
             level, "http %s %s status=%d account=%s RequestId=%s %.1f ms",
             fields["method"], path, fields["http_status"], fields["account_id"] or "-",
-            fields["request_id"] or "-", fields["duration_ms"],
-            extra={"fields": fields},
-        )  # fmt: skip
-
-    def _record(self, state: dict[str, Any], answer: dict[str, Any], seconds: float) -> None:
-        action = str(state.get("action") or "")
-        caller = state.get("caller")
-        code = str(state.get("error_code") or "")
-        status = int(answer["status"])
-        # An unknown action is one label, not one per typo: labels must stay a small, fixed set.
-        label = action if action in ACTIONS else "unknown"
-        self.metrics.requests.labels(label, code or "OK").inc()
-        self.metrics.latency.labels(label).observe(seconds)
-        fields = {
-            "request_id": answer["request_id"],
-            "action": action,
-            "account_id": getattr(caller, "account_id", ""),
-            "access_key_id": getattr(caller, "access_key_id", ""),
-            "http_status": status,
-            "error_code": code,
-            "duration_ms": round(seconds * 1000, 1),
-        }
-        log.info(
-            "api %s status=%d code=%s account=%s key=%s RequestId=%s %.1f ms",
-            action or "-", status, code or "-", fields["account_id"] or "-", fields["access_key_id"] or "-",
             fields["request_id"] or "-", fields["duration_ms"],
             extra={"fields": fields},
         )  # fmt: skip
@@ -372,10 +396,13 @@ async def to_console(_request: Request) -> Response:
     return RedirectResponse("/console", status_code=308)
 
 
-def install(app: Starlette, services: Services) -> None:
-    """Add the ops routes and the access log to the API app (one registry per app: tests stay independent)."""
+def install(app: Starlette, services: Services) -> ApiCalls:
+    """Add the ops routes and the access log to the API app (one registry per app: tests stay independent).
+
+    Returns the recorder of SMC API calls, for the RPC endpoint.
+    """
     registry = CollectorRegistry()
-    api_metrics = ApiMetrics(registry)
+    calls = ApiCalls(ApiMetrics(registry))
     registry.register(StateCollector(services))
     app.state.metrics_registry = registry
     from opensmc.api import console_routes
@@ -391,4 +418,5 @@ def install(app: Starlette, services: Services) -> None:
             Route("/ui", to_console, methods=["GET"]),
         ]
     )
-    app.add_middleware(AccessLog, metrics=api_metrics)
+    app.add_middleware(AccessLog, calls=calls)
+    return calls

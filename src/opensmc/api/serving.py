@@ -81,7 +81,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > self.limit:
             await self._refuse(scope, send)
             return
@@ -132,7 +132,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             text = value.decode("latin-1").strip()
@@ -233,7 +233,8 @@ if HttpToolsProtocol is not None:
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             cycle = getattr(self, "cycle", None)
-            if cycle is not None and not isinstance(cycle.transport, _OneWrite):
+            # Not for HEAD: uvicorn writes no body part for it, so a held head would never go out.
+            if cycle is not None and cycle.scope["method"] != "HEAD" and not isinstance(cycle.transport, _OneWrite):
                 cycle.transport = _OneWrite(cycle.transport)
 
     _PROTOCOL: type[_HeaderDeadline] = DeadlineHttpToolsProtocol

@@ -139,8 +139,23 @@ class Credential:
 # Canonicalisation (shared with opensmc.signer)
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+_RESERVED_CHAR = re.compile(r"[^A-Za-z0-9_.~-]")
+_ASCII_ESCAPES = {chr(c): f"%{c:02X}" for c in range(128)}
+
+
+def _escape(match: re.Match[str]) -> str:
+    return _ASCII_ESCAPES[match.group()]
+
+
 def percent_encode(s: str) -> str:
     """RFC 3986 encoding of UTF-8 text: only ``A-Za-z0-9-_.~`` stay literal."""
+    # What quote() gives, faster for the ASCII text nearly every parameter is (a signed request
+    # encodes each of its keys and values): quote() goes byte by byte in Python.
+    if _UNRESERVED.fullmatch(s):
+        return s
+    if s.isascii():
+        return _RESERVED_CHAR.sub(_escape, s)
     # surrogatepass keeps this total: a malformed value must give a
     # signature mismatch, never an unhandled UnicodeEncodeError.
     return quote(s, safe="", encoding="utf-8", errors="surrogatepass")
@@ -159,13 +174,19 @@ def _canonical_query(params: Params, *, exclude: str | None = None) -> str:
 
 def v1_string_to_sign(method: str, params: Params) -> str:
     """The V1 string-to-sign; a ``Signature`` parameter is left out."""
-    return f"{method.upper()}&%2F&{percent_encode(_canonical_query(params, exclude='Signature'))}"
+    canonical = _canonical_query(params, exclude="Signature")
+    # percent_encode(canonical), in three C calls: every character of the canonical query is
+    # unreserved but the '%' of its escapes and the '&' and '=' that join it, and quote() would
+    # encode its few hundred bytes one by one in Python (a visible share of a request's CPU).
+    encoded = canonical.replace("%", "%25").replace("&", "%26").replace("=", "%3D")
+    return f"{method.upper()}&%2F&{encoded}"
 
 
 def v1_signature(secret: str, string_to_sign: str) -> str:
     """Base64 HMAC-SHA1 keyed with ``secret + "&"``."""
-    mac = hmac.new((secret + "&").encode(), string_to_sign.encode(), hashlib.sha1)
-    return base64.b64encode(mac.digest()).decode("ascii")
+    # hmac.digest: one C call (hmac.new builds an HMAC object in Python first)
+    mac = hmac.digest((secret + "&").encode(), string_to_sign.encode(), "sha1")
+    return base64.b64encode(mac).decode("ascii")
 
 
 def acs3_canonical_request(
@@ -203,7 +224,7 @@ def acs3_string_to_sign(canonical_request: str) -> str:
 
 def acs3_signature(secret: str, string_to_sign: str) -> str:
     """Hex HMAC-SHA256 keyed with the bare secret (no ``&``, unlike V1)."""
-    return hmac.new(secret.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), string_to_sign.encode(), "sha256").hex()
 
 
 # --------------------------------------------------------------------------

@@ -266,22 +266,23 @@ def record_nonces(svc: Services, claims: Sequence[NonceClaim]) -> list[str]:
         return [IN_MEMORY] * len(claims)
     outcomes = [REPLAYED] * len(claims)
     stale: set[str] = set()
+    first: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(claims):
+        if (c.access_key_id, c.nonce) not in first:  # a second one in the batch is a replay
+            first[(c.access_key_id, c.nonce)] = i
     try:
-        with svc.db.begin() as conn:
-            version = q.get_keys_version(conn)
-            first: dict[tuple[str, str], int] = {}
-            for i, c in enumerate(claims):
-                if c.key_version is not None and c.key_version != version:
-                    outcomes[i] = STALE
-                    stale.add(c.access_key_id)
-                elif (c.access_key_id, c.nonce) not in first:  # a second one in the batch is a replay
-                    first[(c.access_key_id, c.nonce)] = i
-            inserted = q.remember_nonces(conn, list(first), svc.clock())
-            for pair, i in first.items():
-                if pair in inserted:
-                    outcomes[i] = RECORDED
+        version, inserted = q.claim_nonces(
+            svc.db, [(k, n, claims[i].key_version) for (k, n), i in first.items()], svc.clock()
+        )
     except ServerDiskFull:
         return [IN_MEMORY] * len(claims)
+    for i, c in enumerate(claims):
+        if c.key_version is not None and c.key_version != version:
+            outcomes[i] = STALE
+            stale.add(c.access_key_id)
+    for pair, i in first.items():
+        if pair in inserted:
+            outcomes[i] = RECORDED
     cache = cache_for(svc.db)
     for key_id in stale:
         cache.drop(key_id)

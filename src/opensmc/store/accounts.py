@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from opensmc.store.db import Database
 from opensmc.store.tables import access_keys, accounts, keys_version, nonces
 
 
@@ -135,6 +136,60 @@ def remember_nonces(conn: Connection, claims: Sequence[tuple[str, str]], now: da
     for key_id, nonce in claims:
         args += (key_id, nonce, seen)
     return {(str(k), str(n)) for k, n in conn.exec_driver_sql(sql, tuple(args))}
+
+
+# The nonces of a batch of requests with the keys_version check, as one statement on PostgreSQL: in
+# autocommit it is its own transaction, one round trip instead of four (BEGIN, the version, the
+# insert, COMMIT). The version and the insert share the statement's snapshot, as they shared the
+# transaction before; the v row always exists (an aggregate), so the version comes back even when
+# nothing was inserted.
+_CLAIM_NONCES_PG = """WITH v AS (SELECT COALESCE(MAX(version), 0) AS version FROM keys_version WHERE id = 1),
+ins AS (
+  INSERT INTO nonces (access_key_id, nonce, seen_at)
+  SELECT c.k, c.n, %s::timestamptz FROM (VALUES {}) AS c(k, n, kv), v
+  WHERE c.kv IS NULL OR c.kv = v.version
+  ON CONFLICT DO NOTHING
+  RETURNING access_key_id, nonce)
+SELECT v.version, ins.access_key_id, ins.nonce FROM v LEFT JOIN ins ON true"""
+
+
+def claim_nonces(
+    db: Database, claims: Sequence[tuple[str, str, int | None]], now: datetime
+) -> tuple[int, set[tuple[str, str]]]:
+    """Record the (key id, nonce) of each claim made at the current keys_version (or with None).
+
+    Returns that keys_version and the pairs inserted; a pair made at the
+    version but not inserted was recorded already (a replay), by any process:
+    the primary key decides, as in :func:`remember_nonce`. One transaction on
+    the driver's connection (:meth:`Database.driver_begin`; on PostgreSQL one
+    autocommit statement). The pairs must be distinct, at most
+    :data:`NONCE_BATCH_MAX`, and hold no NUL.
+    """
+    if not db.is_sqlite:
+        sql = _CLAIM_NONCES_PG.format(", ".join(["(%s, %s, %s::bigint)"] * len(claims)))
+        args: list[Any] = [now]
+        for key_id, nonce, key_version in claims:
+            args += (key_id, nonce, key_version)
+        with db.driver() as dbapi_conn:
+            cur = dbapi_conn.cursor()
+            try:
+                rows = cur.execute(sql, args).fetchall()
+            finally:
+                cur.close()
+        return int(rows[0][0]), {(str(k), str(n)) for _v, k, n in rows if k is not None}
+    with db.driver_begin() as dbapi_conn:
+        found = dbapi_conn.execute(_KEYS_VERSION).fetchone()
+        version = int(found[0]) if found is not None else 0
+        fresh = [(k, n) for k, n, kv in claims if kv is None or kv == version]
+        if not fresh:
+            return version, set()
+        to_db = nonces.c.seen_at.type.dialect_impl(db.engine.dialect).bind_processor(db.engine.dialect)
+        seen = to_db(now) if to_db is not None else now
+        sql = _REMEMBER_NONCES.format(", ".join(["(?, ?, ?)"] * len(fresh)))
+        flat: list[Any] = []
+        for key_id, nonce in fresh:
+            flat += (key_id, nonce, seen)
+        return version, {(str(k), str(n)) for k, n in dbapi_conn.execute(sql, flat).fetchall()}
 
 
 def nonce_used(conn: Connection, key_id: str, nonce: str) -> bool:

@@ -27,10 +27,12 @@ writers, seeing the last committed state (WAL snapshot isolation).
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,66 @@ class Database:
             finally:
                 conn.info.pop(_READ_ONLY, None)  # the pooled connection's next user may write
 
+    @contextmanager
+    def driver(self) -> Iterator[Any]:
+        """A pooled driver (DBAPI) connection for the hot path's precompiled statements (:class:`Prepared`).
+
+        A read-only unit of work, like :meth:`connect`: on SQLite one deferred
+        transaction (one snapshot for every statement, no write lock), on
+        PostgreSQL autocommit (each statement sees the last committed state, and
+        a single statement that writes is its own transaction). No SQLAlchemy
+        ``Connection``, transaction or ``Result`` is made per use: for a small read
+        they cost more than the statement (docs/performance.md). Disk-full
+        errors are :class:`ServerDiskFull`, as everywhere.
+        """
+        fairy = self.engine.raw_connection()
+        dbapi_conn: Any = fairy.driver_connection
+        try:
+            with _driver_disk_full_is_clear():
+                if self.is_sqlite:
+                    dbapi_conn.execute("BEGIN")
+                    try:
+                        yield dbapi_conn
+                    finally:
+                        dbapi_conn.execute("ROLLBACK")
+                else:
+                    dbapi_conn.autocommit = True
+                    try:
+                        yield dbapi_conn
+                    finally:
+                        dbapi_conn.autocommit = False  # as the pool's other users expect it
+        except BaseException:
+            if _is_broken(dbapi_conn):
+                fairy.invalidate()  # the pool must not hand a dead connection out again
+            raise
+        finally:
+            fairy.close()  # back to the pool
+
+    @contextmanager
+    def driver_begin(self) -> Iterator[Any]:
+        """:meth:`driver` for writes: a transaction, committed when the block ends, rolled back on error.
+
+        On SQLite ``BEGIN IMMEDIATE`` behind this process's writer lock, as :meth:`begin`.
+        """
+        fairy = self.engine.raw_connection()
+        dbapi_conn: Any = fairy.driver_connection
+        try:
+            with _driver_disk_full_is_clear(), self._writer if self.is_sqlite else _nothing():
+                if self.is_sqlite:
+                    dbapi_conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield dbapi_conn
+                except BaseException:
+                    dbapi_conn.rollback()
+                    raise
+                dbapi_conn.commit()
+        except BaseException:
+            if _is_broken(dbapi_conn):
+                fairy.invalidate()
+            raise
+        finally:
+            fairy.close()
+
     @property
     def supports_skip_locked(self) -> bool:
         return not self.is_sqlite
@@ -213,6 +275,115 @@ def _disk_full_is_clear() -> Iterator[None]:
             "space on the server's disk (or delete images you no longer need) and try again; calls "
             "that need no disk space still work."
         ) from err
+
+
+@contextmanager
+def _driver_disk_full_is_clear() -> Iterator[None]:
+    """:func:`_disk_full_is_clear` for the driver's own exceptions (no SQLAlchemy wrapper)."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        raise ServerDiskFull(
+            "The server's disk is full: its database could not get the space this call needs. Free "
+            "space on the server's disk (or delete images you no longer need) and try again; calls "
+            "that need no disk space still work."
+        ) from err
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _is_broken(dbapi_conn: Any) -> bool:
+    """A driver connection that cannot be used again (psycopg's ``broken``: the server went away)."""
+    return bool(getattr(dbapi_conn, "broken", False) or getattr(dbapi_conn, "closed", False))
+
+
+#: a named parameter in the psycopg dialect's SQL (a literal percent sign there is %%)
+_NAMED = re.compile(r"(?<!%)%\((\w+)\)s")
+
+
+class Prepared:
+    """A SQLAlchemy Core statement compiled once per dialect, run on the driver's cursor.
+
+    The statement's SQL and its parameter order are fixed at the first use on
+    a dialect; each run binds the parameters (through the column types' bind
+    processors, e.g. SQLite's datetime strings), executes, and turns the rows
+    into named tuples through the result processors of the selected columns:
+    the values SQLAlchemy would give, without its per-execution cache look-up,
+    execution context and ``Result``.
+    """
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self.keys = tuple(c.key for c in stmt.selected_columns) if hasattr(stmt, "selected_columns") else ()
+        self.row = namedtuple("Row", self.keys, rename=True) if self.keys else None
+        self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any], list[Any]]] = {}
+        self._lock = threading.Lock()
+
+    def _for(self, dialect: Any) -> tuple[str, tuple[str, ...], dict[str, Any], list[Any]]:
+        found = self._compiled.get(dialect.name)
+        if found is None:
+            with self._lock:
+                compiled = self.stmt.compile(dialect=dialect)
+                binds = {}
+                for name, bind in compiled.binds.items():
+                    proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                    if proc is not None:
+                        binds[name] = proc
+                results = [
+                    c.type.dialect_impl(dialect).result_processor(dialect, None) for c in self.stmt.selected_columns
+                ]
+                sql = compiled.string
+                if compiled.positional:
+                    order = tuple(compiled.positiontup or ())
+                else:
+                    # psycopg's named style (%(name)s) as its positional one (%s): with a tuple,
+                    # psycopg maps no names at each execution.
+                    order = tuple(_NAMED.findall(sql))
+                    sql = _NAMED.sub("%s", sql)
+                found = self._compiled[dialect.name] = (sql, order, binds, results)
+        return found
+
+    def rows(self, db: Database, dbapi_conn: Any, params: dict[str, Any]) -> list[Any]:
+        """The statement's rows, as named tuples of the selected columns' keys."""
+        sql, order, binds, results = self._for(db.engine.dialect)
+        for name, proc in binds.items():
+            params[name] = proc(params[name])
+        args = tuple(params[n] for n in order)
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(sql, args)
+            fetched = cur.fetchall()
+        finally:
+            cur.close()
+        if not fetched:
+            return []
+        assert self.row is not None
+        if any(results):
+            procs = list(enumerate(results))
+            return [self.row(*(p(r[i]) if p is not None else r[i] for i, p in procs)) for r in fetched]
+        return [self.row(*r) for r in fetched]
+
+
+class PreparedIn:
+    """:class:`Prepared` statements with an ``IN`` list, one per length of the list.
+
+    ``factory(n)`` makes the statement for ``n`` values, bound as ``v0`` … ``v{n-1}``.
+    """
+
+    def __init__(self, factory: Callable[[int], Any]) -> None:
+        self.factory = factory
+        self._by_length: dict[int, Prepared] = {}
+
+    def rows(self, db: Database, dbapi_conn: Any, values: Sequence[Any], params: dict[str, Any]) -> list[Any]:
+        prepared = self._by_length.get(len(values))
+        if prepared is None:
+            prepared = self._by_length.setdefault(len(values), Prepared(self.factory(len(values))))
+        return prepared.rows(db, dbapi_conn, {**params, **{f"v{i}": v for i, v in enumerate(values)}})
 
 
 def _is_disk_full(orig: BaseException | None) -> bool:

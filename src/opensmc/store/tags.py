@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, delete, exists, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, delete, exists, insert, or_, select, update
 
+from opensmc.store.db import Database, PreparedIn
 from opensmc.store.tables import jobs, sources, tags
 
 
@@ -21,6 +23,30 @@ def tags_of(conn: Connection, resource_type: str, ids: Sequence[str]) -> dict[st
         .order_by(tags.c.resource_id, tags.c.created_at, tags.c.key)
     )
     for rid, key, value in rows:
+        out.setdefault(rid, []).append((key, value))
+    return out
+
+
+def _tags_in(n: int) -> Any:
+    ids: list[Any] = [bindparam(f"v{i}") for i in range(n)]
+    return (
+        select(tags.c.resource_id, tags.c.key, tags.c.value)
+        .where(tags.c.resource_type == bindparam("resource_type"), tags.c.resource_id.in_(ids))
+        .order_by(tags.c.resource_id, tags.c.created_at, tags.c.key)
+    )
+
+
+_TAGS_IN = PreparedIn(_tags_in)
+
+
+def tags_of_driver(
+    db: Database, dbapi_conn: Any, resource_type: str, ids: Sequence[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """:func:`tags_of` on a driver connection (:meth:`Database.driver`)."""
+    out: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    for rid, key, value in _TAGS_IN.rows(db, dbapi_conn, ids, {"resource_type": resource_type}):
         out.setdefault(rid, []).append((key, value))
     return out
 
