@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -209,3 +211,59 @@ def test_rsync_through_the_tunnel_over_tls(tmp_path: Path) -> None:
         assert (r.root / f"{VID}.tree" / "big").read_bytes() == (src / "big").read_bytes()
     finally:
         r.stop()
+
+
+# -- incremental builds: the last image patched ---------------------------------------------------------------
+
+
+def _image(r: Receiver, tmp_path: Path, name: str) -> Path:
+    """The filesystem the partition's staging index holds, as a file."""
+    disk = StagingIndex.read_disk(r.root / f"{VID}.fidx")
+    fs = tmp_path / name
+    with fs.open("wb") as f:
+        f.truncate(disk.size)
+        for i in disk.nonzero():
+            f.seek(i * disk.chunk_size)
+            f.write(r.repo.get(bytes(disk.digests[i])))
+    return fs
+
+
+def _same_tree(fs: Path, src: Path) -> None:
+    from tests.e2e.trees import compare, image_entries, source_entries
+
+    fsck = subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    problems = compare(source_entries(src), image_entries(fs), extra=())
+    assert not problems, "\n".join(problems)
+
+
+def _sync_and_build(r: Receiver, src: Path) -> dict:
+    done = _rsync(r, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    status, body = _post_build(r, {**SPEC, "size": 64 * MiB})
+    assert status == 200, body
+    return body
+
+
+@needs_root
+def test_an_incremental_build_patches_the_last_image_with_every_kind_of_change(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    from tests.e2e.test_file_level import _change_every_kind
+    from tests.e2e.trees import make_root_tree
+
+    src = tmp_path / "src"
+    make_root_tree(src)
+    for gone in ("proc", "tmp", "run", "var/cache", "swapfile"):  # the agent's excludes are not under test here
+        p = src / gone
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    first = _sync_and_build(receiver, src)
+    assert first["patched"] == 0
+    assert (receiver.root / f"{VID}.img").exists() and not (receiver.root / f"{VID}.changes").exists()
+    _same_tree(_image(receiver, tmp_path, "run1.fs"), src)
+    _change_every_kind(src)
+    second = _sync_and_build(receiver, src)
+    assert second["patched"] == 1, caplog.text
+    assert second["bytes"] < 4 * MiB, "more than the change was read again"
+    _same_tree(_image(receiver, tmp_path, "run2.fs"), src)

@@ -21,6 +21,7 @@ the receiver, during the run, so Processing stays metadata only.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -341,7 +342,7 @@ def _patch(
     items = patch.parse_log(raw)
     with tempfile.TemporaryDirectory(prefix="opensmc-patch-", dir=root) as tmp:
         values = Path(tmp)
-        plan = patch.plan(items, tree, values)
+        plan = patch.plan(items, tree, values, functools.partial(_listing, kept.image))
         used = kept.image.stat().st_blocks * 512
         if plan.data_bytes > PATCH_MAX_SHARE * used:
             raise CannotPatch(f"{plan.data_bytes} bytes of files changed, more than half the image's {used}")
@@ -368,6 +369,7 @@ def _patch(
             )
             errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
             if done.returncode != 0 or errors:
+                shutil.copyfile(script, "/tmp/files2-failed.cmds")  # DEBUG
                 kept.forget()
                 raise CannotPatch(f"debugfs: {' / '.join(errors)[:500] or done.returncode}")
             ranges = patch.changed_ranges(kept.undo.read_bytes()) if kept.undo.exists() else []
@@ -427,18 +429,32 @@ def _runs(chunks: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _with_xattr_removals(image: Path, commands: list[str], paths: list[str]) -> list[str]:
-    """The placeholders of entries whose xattrs are replaced, as ``ea_rm`` of the names the image has."""
-    with tempfile.NamedTemporaryFile("w", suffix=".cmds", delete=False) as f:
-        f.write("".join(f'ea_list "{p}"\n' for p in paths))
+def _listing(image: Path, dirs: list[str]) -> dict[str, dict[str, bool]]:
+    """:data:`patch.Listing` of ``image``, read with one debugfs."""
+    if not dirs:
+        return {}
+    out = _debugfs_each(image, [f'ls -p "{d}"' for d in dirs])
+    return {d: patch.parse_ls(text) for d, text in zip(dirs, out, strict=True)}
+
+
+def _debugfs_each(image: Path, commands: list[str]) -> list[str]:
+    """What each of ``commands`` printed, run read-only in one debugfs (names are quotable: see patch.py)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".cmds", delete=False, errors="surrogateescape") as f:
+        f.write("".join(c + "\n" for c in commands))
         name = f.name
     try:
         done = subprocess.run(["debugfs", "-f", name, str(image)], capture_output=True, text=True, errors="replace")
     finally:
         os.unlink(name)
-    listings = done.stdout.split("debugfs: ea_list ")[1:]
-    if len(listings) != len(paths):
-        raise CannotPatch("debugfs did not list the extended attributes of every changed entry")
+    parts = done.stdout.split("debugfs: ")[1:]
+    if done.returncode != 0 or len(parts) != len(commands):
+        raise CannotPatch(f"debugfs could not read the last image: {done.stderr[-300:]}")
+    return [p.split("\n", 1)[1] if "\n" in p else "" for p in parts]
+
+
+def _with_xattr_removals(image: Path, commands: list[str], paths: list[str]) -> list[str]:
+    """The placeholders of entries whose xattrs are replaced, as ``ea_rm`` of the names the image has."""
+    listings = _debugfs_each(image, [f'ea_list "{p}"' for p in paths])
     names = {p: patch.xattr_names(text) for p, text in zip(paths, listings, strict=True)}
     out = []
     for c in commands:

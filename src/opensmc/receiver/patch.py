@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,10 @@ LOG_FORMAT = "OSMC %i %n%L"
 _MARK = b"OSMC "
 #: what debugfs's command parser cannot take inside double quotes
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+#: directories of the last image -> {name: is a directory} of their entries (none for a directory it lacks)
+Listing = Callable[[list[str]], dict[str, dict[str, bool]]]
 
 
 class CannotPatch(Exception):
@@ -112,9 +117,26 @@ def _q(s: str) -> str:
     return f'"{s}"'
 
 
-def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
-    """The debugfs commands that make the last image hold ``tree`` as it is now, given what changed."""
+def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> Plan:
+    """The debugfs commands that make the last image hold ``tree`` as it is now, given what changed.
+
+    ``listing`` gives the entries the last image has in the directories new entries go into: rsync
+    replaces an entry of another type (a FIFO by a file) without itemizing its deletion."""
     out = Plan()
+    new_in = sorted({_image_path(it.name).rsplit("/", 1)[0] or "/" for it in items if it.flags[0] != "*"})
+    present = {
+        d + "/" + n if d != "/" else "/" + n: is_dir
+        for d, names in listing(new_in).items()
+        for n, is_dir in names.items()
+    }
+
+    def remove_old(p: str) -> None:
+        """The entry at ``p`` the image has (or this change made), before one is made there."""
+        if p in present:
+            if present[p]:
+                raise CannotPatch(f"{p}: a directory replaced by another kind of entry")
+            out.commands.append(f"rm {_q(p)}")
+
     linked: dict[str, int] = {}  # hard-link target -> names linked to it in this change
     for it in items:
         if it.flags[0] == "h":
@@ -129,6 +151,7 @@ def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
             if p == "/":
                 raise CannotPatch("the root directory was deleted")
             out.commands.append(f"{'rmdir' if it.name.endswith('/') else 'rm'} {_q(p)}")
+            present.pop(p, None)
             continue
         new = attrs != "" and set(attrs) == {"+"}
         local = tree / it.name.rstrip("/") if p != "/" else tree
@@ -143,8 +166,8 @@ def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
         if y == "h":
             if x != "f" or not stat.S_ISREG(st.st_mode):
                 raise CannotPatch(f"{p}: a hard link to something other than a regular file")
-            if not new:
-                out.commands.append(f"rm {_q(p)}")
+            remove_old(p) if new else out.commands.append(f"rm {_q(p)}")
+            present[p] = False
             target = _image_path(it.link)
             out.commands.append(f"ln {_q(target)} {_q(p)}")
             out.commands.append(f"sif {_q(target)} links_count {st.st_nlink}")
@@ -160,17 +183,20 @@ def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
                 raise CannotPatch(f"{p}: received as a file, not a file in the tree")
             if st.st_nlink > 1 and linked.get(p, 0) < st.st_nlink - 1:
                 raise CannotPatch(f"{p}: rewritten, with hard links this change does not name")
-            if not new:
-                out.commands.append(f"rm {_q(p)}")
+            remove_old(p) if new else out.commands.append(f"rm {_q(p)}")
+            present[p] = False
             out.commands.append(f"cd {_q(parent)}")
             out.commands.append(f"write {_q(str(local))} {_q(base)}")
-            out.data_bytes += st.st_size
+            out.data_bytes += st.st_blocks * 512  # what it holds: holes stay holes
             xattrs = "all"
         elif y == "c" and x == "d":
             if not stat.S_ISDIR(st.st_mode):
                 raise CannotPatch(f"{p}: created as a directory, not one in the tree")
             if new:
-                out.commands.append(f"mkdir {_q(p)}")
+                remove_old(p)
+                present[p] = True
+                out.commands.append(f"cd {_q(parent)}")  # debugfs looks "/x"'s parent up as ""
+                out.commands.append(f"mkdir {_q(base)}")
                 xattrs = "all"
             elif "x" in attrs or "a" in attrs:
                 xattrs = "replace"
@@ -179,9 +205,10 @@ def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
                 raise CannotPatch(f"{p}: created as a symlink, not one in the tree")
             if os.listxattr(local, follow_symlinks=False):
                 raise CannotPatch(f"{p}: a symlink with extended attributes")
-            if not new:
-                out.commands.append(f"rm {_q(p)}")
-            out.commands.append(f"symlink {_q(p)} {_q(os.readlink(local))}")
+            remove_old(p) if new else out.commands.append(f"rm {_q(p)}")
+            present[p] = False
+            out.commands.append(f"cd {_q(parent)}")
+            out.commands.append(f"symlink {_q(base)} {_q(os.readlink(local))}")
         elif y == "c" and x in "DS":
             if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
@@ -190,8 +217,8 @@ def plan(items: list[Item], tree: Path, values_dir: Path) -> Plan:
                 node = "p"
             else:
                 raise CannotPatch(f"{p}: a socket (debugfs makes none)")
-            if not new:
-                out.commands.append(f"rm {_q(p)}")
+            remove_old(p) if new else out.commands.append(f"rm {_q(p)}")
+            present[p] = False
             out.commands.append(f"cd {_q(parent)}")
             out.commands.append(f"mknod {_q(base)} {node}")
             xattrs = "all"
@@ -231,6 +258,19 @@ _EA_NAME = re.compile(r"^\s+(\S+) \(\d+\)")
 def xattr_names(listing: str) -> list[str]:
     """The attribute names in debugfs's ``ea_list`` output for one entry."""
     return [m.group(1) for line in listing.splitlines() if (m := _EA_NAME.match(line))]
+
+
+_LS_P = re.compile(r"^/(\d+)/(\d+)/\d*/\d*/(.*)/[^/]*/$")
+
+
+def parse_ls(text: str) -> dict[str, bool]:
+    """{name: is a directory} from debugfs's ``ls -p`` of one directory (``/ino/mode/uid/gid/name/size/``)."""
+    out: dict[str, bool] = {}
+    for line in text.splitlines():
+        m = _LS_P.match(line.strip())
+        if m and m.group(3) not in (".", "..") and m.group(1) != "0":
+            out[m.group(3)] = stat.S_ISDIR(int(m.group(2), 8))
+    return out
 
 
 _UNDO_HEADER = struct.Struct("<8sQQQII")
