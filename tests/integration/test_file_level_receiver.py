@@ -266,4 +266,95 @@ def test_an_incremental_build_patches_the_last_image_with_every_kind_of_change(
     second = _sync_and_build(receiver, src)
     assert second["patched"] == 1, caplog.text
     assert second["bytes"] < 4 * MiB, "more than the change was read again"
-    _same_tree(_image(receiver, tmp_path, "run2.fs"), src)
+    stored = _image(receiver, tmp_path, "run2.fs")
+    _same_tree(stored, src)
+    # every block debugfs wrote went into the store: what it holds is the patched image, byte for byte
+    assert stored.read_bytes() == (receiver.root / f"{VID}.img").read_bytes()
+    assert not list(receiver.root.glob(f"{VID}.patching")) and not (receiver.root / f"{VID}.changes").exists()
+
+
+def _small_tree(src: Path) -> None:
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/hostname").write_text("one\n")
+    (src / "data").write_bytes(os.urandom(300_000))
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("spoil", "why"),
+    [
+        ("failed-rsync", "did not finish"),
+        ("interrupted-patch", "patch of the last image was interrupted"),
+        ("no-image", "missing"),
+        ("corrupt-image", "debugfs"),
+        ("socket", "socket"),
+        ("other-size", "differs from the last build's"),
+        ("rebooted", "rebooted"),
+    ],
+)
+def test_an_incremental_build_it_cannot_patch_exactly_builds_it_all_again(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: str, why: str
+) -> None:
+    """Anything the patch cannot do exactly, or a last image it cannot trust: the whole filesystem, loudly."""
+    import json as json_mod
+    import socket
+
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    assert _sync_and_build(receiver, src)["patched"] == 0
+    (src / "etc/hostname").write_text("two, longer\n")  # another size: the quick check sees it
+    (src / "etc/added").write_text("added\n")
+    img, size = receiver.root / f"{VID}.img", 64 * MiB
+    if spoil == "failed-rsync":
+        (receiver.root / f"{VID}.rsync-dirty").touch()  # what an rsync killed or failed leaves
+    elif spoil == "interrupted-patch":
+        (receiver.root / f"{VID}.patching").touch()  # what a patch killed (kill -9) leaves: the image half written
+        with img.open("r+b") as f:
+            f.seek(1024)
+            f.write(os.urandom(4096))  # the superblock, half patched
+    elif spoil == "no-image":
+        img.unlink()
+    elif spoil == "corrupt-image":
+        with img.open("r+b") as f:
+            f.seek(1024)
+            f.write(bytes(1024))  # no superblock: debugfs cannot open it
+    elif spoil == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src / "etc/sock"))
+        sock.close()
+    elif spoil == "other-size":
+        size = 48 * MiB
+    elif spoil == "rebooted":
+        state = receiver.root / f"{VID}.img.json"
+        state.write_text(json_mod.dumps({**json_mod.loads(state.read_text()), "boot_id": "another boot"}))
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    status, body = _post_build(receiver, {**SPEC, "size": size})
+    assert status == 200 and body["patched"] == 0, body
+    assert "built again, not patched" in caplog.text and why in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "rebuilt.fs"), src)
+    # and the next change patches again
+    caplog.clear()
+    (src / "etc/hostname").write_text("three\n")
+    assert _sync_and_build(receiver, src)["patched"] == 1 or spoil == "other-size", caplog.text
+    _same_tree(_image(receiver, tmp_path, "run3.fs"), src)
+
+
+@needs_root
+def test_a_change_log_it_cannot_read_builds_it_all_again(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    _sync_and_build(receiver, src)
+    (src / "etc/hostname").write_text("two, longer\n")  # another size: the quick check sees it
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    with (receiver.root / f"{VID}.changes").open("ab") as f:
+        f.write(b"a line that is not rsync's\n")
+    status, body = _post_build(receiver, {**SPEC, "size": 64 * MiB})
+    assert status == 200 and body["patched"] == 0, body
+    assert "cannot read" in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "rebuilt.fs"), src)

@@ -232,6 +232,7 @@ def _full(
 ) -> dict[str, int]:
     t0 = time.monotonic()
     kept.forget()  # from here until the end the kept image is not the index's: none is kept
+    kept.patching.unlink(missing_ok=True)  # an interrupted patch's image is gone with it
     changes_size = kept.changes.stat().st_size if kept.changes.exists() else 0
     scratch = _scratch_dir(root, spec.size)
     _drop_leftovers(root, scratch)
