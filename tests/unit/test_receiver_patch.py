@@ -47,7 +47,10 @@ def test_a_change_log_line_it_cannot_tell_apart_is_refused(line: bytes) -> None:
 
 
 def test_debugfs_listings_are_read() -> None:
-    ls = " /2/40755/0/0/./4096/\n /2/40755/0/0/../4096/\n /12/100644/0/0/a b/5/\n /13/40700/0/0/d/4096/\n /0/0/0/0/gone//\n"
+    ls = (
+        " /2/40755/0/0/./4096/\n /2/40755/0/0/../4096/\n /12/100644/0/0/a b/5/\n"
+        " /13/40700/0/0/d/4096/\n /0/0/0/0/gone//\n"
+    )
     assert parse_ls(ls) == {"a b": False, "d": True}
     ea = 'Extended attributes:\n  user.comment (4) = "kept"\n  system.posix_acl_access (28)\n'
     assert xattr_names(ea) == ["user.comment", "system.posix_acl_access"]
