@@ -358,3 +358,18 @@ def test_a_change_log_it_cannot_read_builds_it_all_again(
     assert status == 200 and body["patched"] == 0, body
     assert "cannot read" in caplog.text, caplog.text
     _same_tree(_image(receiver, tmp_path, "rebuilt.fs"), src)
+
+
+def test_a_patch_never_reads_through_a_symlink_out_of_the_tree(tmp_path: Path) -> None:
+    """A log naming ``a/secret`` when ``a`` is a symlink to a receiver directory now: refused, not read."""
+    from opensmc.receiver.patch import CannotPatch, Item, plan
+
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("the receiver's\n")
+    (tree / "a").symlink_to(outside)
+    with pytest.raises(CannotPatch, match="symlink"):
+        plan([Item(">f+++++++++", "a/secret")], tree, tmp_path, lambda dirs: {})
+    with pytest.raises(CannotPatch):
+        plan([Item(">f+++++++++", "../outside/secret")], tree, tmp_path, lambda dirs: {})

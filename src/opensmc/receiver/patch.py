@@ -154,7 +154,7 @@ def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> P
             present.pop(p, None)
             continue
         new = attrs != "" and set(attrs) == {"+"}
-        local = tree / it.name.rstrip("/") if p != "/" else tree
+        local = _inside(tree, p)
         try:
             st = os.lstat(local)
         except FileNotFoundError:
@@ -226,6 +226,21 @@ def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> P
             raise CannotPatch(f"an rsync item it does not apply: {it.flags} {it.name}")
         _attrs(out, p, local, st, xattrs, values_dir)
     return out
+
+
+def _inside(tree: Path, p: str) -> Path:
+    """The tree's entry at image path ``p``, refused when a directory on the way is not a directory of the
+    tree (a symlink that a later run put where a directory was): debugfs would read the receiver's files."""
+    root = os.path.realpath(tree)
+    if p == "/":
+        return Path(root)
+    parts = p.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CannotPatch(f"{p!r}: not a plain path inside the tree")
+    parent = os.path.join(root, *parts[:-1])
+    if os.path.realpath(parent) != os.path.normpath(parent):
+        raise CannotPatch(f"{p}: a directory on its way is a symlink in the tree now")
+    return Path(parent) / parts[-1]
 
 
 def _attrs(out: Plan, p: str, local: Path, st: os.stat_result, xattrs: str, values_dir: Path) -> None:
