@@ -18,6 +18,7 @@ import pytest
 
 from opensmc.agent import tunnel
 from opensmc.chunkstore.staging import StagingIndex
+from opensmc.receiver import filesystems
 from opensmc.receiver.rsync import RsyncRefused, server_command
 from tests.integration.test_receiver import TOKEN, Receiver
 
@@ -242,6 +243,7 @@ def _sync_and_build(r: Receiver, src: Path) -> dict:
     assert done.returncode == 0, done.stderr
     status, body = _post_build(r, {**SPEC, "size": 64 * MiB})
     assert status == 200, body
+    filesystems._wait_kept(filesystems.Kept(r.root, VID))  # the image is kept by a thread, after the answer
     return body
 
 

@@ -31,6 +31,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import uuid as uuid_mod
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ def build(root: Path, vid: str, tree: Path, spec: FsSpec, repo: Repository, chun
     if shutil.which("mke2fs") is None:
         raise BuildError("Build.ToolMissing", "mke2fs (e2fsprogs) is not installed on the receiver host", 501)
     kept = Kept(root, vid)
+    _wait_kept(kept)
     why = kept.why_not(spec, chunk_size)
     if why is None:
         try:
@@ -240,6 +242,7 @@ def _full(
     image.unlink(missing_ok=True)
     with image.open("wb") as f:
         f.truncate(spec.size)
+    handed_off = False  # to the thread that keeps it (then it deletes it)
     try:
         done = subprocess.run(spec.mke2fs(tree, image), capture_output=True, text=True, timeout=24 * 3600)
         if done.returncode != 0:
@@ -258,11 +261,6 @@ def _full(
         new = root / f"{vid}.new{INDEX_SUFFIX}"
         vol = StagingIndex.create(new, spec.size, chunk_size)
         data = 0
-        keep_tmp = root / f"{vid}.img.tmp"
-        keep_fd = -1
-        if scratch != root:  # the image is kept on the staging disk, written while it is read
-            keep_fd = os.open(keep_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(keep_fd, spec.size)
         try:
             with image.open("rb") as f:
                 fd = f.fileno()
@@ -272,23 +270,25 @@ def _full(
                     for pos in range(lo, hi, _READ):
                         buf = os.pread(fd, min(_READ, hi - pos), pos)
                         vol.write(repo, pos, buf)
-                        if keep_fd >= 0:
-                            os.pwrite(keep_fd, buf, pos)
                         data += len(buf)
             vol.checkpoint(repo)
         finally:
             vol.close()
-            if keep_fd >= 0:
-                os.close(keep_fd)
         os.replace(new, kept.index)
-        os.replace(keep_tmp if scratch != root else image, kept.image)
         _consumed(kept, changes_size)
         kept.dirty.unlink(missing_ok=True)  # the whole tree is in this image, whatever its log missed
-        _write_state(kept, spec, chunk_size)
+        if scratch == root:
+            os.replace(image, kept.image)
+            _write_state(kept, spec, chunk_size)
+        else:
+            # Kept on the staging disk by a thread, after the build has answered: the copy is not the run's
+            # to wait for. The record comes last, so a copy cut short is never patched (nor a later build's).
+            _keep_later(image, scratch, kept, spec, chunk_size)
+            handed_off = True
     finally:
-        image.unlink(missing_ok=True)
-        (root / f"{vid}.img.tmp").unlink(missing_ok=True)
-        if scratch != root:
+        if not handed_off:
+            image.unlink(missing_ok=True)
+        if scratch != root and not handed_off:
             try:
                 scratch.rmdir()  # only when empty: another build of this installation may be running
             except OSError:
@@ -304,6 +304,50 @@ def _full(
         t2 - t1,
     )
     return {"size": spec.size, "bytes": data, "patched": 0}
+
+
+_keeping: dict[Path, threading.Thread] = {}
+_keeping_lock = threading.Lock()
+
+
+def _keep_later(image: Path, scratch: Path, kept: Kept, spec: FsSpec, chunk_size: int) -> None:
+    def run() -> None:
+        tmp = kept.image.with_name(kept.image.name + ".tmp")
+        try:
+            with image.open("rb") as src, tmp.open("wb") as dst:
+                dst.truncate(spec.size)
+                for start, end in _extents(src.fileno(), spec.size):
+                    pos = start
+                    os.lseek(dst.fileno(), pos, os.SEEK_SET)
+                    while pos < end:  # in the kernel: tmpfs to the staging disk is "cross-device" for copy_file_range
+                        n = os.sendfile(dst.fileno(), src.fileno(), pos, min(end - pos, 1 << 30))
+                        if n <= 0:
+                            raise OSError(f"sendfile copied nothing at {pos}")
+                        pos += n
+            os.replace(tmp, kept.image)
+            _write_state(kept, spec, chunk_size)
+        except OSError as e:  # the staging released meanwhile, or no space: the next build is a full one
+            log.warning("%s: the image is not kept for the next build to patch: %s", kept.image.name, e)
+            tmp.unlink(missing_ok=True)
+        finally:
+            image.unlink(missing_ok=True)
+            try:
+                scratch.rmdir()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=run, name=f"keep-{kept.image.name}", daemon=True)
+    with _keeping_lock:
+        _keeping[kept.image] = thread
+    thread.start()
+
+
+def _wait_kept(kept: Kept) -> None:
+    """A build waits for the last one's image to be kept (it patches it, or replaces it)."""
+    with _keeping_lock:
+        thread = _keeping.pop(kept.image, None)
+    if thread is not None:
+        thread.join()
 
 
 def _consumed(kept: Kept, size: int) -> None:
