@@ -123,7 +123,7 @@ def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> P
     ``listing`` gives the entries the last image has in the directories new entries go into: rsync
     replaces an entry of another type (a FIFO by a file) without itemizing its deletion."""
     out = Plan()
-    new_in = sorted({_image_path(it.name).rsplit("/", 1)[0] or "/" for it in items if it.flags[0] != "*"})
+    new_in = sorted({_image_path(it.name).rsplit("/", 1)[0] or "/" for it in items if _is_new(it.flags)})
     present = {
         d + "/" + n if d != "/" else "/" + n: is_dir
         for d, names in listing(new_in).items()
@@ -153,7 +153,7 @@ def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> P
             out.commands.append(f"{'rmdir' if it.name.endswith('/') else 'rm'} {_q(p)}")
             present.pop(p, None)
             continue
-        new = attrs != "" and set(attrs) == {"+"}
+        new = _is_new(it.flags)
         local = _inside(tree, p)
         try:
             st = os.lstat(local)
@@ -226,6 +226,11 @@ def plan(items: list[Item], tree: Path, values_dir: Path, listing: Listing) -> P
             raise CannotPatch(f"an rsync item it does not apply: {it.flags} {it.name}")
         _attrs(out, p, local, st, xattrs, values_dir)
     return out
+
+
+def _is_new(flags: str) -> bool:
+    """rsync made the entry (its attributes all "+"), as opposed to updating one that was there."""
+    return flags[0] != "*" and len(flags) > 2 and set(flags[2:]) == {"+"}
 
 
 def _inside(tree: Path, p: str) -> Path:
