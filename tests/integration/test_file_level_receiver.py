@@ -375,3 +375,50 @@ def test_a_patch_never_reads_through_a_symlink_out_of_the_tree(tmp_path: Path) -
         plan([Item(">f+++++++++", "a/secret")], tree, tmp_path, lambda dirs: {})
     with pytest.raises(CannotPatch):
         plan([Item(">f+++++++++", "../outside/secret")], tree, tmp_path, lambda dirs: {})
+
+
+_BUILD_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from opensmc.chunkstore.backend import LocalBackend
+from opensmc.chunkstore.repository import Repository
+from opensmc.receiver import filesystems
+root, store, vid, spec = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+tree = root / (vid + ".tree")
+filesystems.build(root, vid, tree, filesystems.FsSpec.parse(__import__("json").loads(spec)),
+                  Repository(LocalBackend(store)), 16 * 1024)
+"""
+
+
+@needs_root
+def test_a_build_killed_mid_patch_is_built_whole_next_time(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 (SIGKILL) of the receiver after debugfs patched the kept image, before the index moved on."""
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    _sync_and_build(receiver, src)
+    before = (receiver.root / f"{VID}.fidx").read_bytes()
+    (src / "etc/hostname").write_text("two, longer\n")
+    (src / "etc/added").write_bytes(os.urandom(50_000))
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    spec = json.dumps({**SPEC, "size": 64 * MiB})
+    killed = subprocess.run(
+        [sys.executable, "-c", _BUILD_IN_A_PROCESS, str(receiver.root), str(tmp_path / "store"), VID, spec],
+        env={**os.environ, "OPENSMC_CRASH_AT": "build.patched"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert (receiver.root / f"{VID}.patching").exists()
+    assert (receiver.root / f"{VID}.fidx").read_bytes() == before, "the index moved on with the patch cut short"
+    status, body = _post_build(receiver, {**SPEC, "size": 64 * MiB})
+    assert status == 200 and body["patched"] == 0, body
+    assert "patch of the last image was interrupted" in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "after-kill.fs"), src)
+    filesystems._wait_kept(filesystems.Kept(receiver.root, VID))
+    (src / "etc/hostname").write_text("three\n")
+    assert _sync_and_build(receiver, src)["patched"] == 1, caplog.text
+    _same_tree(_image(receiver, tmp_path, "next.fs"), src)

@@ -41,6 +41,7 @@ from typing import Any
 from opensmc.chunkstore.backend import fsync_dir
 from opensmc.chunkstore.repository import Repository
 from opensmc.chunkstore.staging import StagingIndex
+from opensmc.faults import crash_point
 from opensmc.receiver import patch
 from opensmc.receiver.patch import CannotPatch
 from opensmc.receiver.rsync import CHANGES_SUFFIX, DIRTY_SUFFIX
@@ -420,6 +421,7 @@ def _patch(
             ranges = patch.changed_ranges(kept.undo.read_bytes()) if kept.undo.exists() else []
         else:
             ranges = []
+        crash_point("build.patched")
     t1 = time.monotonic()
     chunks = {0}  # the superblock's: debugfs stamps its write time
     for off, length in ranges:
