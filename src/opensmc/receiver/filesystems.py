@@ -2,20 +2,26 @@
 
 After the agent's rsync has brought a partition's tree up to date
 (``receiver/rsync.py``), ``POST /v1/volumes/<partition volume>/build`` makes
-its filesystem: ``mke2fs -d`` populates a new ext2/3/4 filesystem from the
-tree without mounting anything, of the target size, with the source's UUID,
-label, block and inode sizes and features (so fstab, the bootloader and the
-kernel find what they found before). The image file is then read once, hole
-by hole skipped, into a staging index of its own (``<volume>.fidx``, beside
-its disk's), whose chunks go into the store like any received chunk: blobs
-the store has already (an unchanged file's blocks at the same place as in
-the last run) are not stored again. The new index replaces the old one in one
-rename, so a crash leaves the last complete build; sealing composes the
-image disk from it (``service/file_images.py``).
+its filesystem. The first time (and whenever the last image cannot be
+trusted or patched exactly), whole: ``mke2fs -d`` populates a new ext2/3/4
+filesystem from the tree without mounting anything, of the target size, with
+the source's UUID, label, block and inode sizes and features (so fstab, the
+bootloader and the kernel find what they found before). The image file is
+then read once, hole by hole skipped, into a staging index of its own
+(``<volume>.fidx``, beside its disk's), whose chunks go into the store like
+any received chunk: blobs the store has already are not stored again. The
+new index replaces the old one in one rename, so a crash leaves the last
+complete build; sealing composes the image disk from it
+(``service/file_images.py``).
 
-The build costs what the data costs (mke2fs writes it once, the store reads
-it once): unlike a block run's sealing, it is not metadata only. It runs on
-the receiver, during the run, so Processing stays metadata only.
+The image is kept (``<volume>.img``, copied from tmpfs by a thread after the
+build has answered), and a later build patches it with what rsync changed
+(``receiver/patch.py``): debugfs applies the change, its undo file says
+which blocks it wrote, and only those chunks are read into the store. So a
+first build costs the partition's data (mke2fs writes it once, the store
+reads it once) and a later one what changed. :class:`Kept` says when the
+kept image is not to be trusted (then the whole filesystem is built again,
+and the receiver's log says why).
 """
 
 from __future__ import annotations
