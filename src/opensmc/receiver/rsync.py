@@ -158,8 +158,27 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
     tree.mkdir(mode=0o700, exist_ok=True)
     # until this rsync has ended well its change log may miss changes: the next build must not patch
     dirty = root / f"{vid}{DIRTY_SUFFIX}"
-    was_dirty = dirty.exists()
+    was_dirty = dirty.exists() or _running.get(vid, 0) > 0  # another rsync of this volume: it marks it clean, or not
     dirty.touch()
+    _running[vid] = _running.get(vid, 0) + 1
+    try:
+        return await _run(request, vid, tree, command, dirty, was_dirty)
+    except BaseException:
+        dirty.touch()  # (an overlapping rsync that ended well may have cleared it)
+        raise
+    finally:
+        _running[vid] -= 1
+        if not _running[vid]:
+            del _running[vid]
+
+
+#: rsyncs running per volume in this process: one that overlapped another leaves the volume marked dirty
+_running: dict[str, int] = {}
+
+
+async def _run(
+    request: web.Request, vid: str, tree: Path, command: list[str], dirty: Path, was_dirty: bool
+) -> web.StreamResponse:
     proc = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.PIPE,
@@ -207,8 +226,9 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
         await asyncio.gather(feeding, return_exceptions=True)
     if code != 0:
         log.warning("volume %s: rsync --server exited %s: %s", vid, code, err.decode("utf-8", "replace")[:500])
+        dirty.touch()
     else:
-        if not was_dirty:
+        if not was_dirty and _running.get(vid, 0) == 1:
             dirty.unlink(missing_ok=True)
         log.info("volume %s: rsync into %s done", vid, tree)
     await resp.write_eof()
