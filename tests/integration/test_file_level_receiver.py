@@ -292,6 +292,7 @@ def _small_tree(src: Path) -> None:
         ("socket", "socket"),
         ("other-size", "differs from the last build's"),
         ("rebooted", "rebooted"),
+        ("other-index", "not the one the last image was recorded with"),
     ],
 )
 def test_an_incremental_build_it_cannot_patch_exactly_builds_it_all_again(
@@ -327,6 +328,8 @@ def test_an_incremental_build_it_cannot_patch_exactly_builds_it_all_again(
         sock.close()
     elif spoil == "other-size":
         size = 48 * MiB
+    elif spoil == "other-index":  # another build's index (another process's, or one cut short)
+        StagingIndex.rewrite_without(receiver.root / f"{VID}.fidx", [0])
     elif spoil == "rebooted":
         state = receiver.root / f"{VID}.img.json"
         state.write_text(json_mod.dumps({**json_mod.loads(state.read_text()), "boot_id": "another boot"}))

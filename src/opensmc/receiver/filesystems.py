@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from opensmc.chunkstore.backend import fsync_dir
 from opensmc.chunkstore.repository import Repository
 from opensmc.chunkstore.staging import StagingIndex
@@ -208,6 +210,8 @@ class Kept:
         try:
             if self.image.stat().st_size != spec.size or not self.index.exists():
                 return "the last build's image or index is missing or of another size"
+            if state.get("index") != index_digest(self.index):
+                return "the staging index is not the one the last image was recorded with"
         except OSError:
             return "the last build's image is missing"
         return None
@@ -281,16 +285,17 @@ def _full(
             vol.checkpoint(repo)
         finally:
             vol.close()
+        digest = index_digest(new)
         os.replace(new, kept.index)
         _consumed(kept, changes_size)
         kept.dirty.unlink(missing_ok=True)  # the whole tree is in this image, whatever its log missed
         if scratch == root:
             os.replace(image, kept.image)
-            _write_state(kept, spec, chunk_size)
+            _write_state(kept, spec, chunk_size, digest)
         else:
             # Kept on the staging disk by a thread, after the build has answered: the copy is not the run's
             # to wait for. The record comes last, so a copy cut short is never patched (nor a later build's).
-            _keep_later(image, scratch, kept, spec, chunk_size)
+            _keep_later(image, scratch, kept, spec, chunk_size, digest)
             handed_off = True
     finally:
         if not handed_off:
@@ -317,7 +322,7 @@ _keeping: dict[Path, threading.Thread] = {}
 _keeping_lock = threading.Lock()
 
 
-def _keep_later(image: Path, scratch: Path, kept: Kept, spec: FsSpec, chunk_size: int) -> None:
+def _keep_later(image: Path, scratch: Path, kept: Kept, spec: FsSpec, chunk_size: int, digest: str) -> None:
     def run() -> None:
         tmp = kept.image.with_name(kept.image.name + ".tmp")
         try:
@@ -332,7 +337,7 @@ def _keep_later(image: Path, scratch: Path, kept: Kept, spec: FsSpec, chunk_size
                             raise OSError(f"sendfile copied nothing at {pos}")
                         pos += n
             os.replace(tmp, kept.image)
-            _write_state(kept, spec, chunk_size)
+            _write_state(kept, spec, chunk_size, digest)
         except OSError as e:  # the staging released meanwhile, or no space: the next build is a full one
             log.warning("%s: the image is not kept for the next build to patch: %s", kept.image.name, e)
             tmp.unlink(missing_ok=True)
@@ -373,9 +378,19 @@ def _consumed(kept: Kept, size: int) -> None:
         kept.changes.unlink(missing_ok=True)
 
 
-def _write_state(kept: Kept, spec: FsSpec, chunk_size: int) -> None:
+def index_digest(path: Path) -> str:
+    """What the record of a kept image names its index by: the image is patched only with that index."""
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while block := f.read(_READ):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_state(kept: Kept, spec: FsSpec, chunk_size: int, index: str) -> None:
     tmp = kept.state.with_name(kept.state.name + ".tmp")
-    tmp.write_text(json.dumps({"spec": _spec_doc(spec), "chunk_size": chunk_size, "boot_id": _boot_id()}))
+    doc = {"spec": _spec_doc(spec), "chunk_size": chunk_size, "boot_id": _boot_id(), "index": index}
+    tmp.write_text(json.dumps(doc))
     os.replace(tmp, kept.state)
 
 
@@ -450,7 +465,9 @@ def _patch(
         vol.checkpoint(repo)
     finally:
         vol.close()
+    digest = index_digest(new)
     os.replace(new, kept.index)
+    _write_state(kept, spec, chunk_size, digest)  # (a crash before this: the index is not the record's)
     _consumed(kept, len(raw))
     kept.undo.unlink(missing_ok=True)
     kept.patching.unlink()
