@@ -52,7 +52,7 @@ def test_debugfs_listings_are_read() -> None:
         " /13/40700/0/0/d/4096/\n /0/0/0/0/gone//\n"
     )
     assert parse_ls(ls) == {"a b": False, "d": True}
-    ea = 'Extended attributes:\n  user.comment (4) = "kept"\n  system.posix_acl_access (28)\n'
+    ea = 'Extended attributes:\n  user.comment (4) = "kept"\n  system.data (0)\n  system.posix_acl_access (28)\n'
     assert xattr_names(ea) == ["user.comment", "system.posix_acl_access"]
 
 

@@ -276,8 +276,10 @@ _EA_NAME = re.compile(r"^\s+(\S+) \(\d+\)")
 
 
 def xattr_names(listing: str) -> list[str]:
-    """The attribute names in debugfs's ``ea_list`` output for one entry."""
-    return [m.group(1) for line in listing.splitlines() if (m := _EA_NAME.match(line))]
+    """The attribute names in debugfs's ``ea_list`` output for one entry, but ``system.data``: that is
+    ext4's own (an inline_data file's or directory's content), not one of the tree's attributes."""
+    names = [m.group(1) for line in listing.splitlines() if (m := _EA_NAME.match(line))]
+    return [n for n in names if n != "system.data"]
 
 
 _LS_P = re.compile(r"^/(\d+)/(\d+)/\d*/\d*/(.*)/[^/]*/$")
