@@ -22,6 +22,7 @@ POINTS = (
     "process.sealed",  # the snapshot exists, the image not yet Available nor the job Cleaning
     "clean.rotated",  # old images rotated away, staging not yet released, the run not closed
     "clean.released",  # staging released, the job not yet Finished/Waiting
+    "build.patched",  # a file-level build's kept image patched by debugfs, its new index not yet in place
     "gc.marked",  # gc decided what is dead and bumped the generation, nothing deleted yet
     "gc.sweeping",  # gc deleted some of the dead packs, not all
 )

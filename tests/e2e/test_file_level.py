@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -154,12 +155,8 @@ def test_block_false_partition_copied_file_by_file_onto_a_smaller_target(tmp_pat
         first = agent_stats(runs(server, job_id)[0])
         assert first["files_bytes"] > 0
 
-        # Changes: added, modified (content and mtime), deleted, renamed, re-owned; then an incremental run.
-        (tree / "etc/new.conf").write_text("added\n")
-        (tree / "etc/hostname").write_text("changed\n")
-        os.unlink(tree / "var/lib/app/f00")
-        os.rename(tree / "var/lib/app/f01", tree / "var/lib/app/f01.renamed")
-        os.chown(tree / "var/lib/app/f02", 42, 42)
+        # Changes of every kind; then an incremental run, which patches the last image (the server log says).
+        _change_every_kind(tree)
         make_due(server, job_id)
         wait_for(lambda: len(runs(server, job_id)) > 1, 30, "the next run to start")
         job = wait_status(server, job_id, "Waiting", timeout=120)
@@ -171,6 +168,41 @@ def test_block_false_partition_copied_file_by_file_onto_a_smaller_target(tmp_pat
         stop(server.proc)
     log = (tmp_path / "agent.log").read_text()
     assert "copying the files of" in log, log[-3000:]
+    receiver_log = "".join(p.read_text() for p in tmp_path.glob("server*.log"))
+    assert "filesystem of 67108864 bytes patched" in receiver_log, receiver_log[-3000:]
+    assert "built again" not in receiver_log, receiver_log[-3000:]
+
+
+def _change_every_kind(tree: Path) -> None:
+    """Added, modified (content and mtime), deleted, renamed, re-owned, re-moded, hard-linked, xattrs and
+    ACLs added and removed, a new sparse file, device node, FIFO, symlink and directory, a directory removed."""
+    (tree / "etc/new.conf").write_text("added\n")
+    (tree / "etc/hostname").write_text("changed\n")
+    os.unlink(tree / "var/lib/app/f00")
+    os.rename(tree / "var/lib/app/f01", tree / "var/lib/app/f01.renamed")
+    os.chown(tree / "var/lib/app/f02", 42, 42)
+    os.chmod(tree / "var/lib/app/f03", 0o640)
+    os.utime(tree / "var/lib/app/f04", (1_400_000_000, 1_400_000_000))
+    os.link(tree / "var/lib/app/f05", tree / "var/lib/app/f05.link")  # a new hard link to an old file
+    (tree / "srv/new").mkdir(parents=True)
+    (tree / "srv/new/leader").write_bytes(b"linked\n" * 300)
+    os.link(tree / "srv/new/leader", tree / "srv/new/follower")  # a new hard-link group
+    os.setxattr(tree / "var/lib/app/f06", "user.added", b"new attr")
+    os.removexattr(tree / "home/user/secret", "user.comment")
+    subprocess.run(["setfacl", "-m", "u:4321:rw", str(tree / "var/lib/app/f07")], check=True)
+    subprocess.run(["setfacl", "-b", str(tree / "home/user/secret")], check=True)
+    with (tree / "srv/new/sparse").open("wb") as f:
+        f.truncate(6 * MiB)
+        f.seek(5 * MiB)
+        f.write(b"tail")
+    os.mknod(tree / "srv/new/tty", 0o620 | stat.S_IFCHR, os.makedev(4, 1))
+    os.mkfifo(tree / "srv/new/pipe", 0o600)
+    os.symlink("../../etc/new.conf", tree / "srv/new/conf-link")
+    os.unlink(tree / "usr/bin/tool-link")
+    os.symlink("tool-hardlink", tree / "usr/bin/tool-link")  # a symlink pointing elsewhere
+    shutil.rmtree(tree / "empty")
+    (tree / "var/lib/app/fifo").unlink()
+    (tree / "var/lib/app/fifo").write_text("a file where a FIFO was\n")
 
 
 def test_block_false_partition_not_mounted_is_refused_before_data_moves(tmp_path: Path) -> None:

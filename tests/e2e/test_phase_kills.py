@@ -48,7 +48,8 @@ from tests.e2e.flows import (
 pytestmark = pytest.mark.e2e
 
 #: process.adapting is reached only where OS adaptation runs: test_kill_during_os_adaptation
-RUN_ONCE_POINTS = [p for p in POINTS if not p.startswith("gc.") and p != "process.adapting"]
+# build.*: file-level builds only, killed in tests/integration/test_file_level_receiver.py
+RUN_ONCE_POINTS = [p for p in POINTS if not p.startswith(("gc.", "build.")) and p != "process.adapting"]
 GC_POINTS = [p for p in POINTS if p.startswith("gc.")]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from opensmc.agent import tunnel
 from opensmc.chunkstore.staging import StagingIndex
+from opensmc.receiver import filesystems
 from opensmc.receiver.rsync import RsyncRefused, server_command
 from tests.integration.test_receiver import TOKEN, Receiver
 
@@ -209,3 +212,216 @@ def test_rsync_through_the_tunnel_over_tls(tmp_path: Path) -> None:
         assert (r.root / f"{VID}.tree" / "big").read_bytes() == (src / "big").read_bytes()
     finally:
         r.stop()
+
+
+# -- incremental builds: the last image patched ---------------------------------------------------------------
+
+
+def _image(r: Receiver, tmp_path: Path, name: str) -> Path:
+    """The filesystem the partition's staging index holds, as a file."""
+    disk = StagingIndex.read_disk(r.root / f"{VID}.fidx")
+    fs = tmp_path / name
+    with fs.open("wb") as f:
+        f.truncate(disk.size)
+        for i in disk.nonzero():
+            f.seek(i * disk.chunk_size)
+            f.write(r.repo.get(bytes(disk.digests[i])))
+    return fs
+
+
+def _same_tree(fs: Path, src: Path) -> None:
+    from tests.e2e.trees import compare, image_entries, source_entries
+
+    fsck = subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    problems = compare(source_entries(src), image_entries(fs), extra=())
+    assert not problems, "\n".join(problems)
+
+
+def _sync_and_build(r: Receiver, src: Path) -> dict:
+    done = _rsync(r, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    status, body = _post_build(r, {**SPEC, "size": 64 * MiB})
+    assert status == 200, body
+    filesystems._wait_kept(filesystems.Kept(r.root, VID))  # the image is kept by a thread, after the answer
+    return body
+
+
+@needs_root
+def test_an_incremental_build_patches_the_last_image_with_every_kind_of_change(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    from tests.e2e.test_file_level import _change_every_kind
+    from tests.e2e.trees import make_root_tree
+
+    src = tmp_path / "src"
+    make_root_tree(src)
+    for gone in ("proc", "tmp", "run", "var/cache", "swapfile"):  # the agent's excludes are not under test here
+        p = src / gone
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    first = _sync_and_build(receiver, src)
+    assert first["patched"] == 0
+    assert (receiver.root / f"{VID}.img").exists() and not (receiver.root / f"{VID}.changes").exists()
+    _same_tree(_image(receiver, tmp_path, "run1.fs"), src)
+    _change_every_kind(src)
+    second = _sync_and_build(receiver, src)
+    assert second["patched"] == 1, caplog.text
+    assert second["bytes"] < 4 * MiB, "more than the change was read again"
+    stored = _image(receiver, tmp_path, "run2.fs")
+    _same_tree(stored, src)
+    # every block debugfs wrote went into the store: what it holds is the patched image, byte for byte
+    assert stored.read_bytes() == (receiver.root / f"{VID}.img").read_bytes()
+    assert not list(receiver.root.glob(f"{VID}.patching")) and not (receiver.root / f"{VID}.changes").exists()
+
+
+def _small_tree(src: Path) -> None:
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/hostname").write_text("one\n")
+    (src / "data").write_bytes(os.urandom(300_000))
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("spoil", "why"),
+    [
+        ("failed-rsync", "did not finish"),
+        ("interrupted-patch", "patch of the last image was interrupted"),
+        ("no-image", "missing"),
+        ("corrupt-image", "debugfs"),
+        ("socket", "socket"),
+        ("other-size", "differs from the last build's"),
+        ("rebooted", "rebooted"),
+        ("other-index", "not the one the last image was recorded with"),
+    ],
+)
+def test_an_incremental_build_it_cannot_patch_exactly_builds_it_all_again(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: str, why: str
+) -> None:
+    """Anything the patch cannot do exactly, or a last image it cannot trust: the whole filesystem, loudly."""
+    import json as json_mod
+    import socket
+
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    assert _sync_and_build(receiver, src)["patched"] == 0
+    (src / "etc/hostname").write_text("two, longer\n")  # another size: the quick check sees it
+    (src / "etc/added").write_text("added\n")
+    img, size = receiver.root / f"{VID}.img", 64 * MiB
+    if spoil == "failed-rsync":
+        (receiver.root / f"{VID}.rsync-dirty").touch()  # what an rsync killed or failed leaves
+    elif spoil == "interrupted-patch":
+        (receiver.root / f"{VID}.patching").touch()  # what a patch killed (kill -9) leaves: the image half written
+        with img.open("r+b") as f:
+            f.seek(1024)
+            f.write(os.urandom(4096))  # the superblock, half patched
+    elif spoil == "no-image":
+        img.unlink()
+    elif spoil == "corrupt-image":
+        with img.open("r+b") as f:
+            f.seek(1024)
+            f.write(bytes(1024))  # no superblock: debugfs cannot open it
+    elif spoil == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src / "etc/sock"))
+        sock.close()
+    elif spoil == "other-size":
+        size = 48 * MiB
+    elif spoil == "other-index":  # another build's index (another process's, or one cut short)
+        StagingIndex.rewrite_without(receiver.root / f"{VID}.fidx", [0])
+    elif spoil == "rebooted":
+        state = receiver.root / f"{VID}.img.json"
+        state.write_text(json_mod.dumps({**json_mod.loads(state.read_text()), "boot_id": "another boot"}))
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    status, body = _post_build(receiver, {**SPEC, "size": size})
+    assert status == 200 and body["patched"] == 0, body
+    assert "built again, not patched" in caplog.text and why in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "rebuilt.fs"), src)
+    # and the next change patches again
+    caplog.clear()
+    (src / "etc/hostname").write_text("three\n")
+    assert _sync_and_build(receiver, src)["patched"] == 1 or spoil == "other-size", caplog.text
+    _same_tree(_image(receiver, tmp_path, "run3.fs"), src)
+
+
+@needs_root
+def test_a_change_log_it_cannot_read_builds_it_all_again(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    _sync_and_build(receiver, src)
+    (src / "etc/hostname").write_text("two, longer\n")  # another size: the quick check sees it
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    with (receiver.root / f"{VID}.changes").open("ab") as f:
+        f.write(b"a line that is not rsync's\n")
+    status, body = _post_build(receiver, {**SPEC, "size": 64 * MiB})
+    assert status == 200 and body["patched"] == 0, body
+    assert "cannot read" in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "rebuilt.fs"), src)
+
+
+def test_a_patch_never_reads_through_a_symlink_out_of_the_tree(tmp_path: Path) -> None:
+    """A log naming ``a/secret`` when ``a`` is a symlink to a receiver directory now: refused, not read."""
+    from opensmc.receiver.patch import CannotPatch, Item, plan
+
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("the receiver's\n")
+    (tree / "a").symlink_to(outside)
+    with pytest.raises(CannotPatch, match="symlink"):
+        plan([Item(">f+++++++++", "a/secret")], tree, tmp_path, lambda dirs: {})
+    with pytest.raises(CannotPatch):
+        plan([Item(">f+++++++++", "../outside/secret")], tree, tmp_path, lambda dirs: {})
+
+
+_BUILD_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from opensmc.chunkstore.backend import LocalBackend
+from opensmc.chunkstore.repository import Repository
+from opensmc.receiver import filesystems
+root, store, vid, spec = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+tree = root / (vid + ".tree")
+filesystems.build(root, vid, tree, filesystems.FsSpec.parse(__import__("json").loads(spec)),
+                  Repository(LocalBackend(store)), 16 * 1024)
+"""
+
+
+@needs_root
+def test_a_build_killed_mid_patch_is_built_whole_next_time(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 (SIGKILL) of the receiver after debugfs patched the kept image, before the index moved on."""
+    caplog.set_level(logging.INFO, "opensmc.receiver")
+    src = tmp_path / "src"
+    _small_tree(src)
+    _sync_and_build(receiver, src)
+    before = (receiver.root / f"{VID}.fidx").read_bytes()
+    (src / "etc/hostname").write_text("two, longer\n")
+    (src / "etc/added").write_bytes(os.urandom(50_000))
+    done = _rsync(receiver, src, "--delete")
+    assert done.returncode == 0, done.stderr
+    spec = json.dumps({**SPEC, "size": 64 * MiB})
+    killed = subprocess.run(
+        [sys.executable, "-c", _BUILD_IN_A_PROCESS, str(receiver.root), str(tmp_path / "store"), VID, spec],
+        env={**os.environ, "OPENSMC_CRASH_AT": "build.patched"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert (receiver.root / f"{VID}.patching").exists()
+    assert (receiver.root / f"{VID}.fidx").read_bytes() == before, "the index moved on with the patch cut short"
+    status, body = _post_build(receiver, {**SPEC, "size": 64 * MiB})
+    assert status == 200 and body["patched"] == 0, body
+    assert "patch of the last image was interrupted" in caplog.text, caplog.text
+    _same_tree(_image(receiver, tmp_path, "after-kill.fs"), src)
+    filesystems._wait_kept(filesystems.Kept(receiver.root, VID))
+    (src / "etc/hostname").write_text("three\n")
+    assert _sync_and_build(receiver, src)["patched"] == 1, caplog.text
+    _same_tree(_image(receiver, tmp_path, "next.fs"), src)

@@ -37,6 +37,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from opensmc.receiver.patch import LOG_FORMAT
+
+#: what the build reads (receiver/filesystems.py): rsync's itemized changes, and the mark of an unfinished rsync
+CHANGES_SUFFIX = ".changes"
+DIRTY_SUFFIX = ".rsync-dirty"
+
 log = logging.getLogger("opensmc.receiver")
 
 __all__ = ["RsyncRefused", "server_command", "tree_path"]
@@ -94,7 +100,7 @@ def tree_path(root: Path, vid: str) -> Path:
     return root / f"{vid}{TREE_SUFFIX}"
 
 
-def server_command(asked: object, tree: Path) -> list[str]:
+def server_command(asked: object, tree: Path, changes: Path | None = None) -> list[str]:
     """The ``rsync --server`` command to run for an agent's asked one, or :class:`RsyncRefused`."""
     if not isinstance(asked, list) or not all(isinstance(a, str) for a in asked) or len(asked) > 32:
         raise RsyncRefused("the rsync command must be a short list of strings")
@@ -113,7 +119,9 @@ def server_command(asked: object, tree: Path) -> list[str]:
         letters, e, caps = opt[1:].partition("e")
         if not set(letters) <= _SHORT_OK or (e and not _CAPS.match(caps)):
             raise RsyncRefused(f"option {opt!r} is not run on the receiver")
-    return [_RSYNC_BIN, "--server", *options, ".", str(tree) + "/"]
+    # the receiver's own options: what it changed, itemized, for the build to patch the last image
+    logged = [f"--log-file={changes}", f"--log-file-format={LOG_FORMAT}"] if changes is not None else []
+    return [_RSYNC_BIN, "--server", *logged, *options, ".", str(tree) + "/"]
 
 
 async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
@@ -143,10 +151,34 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
     try:
         asked = json.loads(base64.b64decode(request.headers.get(ARGS_HEADER, ""), validate=True))
         tree = tree_path(root, vid)
-        command = server_command(asked, tree)
+        changes = root / f"{vid}{CHANGES_SUFFIX}"
+        command = server_command(asked, tree, changes)
     except (ValueError, binascii.Error) as exc:
         return _error(400, "Rsync.Refused", f"cannot run the asked rsync command: {exc}")
     tree.mkdir(mode=0o700, exist_ok=True)
+    # until this rsync has ended well its change log may miss changes: the next build must not patch
+    dirty = root / f"{vid}{DIRTY_SUFFIX}"
+    was_dirty = dirty.exists() or _running.get(vid, 0) > 0  # another rsync of this volume: it marks it clean, or not
+    dirty.touch()
+    _running[vid] = _running.get(vid, 0) + 1
+    try:
+        return await _run(request, vid, tree, command, dirty, was_dirty)
+    except BaseException:
+        dirty.touch()  # (an overlapping rsync that ended well may have cleared it)
+        raise
+    finally:
+        _running[vid] -= 1
+        if not _running[vid]:
+            del _running[vid]
+
+
+#: rsyncs running per volume in this process: one that overlapped another leaves the volume marked dirty
+_running: dict[str, int] = {}
+
+
+async def _run(
+    request: web.Request, vid: str, tree: Path, command: list[str], dirty: Path, was_dirty: bool
+) -> web.StreamResponse:
     proc = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.PIPE,
@@ -194,7 +226,10 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
         await asyncio.gather(feeding, return_exceptions=True)
     if code != 0:
         log.warning("volume %s: rsync --server exited %s: %s", vid, code, err.decode("utf-8", "replace")[:500])
+        dirty.touch()
     else:
+        if not was_dirty and _running.get(vid, 0) == 1:
+            dirty.unlink(missing_ok=True)
         log.info("volume %s: rsync into %s done", vid, tree)
     await resp.write_eof()
     return resp
