@@ -141,9 +141,9 @@ def copy_bytes(disk: dict[str, Any]) -> int:
     """Bytes a run copies of a disk of :func:`selected_disks`: its selected ranges, or all of it."""
     ranges = disk.get("ranges")
     block = sum(int(n) for _o, n in ranges) if ranges else int(disk["size_bytes"])
-    # a partition copied file by file: its files in the receiver's tree, and its new filesystem in
-    # the store (at most its target size each)
-    return block + 2 * sum(int(f["target_size"]) for f in disk.get("files") or [])
+    # a partition copied file by file: its files in the receiver's tree, its new filesystem in the
+    # store, and that filesystem's image kept for the next run to patch (at most its target size each)
+    return block + 3 * sum(int(f["target_size"]) for f in disk.get("files") or [])
 
 
 def fail(svc: Services, job_id: str, code: str, message: str) -> None:
