@@ -275,13 +275,11 @@ def _full(
         try:
             with image.open("rb") as f:
                 fd = f.fileno()
+                buf = bytearray(_READ)
                 for start, end in _extents(fd, spec.size):
                     # whole chunks around the extent (two extents in one chunk write it twice: harmless)
                     lo, hi = start // chunk_size * chunk_size, min(-(-end // chunk_size) * chunk_size, spec.size)
-                    for pos in range(lo, hi, _READ):
-                        buf = os.pread(fd, min(_READ, hi - pos), pos)
-                        vol.write(repo, pos, buf)
-                        data += len(buf)
+                    data += _store_range(fd, lo, hi, vol, repo, buf)
             vol.checkpoint(repo)
         finally:
             vol.close()
@@ -454,14 +452,10 @@ def _patch(
     try:
         with kept.image.open("rb") as f:
             fd = f.fileno()
+            buf = bytearray(_READ)
             for first, count in _runs(sorted(c for c in chunks if c * chunk_size < spec.size)):
-                pos = first * chunk_size
                 end = min((first + count) * chunk_size, spec.size)
-                while pos < end:
-                    buf = os.pread(fd, min(_READ, end - pos), pos)
-                    vol.write(repo, pos, buf)
-                    data += len(buf)
-                    pos += len(buf)
+                data += _store_range(fd, first * chunk_size, end, vol, repo, buf)
         vol.checkpoint(repo)
     finally:
         vol.close()
@@ -588,6 +582,26 @@ def _root_inode(tree: Path, image: Path) -> None:
         done = subprocess.run(["debugfs", "-w", "-f", str(script), str(image)], capture_output=True, text=True)
     if done.returncode != 0:
         raise BuildError("Build.Failed", f"debugfs could not set the root directory: {done.stderr[-300:]}", 500)
+
+
+def _store_range(fd: int, lo: int, hi: int, vol: StagingIndex, repo: Repository, buf: bytearray) -> int:
+    """Read ``[lo, hi)`` of the image into the store through ``buf``; the bytes read.
+
+    One buffer for the whole image: a new 4 MiB ``bytes`` a read (``os.pread``) cost a page
+    fault per 4 KiB of it. The store is done with a buffer's bytes when ``write`` returns
+    (a pack's blobs are written out before ``put_many`` returns), so it can be read into again.
+    """
+    view = memoryview(buf)
+    done = 0
+    pos = lo
+    while pos < hi:
+        n = os.preadv(fd, [view[: min(len(buf), hi - pos)]], pos)
+        if n <= 0:
+            raise BuildError("Build.Failed", f"the image ended at {pos}, before {hi}", 500)
+        vol.write(repo, pos, view[:n])
+        done += n
+        pos += n
+    return done
 
 
 def _extents(fd: int, size: int) -> list[tuple[int, int]]:
