@@ -211,7 +211,7 @@ class Repository:
         index, pending = self._index, self._pending
         with self._lock:
             self._raise_writer_error()  # (only _seal_locked lets go of the lock, and it checks too)
-            known = index.known([b[0] for b in blobs])  # one search of the index for the frame
+            known = index.known([b[0] for b in blobs])  # one search of the index for the call
             seqs = [0] * len(blobs)
             new: list[tuple[bytes, bytes | memoryview, bool]] = []  # first copies, to store
             first: dict[bytes, int] = {}  # their positions in `blobs`
