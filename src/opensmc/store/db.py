@@ -262,6 +262,13 @@ def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
+_DISK_FULL = (
+    "The server's disk is full: its database could not get the space this call needs. Free "
+    "space on the server's disk (or delete images you no longer need) and try again; calls "
+    "that need no disk space still work."
+)
+
+
 @contextmanager
 def _disk_full_is_clear() -> Iterator[None]:
     """A write the database's disk has no room for becomes :class:`ServerDiskFull`."""
@@ -270,11 +277,7 @@ def _disk_full_is_clear() -> Iterator[None]:
     except OperationalError as err:
         if not _is_disk_full(err.orig):
             raise
-        raise ServerDiskFull(
-            "The server's disk is full: its database could not get the space this call needs. Free "
-            "space on the server's disk (or delete images you no longer need) and try again; calls "
-            "that need no disk space still work."
-        ) from err
+        raise ServerDiskFull(_DISK_FULL) from err
 
 
 @contextmanager
@@ -285,11 +288,7 @@ def _driver_disk_full_is_clear() -> Iterator[None]:
     except Exception as err:
         if not _is_disk_full(err):
             raise
-        raise ServerDiskFull(
-            "The server's disk is full: its database could not get the space this call needs. Free "
-            "space on the server's disk (or delete images you no longer need) and try again; calls "
-            "that need no disk space still work."
-        ) from err
+        raise ServerDiskFull(_DISK_FULL) from err
 
 
 @contextmanager
