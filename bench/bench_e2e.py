@@ -58,10 +58,11 @@ OPENSMC = [sys.executable, "-m", "opensmc.cli.main"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads), from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class Product:
@@ -186,9 +187,10 @@ class Product:
     def store_bytes(self) -> int:
         return sum(p.stat().st_blocks * 512 for p in (self.data / "store" / "data").rglob("*") if p.is_file())
 
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds (user + system) the server and the agent have used so far."""
-        return cpu_seconds(self.server.pid), cpu_seconds(self.agent.pid)
+    def cpu(self) -> tuple[float, float, float, float]:
+        """CPU seconds the server and the agent have used so far: (server user, server system,
+        agent user, agent system). User time is the Python side, system time the kernel's copies."""
+        return (*cpu_seconds(self.server.pid), *cpu_seconds(self.agent.pid))
 
     def peaks(self) -> tuple[float, float]:
         return vm_hwm_mib(self.server.pid), vm_hwm_mib(self.agent.pid)
@@ -273,9 +275,13 @@ def main() -> None:
     for kind, tool, secs, ok in rows:
         ref = next(s for k, t, s, _ in rows if k == kind and t.startswith("opensmc"))
         print(f"{kind:<11} {tool:<50} {secs:8.2f} {secs / ref:14.2f}x  {'✓' if ok else '✗'}")
+
     # CPU time, unlike seconds, hardly moves with what else the machine runs: compare it across runs.
-    print(f"CPU seconds, server + agent: full {cpu_full[0]:.2f} + {cpu_full[1]:.2f}, "
-          f"incremental {cpu_inc[0]:.2f} + {cpu_inc[1]:.2f}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    def cpu_text(c: list[float]) -> str:
+        return f"{c[0] + c[1]:.2f} ({c[0]:.2f} user) + {c[2] + c[3]:.2f} ({c[2]:.2f} user)"
+
+    print(f"CPU seconds, server + agent: full {cpu_text(cpu_full)}, "
+          f"incremental {cpu_text(cpu_inc)}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"Processing per run: {', '.join(f'{p:.3f} s' for p in processing)}")
     print(f"peak memory: server {server_peak:.0f} MiB, agent {agent_peak:.0f} MiB")
     print(f"image store: {space_one / MiB:.0f} MiB after one image, {space_two / MiB:.0f} MiB after two "
