@@ -22,6 +22,8 @@ under this partition's is made relative to it; unanchored patterns apply
 everywhere. Python 3.6, standard library only.
 """
 
+import functools
+import json
 import logging
 import os
 import re
@@ -39,7 +41,7 @@ from opensmc.agent import tunnel
 
 log = logging.getLogger("opensmc.agent.files")
 
-__all__ = ["DEFAULT_EXCLUDES", "FileLevelError", "FileOptions", "Prepared", "prepare", "send"]
+__all__ = ["DEFAULT_EXCLUDES", "FileLevelError", "FileOptions", "Prepared", "prepare", "remember", "send"]
 
 #: never copied (documented in docs/agent.md): pseudo filesystems' mount points keep their (empty) directory
 DEFAULT_EXCLUDES = [
@@ -85,7 +87,8 @@ class Prepared(NamedTuple):
     directory: str
     mount_point: str  # where the source system has it (excludes are written in these terms)
     spec: "Dict[str, Any]"  # what the receiver builds (receiver/filesystems.py FsSpec)
-    used: int  # bytes the files take
+    used: int  # bytes the files take (the last run's, until the walk ends, when not checked yet)
+    checked: bool = True  # False: the fit is checked while rsync runs (see prepare)
 
 
 # -- the superblock ---------------------------------------------------------------------------------------
@@ -231,8 +234,64 @@ def needed_bytes(used: int, size: int) -> int:
     return int(used * (1 + MARGIN_FRACTION) + size * METADATA_FRACTION) + journal_bytes(size) + MARGIN_BYTES
 
 
-def prepare(disk: "Dict[str, Any]", options: "FileOptions") -> "List[Prepared]":
-    """Check every file-level partition of a task's disk before any data moves; what :func:`send` needs."""
+def _check_fit(device: str, used: int, size: int) -> None:
+    need = needed_bytes(used, size)
+    if need > size:
+        raise FileLevelError(
+            f"partition {device} holds {used} bytes of files; with the filesystem's metadata and journal "
+            f"they need {need} bytes, more than its target size of {size} bytes: raise its "
+            f"SizeBytes to at least {need + need // 20}, or exclude files"
+        )
+
+
+def _record_path(memory_dir: "Optional[str]", volume_id: str) -> "Optional[str]":
+    if memory_dir is None or not volume_id or "/" in volume_id:
+        return None
+    return os.path.join(memory_dir, volume_id + ".files.json")
+
+
+def _remembered(memory_dir: "Optional[str]", volume_id: str, directory: str, size: int) -> "Optional[int]":
+    """What the last finished run of this partition measured, if it was of the same directory and size."""
+    path = _record_path(memory_dir, volume_id)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        if rec.get("directory") == directory and int(rec.get("target_size", -1)) == size:
+            return int(rec["used"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def remember(memory_dir: "Optional[str]", prep: "Prepared", used: int) -> None:
+    """Note that this partition was sent whole (its later runs check the fit while rsync runs)."""
+    path = _record_path(memory_dir, str(prep.part.get("volume_id", "")))
+    if path is None:
+        return
+    rec = {"directory": prep.directory, "target_size": int(prep.spec["size"]), "used": int(used)}
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rec, f)
+        os.replace(tmp, path)
+    except OSError as e:  # only a later run's speed depends on it
+        log.debug("cannot note partition %s in %s: %s", prep.part.get("device"), memory_dir, e)
+
+
+def prepare(disk: "Dict[str, Any]", options: "FileOptions", memory_dir: "Optional[str]" = None) -> "List[Prepared]":
+    """Check every file-level partition of a task's disk; what :func:`send` needs.
+
+    A partition's first run is checked here, before any data moves: mounted, and its files fit
+    its target size. A mount point's fit is its filesystem's used blocks (instant); a directory's
+    (``--mount``) is a walk of the tree, which on a cold tree of 100,000 files cost an incremental
+    run more than its rsync did. So a partition that a run of this agent already sent whole
+    (noted in ``memory_dir``, with the same directory and target size) is walked while rsync
+    runs, not before: :func:`send` stops rsync and fails the task with the same message if the
+    files no longer fit, and the receiver builds nothing from that run.
+    """
     out = []
     if disk.get("files") and shutil.which("rsync") is None:
         raise FileLevelError("rsync is not installed on this source: install it to copy partitions file by file")
@@ -250,17 +309,47 @@ def prepare(disk: "Dict[str, Any]", options: "FileOptions") -> "List[Prepared]":
             raise FileLevelError(f"partition {device}: {directory} is not a directory")
         spec = read_superblock(disk["path"], int(part["offset"]))
         spec["size"] = int(part["target_size"])
-        used = _used_bytes(directory)
-        need = needed_bytes(used, spec["size"])
-        if need > spec["size"]:
-            raise FileLevelError(
-                f"partition {device} holds {used} bytes of files; with the filesystem's metadata and journal "
-                f"they need {need} bytes, more than its target size of {spec['size']} bytes: raise its "
-                f"SizeBytes to at least {need + need // 20}, or exclude files"
-            )
         mount_point = part.get("mount_point") or "/"
+        known = (
+            None
+            if os.path.ismount(directory)
+            else _remembered(memory_dir, str(part.get("volume_id", "")), directory, spec["size"])
+        )
+        if known is not None:
+            out.append(Prepared(part, directory, mount_point, spec, known, False))
+            continue
+        used = _used_bytes(directory)
+        _check_fit(device, used, spec["size"])
         out.append(Prepared(part, directory, mount_point, spec, used))
     return out
+
+
+class _FitCheck:
+    """The walk of :func:`_used_bytes` on a thread, for a partition checked while rsync runs."""
+
+    def __init__(self, prep: "Prepared", on_misfit: "Callable[[], None]") -> None:
+        self.prep = prep
+        self.used = None  # type: Optional[int]
+        self.error = None  # type: Optional[FileLevelError]
+        self._on_misfit = on_misfit
+        self._thread = threading.Thread(target=self._run, name="opensmc-fit-check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.used = _used_bytes(self.prep.directory)
+            _check_fit(str(self.prep.part["device"]), self.used, int(self.prep.spec["size"]))
+        except FileLevelError as e:
+            self.error = e
+            self._on_misfit()
+
+    def result(self) -> int:
+        """The bytes the files take; FileLevelError if they do not fit (waits for the walk)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.used is not None
+        return self.used
 
 
 def exclude_patterns(mount_point: str, lines: "List[str]", all_mounts: "List[str]") -> "List[str]":
@@ -306,8 +395,13 @@ def send(
     stopped: "threading.Event",
     progress: "Callable[[int], None]",
     build: "Callable[[str, Dict[str, Any]], Dict[str, Any]]",
+    memory_dir: "Optional[str]" = None,
 ) -> "Dict[str, Any]":
-    """rsync the partition's files into its tree on the receiver, then have the receiver build its filesystem."""
+    """rsync the partition's files into its tree on the receiver, then have the receiver build its filesystem.
+
+    A partition not checked yet (see :func:`prepare`) is walked while rsync runs; if its files no
+    longer fit, rsync is stopped and nothing is built. Once built, the partition is noted in
+    ``memory_dir`` so that its next run starts rsync at once."""
     lines = list(DEFAULT_EXCLUDES)
     if options.exclude_file:
         with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
@@ -350,6 +444,7 @@ def send(
     )
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        fit = None if prep.checked else _FitCheck(prep, functools.partial(_terminate, proc))
         errors = []  # type: List[bytes]
         reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
         reader.start()
@@ -387,6 +482,7 @@ def send(
         os.unlink(excludes)
     if stopped.is_set():
         return {"stopped": True}
+    used = prep.used if fit is None else fit.result()  # FileLevelError if they no longer fit: nothing is built
     if code not in (0, 24):  # 24: files vanished while copying (a live source): the rest is there
         text = b"".join(errors).decode("utf-8", "replace").strip()
         if code in _LOST_CONTACT_CODES and "refused the rsync stream" not in text:
@@ -408,7 +504,15 @@ def send(
     )
     built = dict(build(vid, prep.spec))
     built.update(stats)
+    remember(memory_dir, prep, used)
     return built
+
+
+def _terminate(proc: "subprocess.Popen[bytes]") -> None:
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> None:
@@ -419,4 +523,3 @@ def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> N
             except OSError:
                 pass
             return
-

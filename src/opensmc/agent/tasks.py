@@ -368,8 +368,9 @@ def run_task(
     # A disk's "ranges" are the parts of it the job copies block by block; its "files" the
     # partitions it copies file by file (Block=false: agent/files.py). Without either the whole disk moves.
     options = file_options or file_level.FileOptions()
-    # Every file-level partition is checked (mounted? fits?) before any data moves.
-    prepared = {int(d["index"]): file_level.prepare(d, options) for d in disks}
+    # Every file-level partition is checked (mounted? fits?) before any data moves; one this agent
+    # already sent whole has its fit checked while rsync runs (agent/files.py prepare).
+    prepared = {int(d["index"]): file_level.prepare(d, options, cache_dir) for d in disks}
     all_mounts = [str(f.get("mount_point")) for d in disks for f in d.get("files") or [] if f.get("mount_point")]
     total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks) + sum(
         p.used for ps in prepared.values() for p in ps
@@ -484,6 +485,7 @@ def run_task(
                     stopped=stopped,
                     progress=functools.partial(_advance, tell, int(base)),
                     build=functools.partial(_build, task, tls=tls),
+                    memory_dir=cache_dir,
                 )
                 if stopped.is_set() or built.get("stopped"):
                     raise TaskStopped("the server asked this task to stop")
