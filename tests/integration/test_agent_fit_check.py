@@ -93,7 +93,7 @@ def test_a_tree_grown_past_its_target_stops_rsync_and_builds_nothing(tmp_path: P
             "token",
             _options(tree),
             all_mounts=[],
-            limit_mbit=0,
+            limit_mbit=lambda: 0.0,
             stopped=threading.Event(),
             progress=lambda n: None,
             build=build,

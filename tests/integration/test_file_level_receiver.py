@@ -11,12 +11,14 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from opensmc.agent import tunnel
+from opensmc.agent import files, tunnel
 from opensmc.chunkstore.staging import StagingIndex
 from opensmc.receiver import filesystems
 from opensmc.receiver.rsync import RsyncRefused, server_command
@@ -49,6 +51,65 @@ def _rsync(
     rsh = f"{sys.executable} -m opensmc.agent.tunnel"
     cmd = ["rsync", "-aHAXS", "--numeric-ids", "--delete-excluded", *extra, "-e", rsh, f"{src}/", "opensmc:tree"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+@needs_root
+def test_the_tunnel_holds_rsync_to_the_limit_and_follows_a_change_while_it_runs(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(16 * MiB)
+    (src / "big").write_bytes(data)
+    limit = str(tmp_path / "limit")
+    tunnel.write_limit(limit, 64 * 1024)  # 64 KiB/s: 16 MiB would take over four minutes
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(tunnel.__file__).parents[2]),
+        tunnel.ENV_URL: receiver.url,
+        tunnel.ENV_TOKEN: TOKEN,
+        tunnel.ENV_VOLUME: VID,
+        tunnel.ENV_LIMIT: limit,
+    }
+    rsh = f"{sys.executable} -m opensmc.agent.tunnel"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["rsync", "-aHAXS", "--numeric-ids", "-e", rsh, f"{src}/", "opensmc:tree"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None  # held to the limit (a lower bound: a slow machine only makes it later)
+        tunnel.write_limit(limit, 0)  # the server lifted the limit: the running copy follows
+        _out, err = proc.communicate(timeout=100)  # not ~250 s: the change applied while rsync ran
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 >= 1.5
+    assert (receiver.root / f"{VID}.tree" / "big").read_bytes() == data
+
+
+@needs_root
+def test_the_agent_passes_a_limit_change_to_its_running_copy(receiver: Receiver, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(16 * MiB)
+    (src / "big").write_bytes(data)
+    t0 = time.monotonic()
+    seen: list[float] = []
+
+    def limit() -> float:  # Mbit/s as the server says now: 0.5 (over four minutes for 16 MiB), then none
+        seen.append(time.monotonic() - t0)
+        return 0.5 if time.monotonic() - t0 < 1.5 else 0.0
+
+    prep = files.Prepared({"device": "0_1", "volume_id": VID}, str(src), "/", {"size": 64 * MiB}, 16 * MiB)
+    built = files.send(
+        prep, receiver.url, TOKEN, files.FileOptions(), all_mounts=[], limit_mbit=limit,
+        stopped=threading.Event(), progress=lambda n: None, build=lambda vid, spec: {"vid": vid},
+    )  # fmt: skip
+    assert built["vid"] == VID and built["files_sent"] == 1
+    assert max(seen) >= 1.5  # it was still copying when the limit was lifted, and then it finished
+    assert (receiver.root / f"{VID}.tree" / "big").read_bytes() == data
 
 
 @needs_root

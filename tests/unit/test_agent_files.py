@@ -1,12 +1,15 @@
-"""The agent's file-level pieces without I/O: excludes in a partition's terms, the margin, the tunnel's decoder."""
+"""The agent's file-level pieces without the network: excludes in a partition's terms, the margin, the tunnel's
+decoder and its throttle (on a simulated clock)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opensmc.agent.files import DEFAULT_EXCLUDES, exclude_patterns, journal_bytes, needed_bytes
-from opensmc.agent.tunnel import TunnelError, _Chunked
+from opensmc.agent.tunnel import Throttle, TunnelError, _Chunked, write_limit
 
 MiB = 1024 * 1024
 
@@ -62,3 +65,50 @@ def test_the_chunked_decoder_refuses_garbage() -> None:
         assert "bad chunk size" in str(e)
     else:
         raise AssertionError("garbage accepted")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _drain(throttle: Throttle, clock: _Clock, seconds: float) -> int:
+    """What a sender that reads whenever the throttle lets it sends in ``seconds`` (simulated time)."""
+    sent, end = 0, clock.now + seconds
+    while clock.now < end:
+        wait = throttle.delay()
+        if wait:
+            clock.now += wait
+            continue
+        n = throttle.read_size(256 * 1024)
+        throttle.spend(n)
+        sent += n
+        clock.now += 0.0001  # reading and sending take a little time
+    return sent
+
+
+def test_the_tunnels_throttle_holds_the_rate_in_its_file_and_follows_a_change(tmp_path: Path) -> None:
+    clock = _Clock()
+    path = str(tmp_path / "limit")
+    write_limit(path, 1_000_000)
+    throttle = Throttle(path, clock)
+    sent = _drain(throttle, clock, 10.0)
+    assert 9_500_000 <= sent <= 10_000_000 + 1_000_000 * Throttle.BURST + 256 * 1024
+    write_limit(path, 4_000_000)  # the server raised the limit
+    _drain(throttle, clock, Throttle.CHECK * 2)  # looked at again within CHECK
+    assert throttle.rate == 4_000_000
+    assert _drain(throttle, clock, 10.0) >= 39_000_000
+    write_limit(path, 0)  # no limit: it never waits
+    _drain(throttle, clock, Throttle.CHECK * 2)
+    assert throttle.rate == 0 and throttle.delay() == 0 and throttle.read_size(256 * 1024) == 256 * 1024
+
+
+def test_a_throttle_without_a_file_or_with_a_bad_one_does_not_limit(tmp_path: Path) -> None:
+    assert Throttle(None).delay() == 0
+    bad = tmp_path / "limit"
+    bad.write_text("fast\n")
+    assert Throttle(str(bad)).delay() == 0
+    assert Throttle(str(tmp_path / "missing")).delay() == 0

@@ -62,6 +62,9 @@ METADATA_FRACTION = 0.02
 MARGIN_BYTES = 4 * 1024 * 1024
 #: rsync's exit codes for a connection that broke (socket I/O, protocol stream, timeouts, remote shell)
 _LOST_CONTACT_CODES = (10, 12, 30, 35, 255)
+_BYTES_PER_MBIT = 1000 * 1000 / 8  # what the block path's limit means too
+#: seconds between looks at the run's bandwidth limit while rsync runs (a change applies within 1 s)
+_LIMIT_EVERY = 0.2
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 #: rsync --stats lines: what a run reports (files and bytes, besides the progress)
 _STATS = {
@@ -391,7 +394,7 @@ def send(
     options: "FileOptions",
     *,
     all_mounts: "List[str]",
-    limit_mbit: float,
+    limit_mbit: "Callable[[], float]",
     stopped: "threading.Event",
     progress: "Callable[[int], None]",
     build: "Callable[[str, Dict[str, Any]], Dict[str, Any]]",
@@ -401,7 +404,9 @@ def send(
 
     A partition not checked yet (see :func:`prepare`) is walked while rsync runs; if its files no
     longer fit, rsync is stopped and nothing is built. Once built, the partition is noted in
-    ``memory_dir`` so that its next run starts rsync at once."""
+    ``memory_dir`` so that its next run starts rsync at once. ``limit_mbit`` gives the run's
+    bandwidth limit as it is now (Mbit/s, 0 for none): the tunnel holds rsync's stream to it and
+    follows a change within a fraction of a second (``agent/tunnel.py`` ``Throttle``)."""
     lines = list(DEFAULT_EXCLUDES)
     if options.exclude_file:
         with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
@@ -425,8 +430,6 @@ def send(
         "--info=progress2",
         "--stats",
     ]
-    if limit_mbit > 0:
-        cmd.append(f"--bwlimit={max(1, int(limit_mbit * 1000 / 8 / 1.024))}k")
     cmd += [prep.directory.rstrip("/") + "/", "opensmc:tree"]
     env = dict(os.environ)
     env.update(
@@ -439,6 +442,11 @@ def send(
     )
     if options.ca_file:
         env[tunnel.ENV_CA] = options.ca_file
+    fd, limit_file = tempfile.mkstemp(prefix="opensmc-limit-", suffix=".txt")
+    os.close(fd)
+    limit = limit_mbit()
+    tunnel.write_limit(limit_file, limit * _BYTES_PER_MBIT)
+    env[tunnel.ENV_LIMIT] = limit_file
     log.info(
         "partition %s: copying the files of %s (%d bytes) file by file", prep.part["device"], prep.directory, prep.used
     )
@@ -456,7 +464,11 @@ def send(
         fd = proc.stdout.fileno()
         while True:
             # rsync makes its output non-blocking: wait for it, and only b"" is its end
-            select.select([fd], [], [], 1.0)
+            select.select([fd], [], [], _LIMIT_EVERY)
+            now = limit_mbit()
+            if now != limit:  # the server changed the run's limit: the tunnel reads it again at once
+                limit = now
+                tunnel.write_limit(limit_file, limit * _BYTES_PER_MBIT)
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
@@ -480,6 +492,11 @@ def send(
         reader.join(5)
     finally:
         os.unlink(excludes)
+        for leftover in (limit_file, limit_file + ".tmp"):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
     if stopped.is_set():
         return {"stopped": True}
     used = prep.used if fit is None else fit.result()  # FileLevelError if they no longer fit: nothing is built

@@ -481,7 +481,7 @@ def run_task(
                     task["token"],
                     options,
                     all_mounts=all_mounts,
-                    limit_mbit=ctl.limit,
+                    limit_mbit=lambda: ctl.limit,
                     stopped=stopped,
                     progress=functools.partial(_advance, tell, int(base)),
                     build=functools.partial(_build, task, tls=tls),

@@ -19,6 +19,12 @@ on the other forever. TLS goes through the same loop (a non-blocking
 The connection's details come in the environment (``OPENSMC_TUNNEL_URL``,
 ``OPENSMC_TUNNEL_TOKEN``, ``OPENSMC_TUNNEL_CA``), not on the command line,
 where every user of the machine could read the credential.
+
+The run's bandwidth limit is applied here, to what goes up (:class:`Throttle`),
+not by rsync's ``--bwlimit``, which is fixed when rsync starts: the agent
+rewrites the file named by ``OPENSMC_TUNNEL_LIMIT`` (bytes per second, 0 for
+none) when the server changes the limit, and the tunnel reads it again within
+:attr:`Throttle.CHECK` seconds, so a change applies while rsync runs.
 Python 3.6, standard library only (it runs from the agent's zipapp).
 """
 
@@ -29,15 +35,17 @@ import select
 import socket
 import ssl
 import sys
+import time
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-__all__ = ["ENV_CA", "ENV_TOKEN", "ENV_URL", "ENV_VOLUME", "main"]
+__all__ = ["ENV_CA", "ENV_LIMIT", "ENV_TOKEN", "ENV_URL", "ENV_VOLUME", "Throttle", "main", "write_limit"]
 
 ENV_URL = "OPENSMC_TUNNEL_URL"
 ENV_TOKEN = "OPENSMC_TUNNEL_TOKEN"
 ENV_CA = "OPENSMC_TUNNEL_CA"
 ENV_VOLUME = "OPENSMC_TUNNEL_VOLUME"
+ENV_LIMIT = "OPENSMC_TUNNEL_LIMIT"
 _READ = 256 * 1024
 _HIGH = 4 * 1024 * 1024  # stop reading a side while this much waits to be written to the other
 _IDLE = 600.0  # seconds without a byte either way: the receiver is gone
@@ -45,6 +53,68 @@ _IDLE = 600.0  # seconds without a byte either way: the receiver is gone
 
 class TunnelError(Exception):
     pass
+
+
+def write_limit(path: str, bytes_per_second: float) -> None:
+    """Set the limit a tunnel reading ``path`` holds what goes up to (0: none); atomic, so a tunnel never
+    reads half a number."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{max(0.0, bytes_per_second):.0f}\n")
+    os.replace(tmp, path)
+
+
+class Throttle:
+    """What goes up, held to the bytes per second that the file at ``path`` says (a token bucket).
+
+    :meth:`delay` says how long to wait before the next read of rsync's output, :meth:`spend`
+    counts what was read. The file is read again every :attr:`CHECK` seconds at most. No file, or
+    0 in it: no limit."""
+
+    CHECK = 0.2  #: seconds between looks at the file: how late a new limit applies
+    BURST = 0.25  #: seconds of the rate that may go at once after a quiet spell
+
+    def __init__(self, path: "Optional[str]", clock: "Any" = time.monotonic) -> None:
+        self.path = path
+        self.rate = 0.0  # bytes per second; 0: none
+        self._clock = clock
+        self._next_look = 0.0
+        self._credit = 0.0
+        self._last = clock()
+
+    def _look(self, now: float) -> None:
+        if self.path is None or now < self._next_look:
+            return
+        self._next_look = now + self.CHECK
+        try:  # read every time: a file replaced within a clock tick can have the old one's inode and mtime
+            with open(self.path) as f:
+                rate = max(0.0, float(f.read().strip() or 0))
+        except (OSError, ValueError):
+            return  # the agent is replacing it: the next look reads the new one
+        if rate != self.rate:
+            self.rate = rate
+            self._credit = min(self._credit, rate * self.BURST)
+
+    def delay(self) -> float:
+        """Seconds to wait before reading more to send: 0 now."""
+        now = self._clock()
+        self._look(now)
+        elapsed, self._last = now - self._last, now
+        if self.rate <= 0:
+            return 0.0
+        self._credit = min(self._credit + elapsed * self.rate, self.rate * self.BURST)
+        if self._credit > 0:
+            return 0.0
+        # at least a millisecond (no busy loop on a debt of a few bytes), at most CHECK (to look at the file)
+        return max(0.001, min(-self._credit / self.rate, self.CHECK))
+
+    def read_size(self, most: int) -> int:
+        """How much to read at once: at a low rate, small reads keep the flow even."""
+        return most if self.rate <= 0 else max(4096, min(most, int(self.rate * 0.05)))
+
+    def spend(self, n: int) -> None:
+        if self.rate > 0:
+            self._credit -= n
 
 
 class _Chunked:
@@ -139,8 +209,13 @@ def _headers(raw: bytes) -> "Tuple[int, Dict[str, str]]":
     return int(parts[1]), headers
 
 
-def pipe(sock: "socket.socket", request: bytes, fd_in: int = 0, fd_out: int = 1) -> None:
-    """Send ``request``, then stdin as its chunked body; the answer's chunked body goes to stdout."""
+def pipe(
+    sock: "socket.socket", request: bytes, fd_in: int = 0, fd_out: int = 1, throttle: "Optional[Throttle]" = None
+) -> None:
+    """Send ``request``, then stdin as its chunked body; the answer's chunked body goes to stdout.
+
+    ``throttle`` holds what is read from stdin to its rate (the run's bandwidth limit)."""
+    throttle = throttle or Throttle(None)
     sock.setblocking(False)
     for fd in (fd_in, fd_out):
         os.set_blocking(fd, False)
@@ -157,7 +232,8 @@ def pipe(sock: "socket.socket", request: bytes, fd_in: int = 0, fd_out: int = 1)
         if body.done and not down:
             return
         rlist: "List[Any]" = []
-        if in_open and len(up) < _HIGH:
+        wait = throttle.delay() if in_open and len(up) < _HIGH else 0.0
+        if in_open and len(up) < _HIGH and not wait:
             rlist.append(fd_in)
         if len(down) < _HIGH:
             rlist.append(sock)
@@ -167,11 +243,12 @@ def pipe(sock: "socket.socket", request: bytes, fd_in: int = 0, fd_out: int = 1)
         if down:
             wlist.append(fd_out)
         pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-        r, w, _x = select.select(rlist, wlist, [], 0 if pending else _IDLE)
-        if not (r or w or pending):
+        r, w, _x = select.select(rlist, wlist, [], 0 if pending else (wait or _IDLE))
+        if not (r or w or pending or wait):
             raise TunnelError(f"no data from the receiver for {_IDLE:.0f} s")
         if fd_in in r:
-            piece = os.read(fd_in, _READ)
+            piece = os.read(fd_in, throttle.read_size(_READ))
+            throttle.spend(len(piece))
             if piece:
                 up += b"%x\r\n" % len(piece) + piece + b"\r\n"
             else:
@@ -257,7 +334,7 @@ def main(argv: "Optional[List[str]]" = None) -> int:
     try:
         sock = _connect(url, os.environ.get(ENV_CA) or None)
         try:
-            pipe(sock, _request(url, token, command))
+            pipe(sock, _request(url, token, command), throttle=Throttle(os.environ.get(ENV_LIMIT) or None))
         finally:
             sock.close()
     except (TunnelError, OSError, ssl.SSLError) as exc:
