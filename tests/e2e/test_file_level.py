@@ -154,6 +154,8 @@ def test_block_false_partition_copied_file_by_file_onto_a_smaller_target(tmp_pat
         _check_image(tmp_path, server, job["ImageId"], disk, tree, "run1")
         first = agent_stats(runs(server, job_id)[0])
         assert first["files_bytes"] > 0
+        (shown,) = job["ReplicationJobRuns"]["ReplicationJobRun"]  # rsync's count of the tree (excludes out)
+        assert shown["FilesDone"] == shown["FilesTotal"] == first["files"] > 20
 
         # Changes of every kind; then an incremental run, which patches the last image (the server log says).
         _change_every_kind(tree)

@@ -103,11 +103,14 @@ def test_the_agent_passes_a_limit_change_to_its_running_copy(receiver: Receiver,
         return 0.5 if time.monotonic() - t0 < 1.5 else 0.0
 
     prep = files.Prepared({"device": "0_1", "volume_id": VID}, str(src), "/", {"size": 64 * MiB}, 16 * MiB)
+    counts: list[tuple[int, int]] = []
     built = files.send(
         prep, receiver.url, TOKEN, files.FileOptions(), all_mounts=[], limit_mbit=limit,
         stopped=threading.Event(), progress=lambda n: None, build=lambda vid, spec: {"vid": vid},
+        on_files=lambda checked, known: counts.append((checked, known)),
     )  # fmt: skip
     assert built["vid"] == VID and built["files_sent"] == 1
+    assert counts and counts[-1] == (2, 2)  # rsync's own count: the root directory and the file
     assert max(seen) >= 1.5  # it was still copying when the limit was lifted, and then it finished
     assert (receiver.root / f"{VID}.tree" / "big").read_bytes() == data
 

@@ -133,6 +133,22 @@ def test_run_once_to_finished(call: Call, services: Services, src: str, clock: C
     create(call, src, Name="second")
 
 
+def test_a_file_level_run_shows_files_checked_of_files_known(call: Call, services: Services, src: str) -> None:
+    job_id = create(call, src)
+    call("StartReplicationJob", JobId=job_id)
+    J.mark_prepared(services, job_id, "ti-files")
+    run = current_run(services, job_id)
+    J.report_progress(services, job_id, run, 10, 100, (40, 1000))
+    (shown,) = one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]
+    assert (shown["FilesDone"], shown["FilesTotal"]) == (40, 1000)
+    J.report_progress(services, job_id, run, 20, 100)  # the disk's block ranges: the counts stay
+    (shown,) = one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]
+    assert (shown["BytesDone"], shown["FilesDone"], shown["FilesTotal"]) == (20, 40, 1000)
+    J.report_progress(services, job_id, run, 30, 100, (1200, 1500))  # rsync found more files as it listed
+    (shown,) = one_job(call, job_id)["ReplicationJobRuns"]["ReplicationJobRun"]
+    assert (shown["FilesDone"], shown["FilesTotal"]) == (1200, 1500)
+
+
 def test_incremental_waits_then_runs_on_schedule(
     call: Call, services: Services, src: str, clock: Clock
 ) -> None:

@@ -1,4 +1,4 @@
-"""`opensmc watch`'s run line: bytes done of total, rate and ETA, from a DescribeReplicationJobs job."""
+"""`opensmc watch`'s run line: bytes done of total, rate, files and ETA, from a DescribeReplicationJobs job."""
 
 from __future__ import annotations
 
@@ -33,3 +33,8 @@ def test_an_ended_run_has_no_eta() -> None:
         "", EndTime="2030-01-01T00:00:00Z", BytesDone=8 * MiB, BytesTotal=8 * MiB, BytesPerSecond=MiB, EtaSeconds=0
     )
     assert run_line(done) == "8.0 MiB of 8.0 MiB, 1.0 MiB/s"
+
+
+def test_a_file_level_run_shows_its_files() -> None:
+    line = run_line(job("Syncing", BytesDone=MiB, BytesTotal=4 * MiB, FilesDone=1200, FilesTotal=24001))
+    assert line == "1.0 MiB of 4.0 MiB, 1,200 of 24,001 files"

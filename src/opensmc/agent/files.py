@@ -66,6 +66,9 @@ _BYTES_PER_MBIT = 1000 * 1000 / 8  # what the block path's limit means too
 #: seconds between looks at the run's bandwidth limit while rsync runs (a change applies within 1 s)
 _LIMIT_EVERY = 0.2
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
+#: the end of a progress2 line: files transferred, and files still to check of those known so far
+#: ("ir-chk" while rsync's incremental recursion is still listing, "to-chk" once it knows them all)
+_FILES = re.compile(r"xfr#(\d+), (?:ir|to)-chk=(\d+)/(\d+)")
 #: rsync --stats lines: what a run reports (files and bytes, besides the progress)
 _STATS = {
     "files": re.compile(r"^Number of files: ([\d,]+)"),
@@ -399,6 +402,7 @@ def send(
     progress: "Callable[[int], None]",
     build: "Callable[[str, Dict[str, Any]], Dict[str, Any]]",
     memory_dir: "Optional[str]" = None,
+    on_files: "Optional[Callable[[int, int], None]]" = None,
 ) -> "Dict[str, Any]":
     """rsync the partition's files into its tree on the receiver, then have the receiver build its filesystem.
 
@@ -406,7 +410,8 @@ def send(
     longer fit, rsync is stopped and nothing is built. Once built, the partition is noted in
     ``memory_dir`` so that its next run starts rsync at once. ``limit_mbit`` gives the run's
     bandwidth limit as it is now (Mbit/s, 0 for none): the tunnel holds rsync's stream to it and
-    follows a change within a fraction of a second (``agent/tunnel.py`` ``Throttle``)."""
+    follows a change within a fraction of a second (``agent/tunnel.py`` ``Throttle``). ``on_files``
+    hears (files checked, files known) as rsync reports them."""
     lines = list(DEFAULT_EXCLUDES)
     if options.exclude_file:
         with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
@@ -482,6 +487,10 @@ def send(
                 line = raw.decode("utf-8", "replace")
                 m = _PROGRESS.match(line)
                 if m:
+                    counts = _FILES.search(line)
+                    if counts and on_files is not None:
+                        known = int(counts.group(3))
+                        on_files(known - int(counts.group(2)), known)
                     progress(min(int(m.group(1).replace(",", "")), prep.used))
                     continue
                 for key, pattern in _STATS.items():

@@ -320,17 +320,12 @@ class TaskRunner:
             return True
         return go_on
 
-    def _reporter(self, task: "dict[str, Any]") -> "Callable[[int, int], tuple[bool, float]]":
-        def report(done: int, total: int) -> "tuple[bool, float]":
-            reply = self.client.task_progress(
-                self.token(),
-                {
-                    "job_id": task["job_id"],
-                    "run_id": task["run_id"],
-                    "bytes_done": done,
-                    "bytes_total": total,
-                },
-            )
+    def _reporter(self, task: "dict[str, Any]") -> "Callable[..., tuple[bool, float]]":
+        def report(done: int, total: int, files: "Optional[tuple[int, int]]" = None) -> "tuple[bool, float]":
+            body = {"job_id": task["job_id"], "run_id": task["run_id"], "bytes_done": done, "bytes_total": total}
+            if files is not None:  # a file-level partition is being copied: files checked, of those rsync knows
+                body["files_done"], body["files_total"] = files
+            reply = self.client.task_progress(self.token(), body)
             return bool(reply.get("continue", False)), float(reply.get("bandwidth_limit") or 0)
 
         return report
@@ -348,7 +343,7 @@ class TaskRunner:
 
 def run_task(
     task: "dict[str, Any]",
-    report: "Callable[[int, int], tuple[bool, float]]",
+    report: "Callable[..., tuple[bool, float]]",
     tls: "ssl.SSLContext | None" = None,
     control: "TaskControl | None" = None,
     cache_dir: "Optional[str]" = None,
@@ -389,6 +384,12 @@ def run_task(
         totals["files_bytes"] = 0
     started = time.monotonic()
     written: "dict[str, int]" = {}  # disk path -> passes during which it was written (agent/writewatch.py)
+    files_seen: "Optional[tuple[int, int]]" = None  # (checked, known) files of the partitions copied so far
+    files_base = [0, 0]  # of the partitions already done
+
+    def on_files(checked: int, known: int) -> None:
+        nonlocal files_seen
+        files_seen = (files_base[0] + checked, files_base[1] + known)
 
     def tell(done: int, force: bool = False) -> None:
         # Reported progress never goes back within an attempt (one more guard: the server keeps it monotonic too).
@@ -398,7 +399,7 @@ def run_task(
         if not force and now - state["last"] < PROGRESS_EVERY:
             return
         state["last"] = now
-        go_on, limit = report(done, total)
+        go_on, limit = report(done, total) if files_seen is None else report(done, total, files_seen)
         if not go_on:
             stopped.set()
         if not ctl.follows_channel:
@@ -486,6 +487,7 @@ def run_task(
                     progress=functools.partial(_advance, tell, int(base)),
                     build=functools.partial(_build, task, tls=tls),
                     memory_dir=cache_dir,
+                    on_files=on_files,
                 )
                 if stopped.is_set() or built.get("stopped"):
                     raise TaskStopped("the server asked this task to stop")
@@ -493,6 +495,8 @@ def run_task(
                 totals["files_bytes"] += int(built.get("bytes", 0))
                 for key in ("files", "files_sent", "files_deleted"):
                     totals[key] = int(totals.get(key, 0)) + int(built.get(key, 0))
+                files_base[0] = files_base[1] = int(totals["files"])
+                files_seen = (files_base[0], files_base[1])
         if written:
             totals["source_writes"] = writewatch.note(written)
         # Every disk flushed: the server sets Progress to 100 on the result, not on this report.

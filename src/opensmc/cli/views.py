@@ -3,7 +3,7 @@
 They call the same signed SMC actions as `opensmc call` (DescribeReplicationJobs,
 DescribeSourceServers) and render tables with rich; `watch` follows one job
 with a live progress bar, bytes done of total, rate and ETA (the latest
-ReplicationJobRun's BytesDone, BytesTotal, BytesPerSecond, EtaSeconds) until
+ReplicationJobRun's BytesDone, BytesTotal, BytesPerSecond, EtaSeconds, FilesDone/FilesTotal) until
 it stops running.
 """
 
@@ -172,6 +172,8 @@ def run_line(job: dict[str, Any]) -> str:
     rate = float(run.get("BytesPerSecond") or 0)
     if rate > 0:
         parts.append(f"{_bytes(rate)}/s")
+    if run.get("FilesTotal") is not None:
+        parts.append(f"{int(run['FilesDone']):,} of {int(run['FilesTotal']):,} files")
     eta = float(run.get("EtaSeconds", -1))
     if eta >= 0 and not run.get("EndTime") and job.get("BusinessStatus") == "Syncing":
         parts.append(f"ETA {_duration(eta)}")

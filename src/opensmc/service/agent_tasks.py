@@ -220,9 +220,13 @@ def progress(svc: Services, source_id: str, body: dict[str, Any]) -> dict[str, A
     done = body.get("bytes_done")
     total = body.get("bytes_total")
     go_on = is_syncing_run(*current_run(svc, job_id), run_id)
+    files_done, files_total = body.get("files_done"), body.get("files_total")
+    files = None
+    if isinstance(files_done, int) and isinstance(files_total, int) and 0 <= files_done <= files_total:
+        files = (files_done, files_total)  # a file-level partition: files checked, of those rsync knows
     if go_on and isinstance(done, int) and isinstance(total, int) and done >= 0 and total >= 0:
         try:
-            job_service.report_progress(svc, job_id, run_id, min(done, total), total)
+            job_service.report_progress(svc, job_id, run_id, min(done, total), total, files)
         except SmcError:
             go_on = False
     with svc.db.connect() as conn:

@@ -187,7 +187,9 @@ def mark_prepared(svc: Services, job_id: str, transition_instance_id: str) -> St
     return to
 
 
-def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, bytes_total: int) -> float:
+def report_progress(
+    svc: Services, job_id: str, run_id: int, bytes_done: int, bytes_total: int, files: tuple[int, int] | None = None
+) -> float:
     """Record a Syncing run's progress; returns Progress (0-99.99: 100 only once synced, see mark_synced).
 
     `bytes_done` is what the agent read of the selected disks *and* the receiver
@@ -195,7 +197,8 @@ def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, by
     that resumes after lost contact counts again from 0 while it skips what the
     receiver holds, and Progress must not go back meanwhile. The run's
     ``detail`` JSON keeps ``progress``: bytes, a smoothed rate (bytes/s) and the
-    ETA (seconds), which `opensmc watch` shows.
+    ETA (seconds), which `opensmc watch` shows, and for a run copying files (``files``: checked,
+    known to rsync so far) those counts.
     """
     if bytes_total < 0 or bytes_done < 0:
         raise ValueError("byte counts are never negative")
@@ -211,7 +214,12 @@ def report_progress(svc: Services, job_id: str, run_id: int, bytes_done: int, by
         if int(run.bytes_total or 0) == bytes_total:
             bytes_done = max(bytes_done, int(run.bytes_done or 0))
         detail = _detail(run.detail)
-        detail["progress"] = _rate_sample(detail.get("progress"), bytes_done, bytes_total, now)
+        before = detail.get("progress")
+        detail["progress"] = _rate_sample(before, bytes_done, bytes_total, now)
+        if files is not None:
+            detail["progress"].update(files_done=files[0], files_total=files[1])
+        elif isinstance(before, dict) and "files_done" in before:  # a block range between two partitions
+            detail["progress"].update({k: before.get(k) for k in ("files_done", "files_total")})
         progress = max(float(row.progress or 0), progress_percent(bytes_done, bytes_total, safe=False))
         q.update_run(
             conn, run_id, {"bytes_done": bytes_done, "bytes_total": bytes_total, "detail": json.dumps(detail)}
@@ -228,6 +236,14 @@ class RunProgress:
     bytes_total: int
     bytes_per_second: float  #: smoothed while syncing; the average once synced; 0 when unknown
     eta_seconds: float | None  #: None when unknown (no rate yet, or the run ended unsynced)
+    #: a run with file-level partitions: files checked so far and files rsync knows of (all, once synced);
+    #: None for a block-only run
+    files_done: int | None = None
+    files_total: int | None = None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def run_progress(run: Row[Any]) -> RunProgress:
@@ -243,12 +259,15 @@ def run_progress(run: Row[Any]) -> RunProgress:
             total,
             float(rate) if isinstance(rate, (int, float)) else 0.0,
             float(eta) if isinstance(eta, (int, float)) else None,
+            _count(sample.get("files_done")),
+            _count(sample.get("files_total")),
         )
     agent = detail.get("agent")
+    files = _count(agent.get("files")) if isinstance(agent, dict) else None
     seconds = agent.get("seconds") if isinstance(agent, dict) else None
     if isinstance(seconds, (int, float)) and seconds > 0:  # synced: the agent's own totals
-        return RunProgress(done, total, round(total / seconds, 1), 0.0)
-    return RunProgress(done, total, 0.0, None)
+        return RunProgress(done, total, round(total / seconds, 1), 0.0, files, files)
+    return RunProgress(done, total, 0.0, None, files, files)
 
 
 #: weight of the newest sample in the smoothed rate: a few seconds of memory at one report a second

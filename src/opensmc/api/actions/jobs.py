@@ -108,10 +108,11 @@ def render_disks(spec_json: str) -> dict[str, Any]:
 
 
 def _run(run: Row[Any]) -> dict[str, Any]:
-    # BytesDone..EtaSeconds are OpenSMC's additions (SDKs ignore unknown fields): what
-    # `opensmc watch` shows. EtaSeconds is -1 when not known.
+    # BytesDone..FilesTotal are OpenSMC's additions (SDKs ignore unknown fields): what
+    # `opensmc watch` shows. EtaSeconds is -1 when not known; FilesDone and FilesTotal are there
+    # only for a run that copies partitions file by file.
     p = svc_jobs.run_progress(run)
-    return {
+    out = {
         "StartTime": iso(run.start_time),
         "EndTime": iso(run.end_time),
         "ImageId": run.image_id,
@@ -121,6 +122,9 @@ def _run(run: Row[Any]) -> dict[str, Any]:
         "BytesPerSecond": p.bytes_per_second,
         "EtaSeconds": -1 if p.eta_seconds is None else p.eta_seconds,
     }
+    if p.files_done is not None and p.files_total is not None:
+        out["FilesDone"], out["FilesTotal"] = p.files_done, p.files_total
+    return out
 
 
 def render_job(v: JobView) -> dict[str, Any]:
