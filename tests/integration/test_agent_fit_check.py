@@ -107,7 +107,31 @@ def test_a_fit_check_that_fails_stops_what_it_was_given(tmp_path: Path) -> None:
     (prep,) = files.prepare(_disk(tmp_path, 64 * MiB), _options(tree))
     small = prep._replace(spec=dict(prep.spec, size=16 * MiB), checked=False)
     stopped = threading.Event()
-    check = files._FitCheck(small, stopped.set)
+    check = files._FitCheck(small, [], stopped.set)
     with pytest.raises(files.FileLevelError, match="more than its target size"):
         check.result()
     assert stopped.is_set()
+
+
+def test_what_the_excludes_surely_leave_out_is_not_counted(tmp_path: Path) -> None:
+    tree = _tree(tmp_path / "tree", 2)
+    (tree / "var" / "cache").mkdir(parents=True)
+    for i in range(24):
+        (tree / "var" / "cache" / f"c{i}").write_bytes(os.urandom(MiB))
+    (tree / "swapfile").write_bytes(os.urandom(4 * MiB))
+    disk = _disk(tmp_path, 20 * MiB)
+    with pytest.raises(files.FileLevelError):  # 30 MiB of files: no room in 20 MiB
+        files.prepare(disk, _options(tree))
+    excludes = tmp_path / "excludes.txt"
+    excludes.write_text("/var/cache/\n")  # and /swapfile is a default
+    (prep,) = files.prepare(disk, files.FileOptions({"0_1": str(tree)}, str(excludes)))
+    assert 2 * MiB <= prep.used < 3 * MiB
+    excludes.write_text("/var/ca*/\n")  # a wildcard: what it leaves out is rsync's to say, so it counts
+    with pytest.raises(files.FileLevelError):
+        files.prepare(disk, files.FileOptions({"0_1": str(tree)}, str(excludes)))
+
+
+def test_only_anchored_literal_patterns_are_taken_off_once(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    patterns = ["/var/cache/", "/var/cache/x/*", "/tmp/*", "*.tmp", "/home/*/cache", "/swapfile", "/", "relative/dir"]
+    assert files._left_out(root, patterns) == [f"{root}/swapfile", f"{root}/tmp", f"{root}/var/cache"]

@@ -182,16 +182,70 @@ def _used_bytes(directory: str) -> int:
     if os.path.ismount(directory):
         st = os.statvfs(directory)
         return (st.f_blocks - st.f_bfree) * st.f_frsize
+    return _du(directory)
+
+
+def _du(path: str) -> int:
     if shutil.which("du"):
         try:
             out = subprocess.run(
-                ["du", "-sx", "-B1", directory], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3600
+                ["du", "-sx", "-B1", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=3600
             )
             if out.returncode == 0:
                 return int(out.stdout.split()[0])
         except (OSError, ValueError, IndexError, subprocess.SubprocessError):
             pass
-    return _walk_used(directory)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return os.lstat(path).st_blocks * 512
+    return _walk_used(path)
+
+
+def _left_out(directory: str, patterns: "List[str]") -> "List[str]":
+    """The paths of the tree that its anchored patterns without wildcards leave out, none under another.
+
+    ``/var/cache/``, ``/var/tmp/*``, ``/swapfile``: what rsync will not copy for certain. A pattern
+    with a wildcard or without a leading ``/`` may match anywhere, so what it leaves out is not
+    known before rsync runs, and it is not taken off (the check stays on the safe side)."""
+    found = set()
+    for pattern in patterns:
+        if not pattern.startswith("/"):
+            continue
+        body = pattern.rstrip("/")
+        if body.endswith("/*"):  # the directory's contents (its own block stays)
+            body = body[:-2]
+        if not body.strip("/") or any(c in body for c in "*?[\\"):
+            continue
+        found.add(os.path.normpath(os.path.join(directory, body.lstrip("/"))))
+    ordered = sorted(found)
+    return [p for p in ordered if not any(p.startswith(q + os.sep) for q in ordered if q != p)]
+
+
+def _copied_bytes(directory: str, patterns: "List[str]") -> int:
+    """What the files rsync copies take: :func:`_used_bytes` less what the patterns surely leave out
+    (:func:`_left_out`, on the tree's own filesystem: a pseudo filesystem mounted at ``/proc`` is
+    not in the count to begin with)."""
+    used = _used_bytes(directory)
+    try:
+        dev = os.lstat(directory).st_dev
+    except OSError:
+        return used
+    for path in _left_out(directory, patterns):
+        try:
+            if os.lstat(path).st_dev != dev:
+                continue
+            used -= _du(path)
+        except OSError:
+            continue  # not there, or gone since: nothing to take off
+    return max(0, used)
+
+
+def partition_patterns(mount_point: str, options: "FileOptions", all_mounts: "List[str]") -> "List[str]":
+    """The exclude patterns of one partition: the defaults, then ``--exclude-file``, in its terms."""
+    lines = list(DEFAULT_EXCLUDES)
+    if options.exclude_file:
+        with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
+            lines += f.read().splitlines()
+    return exclude_patterns(mount_point, lines, all_mounts)
 
 
 def _walk_used(directory: str) -> int:
@@ -324,17 +378,18 @@ def prepare(disk: "Dict[str, Any]", options: "FileOptions", memory_dir: "Optiona
         if known is not None:
             out.append(Prepared(part, directory, mount_point, spec, known, False))
             continue
-        used = _used_bytes(directory)
+        used = _copied_bytes(directory, partition_patterns(mount_point, options, []))
         _check_fit(device, used, spec["size"])
         out.append(Prepared(part, directory, mount_point, spec, used))
     return out
 
 
 class _FitCheck:
-    """The walk of :func:`_used_bytes` on a thread, for a partition checked while rsync runs."""
+    """The walk of :func:`_copied_bytes` on a thread, for a partition checked while rsync runs."""
 
-    def __init__(self, prep: "Prepared", on_misfit: "Callable[[], None]") -> None:
+    def __init__(self, prep: "Prepared", patterns: "List[str]", on_misfit: "Callable[[], None]") -> None:
         self.prep = prep
+        self.patterns = patterns
         self.used = None  # type: Optional[int]
         self.error = None  # type: Optional[FileLevelError]
         self._on_misfit = on_misfit
@@ -343,7 +398,7 @@ class _FitCheck:
 
     def _run(self) -> None:
         try:
-            self.used = _used_bytes(self.prep.directory)
+            self.used = _copied_bytes(self.prep.directory, self.patterns)
             _check_fit(str(self.prep.part["device"]), self.used, int(self.prep.spec["size"]))
         except FileLevelError as e:
             self.error = e
@@ -412,11 +467,7 @@ def send(
     bandwidth limit as it is now (Mbit/s, 0 for none): the tunnel holds rsync's stream to it and
     follows a change within a fraction of a second (``agent/tunnel.py`` ``Throttle``). ``on_files``
     hears (files checked, files known) as rsync reports them."""
-    lines = list(DEFAULT_EXCLUDES)
-    if options.exclude_file:
-        with open(options.exclude_file, encoding="utf-8", errors="replace") as f:
-            lines += f.read().splitlines()
-    patterns = exclude_patterns(prep.mount_point, lines, all_mounts)
+    patterns = partition_patterns(prep.mount_point, options, all_mounts)
     vid = str(prep.part["volume_id"])
     with tempfile.NamedTemporaryFile("w", prefix="opensmc-excludes-", suffix=".txt", delete=False) as f:
         f.write("".join(p + "\n" for p in patterns))
@@ -457,7 +508,7 @@ def send(
     )
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        fit = None if prep.checked else _FitCheck(prep, functools.partial(_terminate, proc))
+        fit = None if prep.checked else _FitCheck(prep, patterns, functools.partial(_terminate, proc))
         errors = []  # type: List[bytes]
         reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
         reader.start()
