@@ -341,7 +341,12 @@ def remember(memory_dir: "Optional[str]", prep: "Prepared", used: int) -> None:
         log.debug("cannot note partition %s in %s: %s", prep.part.get("device"), memory_dir, e)
 
 
-def prepare(disk: "Dict[str, Any]", options: "FileOptions", memory_dir: "Optional[str]" = None) -> "List[Prepared]":
+def prepare(
+    disk: "Dict[str, Any]",
+    options: "FileOptions",
+    memory_dir: "Optional[str]" = None,
+    all_mounts: "Optional[List[str]]" = None,
+) -> "List[Prepared]":
     """Check every file-level partition of a task's disk; what :func:`send` needs.
 
     A partition's first run is checked here, before any data moves: mounted, and its files fit
@@ -350,7 +355,8 @@ def prepare(disk: "Dict[str, Any]", options: "FileOptions", memory_dir: "Optiona
     run more than its rsync did. So a partition that a run of this agent already sent whole
     (noted in ``memory_dir``, with the same directory and target size) is walked while rsync
     runs, not before: :func:`send` stops rsync and fails the task with the same message if the
-    files no longer fit, and the receiver builds nothing from that run.
+    files no longer fit, and the receiver builds nothing from that run. ``all_mounts`` (the
+    task's partitions' mount points) gives the excludes their terms, as :func:`send` does.
     """
     out = []
     if disk.get("files") and shutil.which("rsync") is None:
@@ -378,7 +384,7 @@ def prepare(disk: "Dict[str, Any]", options: "FileOptions", memory_dir: "Optiona
         if known is not None:
             out.append(Prepared(part, directory, mount_point, spec, known, False))
             continue
-        used = _copied_bytes(directory, partition_patterns(mount_point, options, []))
+        used = _copied_bytes(directory, partition_patterns(mount_point, options, all_mounts or []))
         _check_fit(device, used, spec["size"])
         out.append(Prepared(part, directory, mount_point, spec, used))
     return out
@@ -595,8 +601,5 @@ def _terminate(proc: "subprocess.Popen[bytes]") -> None:
 def _stop_when(stopped: "threading.Event", proc: "subprocess.Popen[bytes]") -> None:
     while proc.poll() is None:
         if stopped.wait(0.2):
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
+            _terminate(proc)
             return

@@ -365,8 +365,8 @@ def run_task(
     options = file_options or file_level.FileOptions()
     # Every file-level partition is checked (mounted? fits?) before any data moves; one this agent
     # already sent whole has its fit checked while rsync runs (agent/files.py prepare).
-    prepared = {int(d["index"]): file_level.prepare(d, options, cache_dir) for d in disks}
     all_mounts = [str(f.get("mount_point")) for d in disks for f in d.get("files") or [] if f.get("mount_point")]
+    prepared = {int(d["index"]): file_level.prepare(d, options, cache_dir, all_mounts) for d in disks}
     total = sum(sum(int(n) for _o, n in _ranges(d)) for d in disks) + sum(
         p.used for ps in prepared.values() for p in ps
     )
