@@ -23,3 +23,11 @@ def test_coverage_doc_is_current() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cli_parameter_table_is_the_registry() -> None:
+    """`opensmc call` checks command lines against a generated copy; it must say what the registry says."""
+    from opensmc.api.actions import ACTIONS
+    from opensmc.cli.action_params import PARAMS
+
+    assert PARAMS == {name: action.params for name, action in ACTIONS.items()}

@@ -3,9 +3,10 @@
 Parameters are written as on the wire, repeat lists included
 (`--DataDisk.1.Size 40`, `--Tag.1.Key env`). The request is signed with
 ACS3-HMAC-SHA256, as the Tea SDK does. Actions and their parameters come from
-the server's own action registry, so a misspelt action or parameter is
-refused here, with a suggestion, instead of being sent (the server ignores
-parameters it does not read, as SMC does, which would hide the typo).
+the server's own action registry (through `action_params`, its generated
+copy), so a misspelt action or parameter is refused here, with a suggestion,
+instead of being sent (the server ignores parameters it does not read, as SMC
+does, which would hide the typo).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ __all__ = ["UsageError", "action_help", "actions_epilog", "call_ok", "check_para
 
 
 def _actions() -> dict[str, tuple[str, ...]]:
-    # Imported late: the registry pulls in every service module, which `opensmc --help` does not need.
-    from opensmc.api.actions import ACTIONS
+    # The generated copy, not the registry itself: importing that pulls in SQLAlchemy and every
+    # service, a second of CPU for each `opensmc call`.
+    from opensmc.cli.action_params import PARAMS
 
-    return {name: action.params for name, action in ACTIONS.items()}
+    return PARAMS
 
 
 def _closest(word: str, choices: list[str]) -> str | None:
