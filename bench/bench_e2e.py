@@ -209,6 +209,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-e2e"))
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--skip-peers", action="store_true", help="only the product (for the memory/Processing runs)")
+    ap.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        help="an extra `opensmc agent run` argument, repeatable: --agent-arg=--nice --agent-arg=0",
+    )
     args = ap.parse_args()
     work: Path = args.dir
     work.mkdir(parents=True, exist_ok=True)
@@ -219,7 +225,7 @@ def main() -> None:
     cold = drop_caches()
     rows: list[tuple[str, str, float, bool]] = []
 
-    product = Product(work, src)
+    product = Product(work, src, args.agent_arg)
     try:
         job_id = product.create_job()
         drop_caches()

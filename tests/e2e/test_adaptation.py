@@ -14,7 +14,9 @@ on virtio, its last partition and ext4 grown to the disk. Marked ``boot``
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -31,6 +33,33 @@ GiB = 1024 * MiB
 
 def _image(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OPENSMC, "image", *args], capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def _image_started(*args: str) -> subprocess.Popen[str]:
+    """``opensmc image …`` in the background, in a process group of its own (:func:`_kill` ends its QEMU too)."""
+    return subprocess.Popen(
+        [*OPENSMC, "image", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        start_new_session=True,
+    )
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _finished(proc: subprocess.Popen[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _debugfs_cat(fs: str, path: str) -> str:
@@ -57,6 +86,7 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
     server = start_migration_server(tmp_path)
     agent = None
     data = ["--data-dir", str(server.data_dir)]
+    background: list[subprocess.Popen[str]] = []
     try:
         agent, source_id = register(server, [guest.disk], tmp_path / "agent")
 
@@ -64,15 +94,22 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         plain, detail = _migrate(server, source_id, "plain", "--ReplicationParameters", '{"os_adaptation": false}')
         assert "os_adaptation" not in detail
         plain_chunks = store(server).get(plain).disks[0].chunk_hexes()
-        sata = _image("boot-test", plain, *data, "--bus", "sata", "--timeout", "480")
+        # Both boot tests of the plain image run while the adapted image is made: each is one TCG
+        # vCPU for a minute or more, and the two cores have room for them beside the adaptation.
+        sata_boot = _image_started("boot-test", plain, *data, "--bus", "sata", "--timeout", "480")
+        virtio_boot = _image_started("boot-test", plain, *data, "--bus", "virtio", "--timeout", "480")
+        background += [sata_boot, virtio_boot]
+
+        # Adaptation on (the default), to a 20 GiB disk: a new image from the chunks libguestfs changed.
+        adapted, detail = _migrate(server, source_id, "adapted", "--SystemDiskSize", "20")
+
+        sata = _finished(sata_boot)
         assert sata.returncode == 0, sata.stdout + sata.stderr
-        virtio = _image("boot-test", plain, *data, "--bus", "virtio", "--timeout", "480")
+        virtio = _finished(virtio_boot)
         assert virtio.returncode == 1, virtio.stdout + virtio.stderr
         assert f"FAILED: {plain} disk 0: stage initramfs" in virtio.stdout, virtio.stdout
         assert "did not find the root file system" in virtio.stdout
 
-        # Adaptation on (the default), to a 20 GiB disk: a new image from the chunks libguestfs changed.
-        adapted, detail = _migrate(server, source_id, "adapted", "--SystemDiskSize", "20")
         record = detail["os_adaptation"]
         assert isinstance(record, dict) and record["adapted"] is True, record
         assert record["image_id"] == adapted and record["guest"].startswith("debian 12"), record
@@ -126,6 +163,8 @@ def test_legacy_guest_boots_on_virtio_only_after_os_adaptation(tmp_path: Path) -
         assert booted.returncode == 0, booted.stdout + booted.stderr
         assert f"PASSED: {adapted} disk 0: the system reached a login prompt" in booted.stdout
     finally:
+        for proc in background:
+            _kill(proc)
         if agent is not None:
             agent.stop()
         stop(server.proc)
