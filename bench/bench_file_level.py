@@ -138,6 +138,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-files"))
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--mib", type=int, default=2000)
+    ap.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        help="an extra `opensmc agent run` argument, repeatable: --agent-arg=--nice --agent-arg=0",
+    )
     args = ap.parse_args()
     work: Path = args.dir
     shutil.rmtree(work, ignore_errors=True)
@@ -149,7 +155,7 @@ def main() -> None:
     build_disk(disk, 4 * GIB)
     rows: list[tuple[str, str, float, bool]] = []
 
-    product = Product(work, disk, ["--mount", f"0_0={tree}"])
+    product = Product(work, disk, ["--mount", f"0_0={tree}", *args.agent_arg])
     try:
         req = product.models.CreateReplicationJobRequest(
             region_id="local", source_id=product.source_id, name="bench-files", run_once=False, frequency=1,

@@ -105,7 +105,7 @@ def test_the_zipapp_on_python_36_migrates_a_disk_and_upgrades_itself(tmp_path: P
         assert pyz.read_bytes() == blob  # replaced by the server's very file, checksum checked
         text = log.read_text()
         assert "on Python 3.6." in text and "upgrading" in text and "agent upgraded" in text, text
-        assert "nice" in text and "I/O class idle" in text, text
+        assert "nice" in text and "I/O class best-effort 7" in text, text
         job = migrate_and_check(
             server,
             str(source["SourceId"]),

@@ -92,8 +92,9 @@ def add_arguments(p: "argparse.ArgumentParser") -> None:
     p.add_argument(
         "--io-class",
         choices=priority.IO_CLASSES,
-        default="idle",
-        help="I/O scheduling class of the agent's disk reads, as ionice -c (default: idle)",
+        default="best-effort",
+        help="I/O scheduling class of the agent's disk reads, as ionice -c; best-effort and realtime at their "
+        "lowest level, 7 (default: best-effort)",
     )
     p.add_argument(
         "--no-self-upgrade",
