@@ -5,6 +5,7 @@ Wire in, wire out: parameters go to service/jobs*.py, rows come back as §3.11 s
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -83,8 +84,17 @@ def _new_disk(disk: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_disks(spec_json: str) -> dict[str, Any]:
-    """The stored disk selection in the §3.11 wrapper shapes."""
-    spec: dict[str, Any] = json.loads(spec_json or "{}")
+    """The stored disk selection in the §3.11 wrapper shapes.
+
+    Cached by the stored text (a fleet's jobs mostly share a few selections): the result is
+    shared between calls, so it is only ever read (rendered), never changed.
+    """
+    return _render_disks(spec_json or "{}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _render_disks(spec_json: str) -> dict[str, Any]:
+    spec: dict[str, Any] = json.loads(spec_json)
     out: dict[str, Any] = {
         "SystemDiskParts": {"SystemDiskPart": [_block_part(x) for x in spec.get("SystemDiskParts", [])]},
         "DataDisks": {

@@ -1,0 +1,42 @@
+"""Timestamps on the wire: `yyyy-MM-ddTHH:mm:ssZ` in UTC, whatever the database handed back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opensmc.api.actions.jobs import render_disks
+from opensmc.clock import iso
+
+
+def test_iso_of_naive_aware_and_missing_times() -> None:
+    assert iso(None) == ""
+    assert iso(datetime(2026, 12, 2, 6, 20, 1, 999999)) == "2026-12-02T06:20:01Z"  # SQLite: naive, UTC
+    assert iso(datetime(2026, 12, 2, 6, 20, 1, tzinfo=UTC)) == "2026-12-02T06:20:01Z"
+    # A session in another time zone (PostgreSQL's TimeZone): converted, across midnight.
+    east = timezone(timedelta(hours=8))
+    assert iso(datetime(2026, 12, 2, 3, 0, 0, tzinfo=east)) == "2026-12-01T19:00:00Z"
+
+
+@given(
+    st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.sampled_from([None, UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=5, minutes=30))]),
+)
+def test_iso_is_the_strftime_form_in_utc(moment: datetime, zone: timezone | None) -> None:
+    dt = moment.replace(tzinfo=zone)
+    utc = dt.replace(tzinfo=UTC) if zone is None else dt.astimezone(UTC)
+    assert iso(dt) == utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_render_disks_is_cached_by_text_and_the_same_for_an_empty_selection() -> None:
+    spec = '{"SystemDiskParts": [{"Device": "0_0", "SizeBytes": 1024, "Block": true}]}'
+    first = render_disks(spec)
+    assert first == render_disks(spec)
+    assert first["SystemDiskParts"] == {"SystemDiskPart": [{"Device": "0_0", "SizeBytes": 1024, "Block": True}]}
+    assert (
+        render_disks("")
+        == render_disks("{}")
+        == {"SystemDiskParts": {"SystemDiskPart": []}, "DataDisks": {"DataDisk": []}}
+    )
