@@ -204,17 +204,22 @@ class Product:
                 proc.kill()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-e2e"))
-    ap.add_argument("--size-mib", type=int, default=2048)
-    ap.add_argument("--skip-peers", action="store_true", help="only the product (for the memory/Processing runs)")
+def add_agent_arg(ap: argparse.ArgumentParser) -> None:
+    """``--agent-arg``: extra ``opensmc agent run`` arguments (e.g. another ``--io-class``), as ``args.agent_arg``."""
     ap.add_argument(
         "--agent-arg",
         action="append",
         default=[],
         help="an extra `opensmc agent run` argument, repeatable: --agent-arg=--nice --agent-arg=0",
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-e2e"))
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--skip-peers", action="store_true", help="only the product (for the memory/Processing runs)")
+    add_agent_arg(ap)
     args = ap.parse_args()
     work: Path = args.dir
     work.mkdir(parents=True, exist_ok=True)

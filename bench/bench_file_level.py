@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import Product  # the same server, agent and SDK driver
+from bench_e2e import Product, add_agent_arg  # the same server, agent and SDK driver
 from bench_replication import MiB, drop_caches
 
 GIB = 1024 * MiB
@@ -138,12 +138,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/osmc-files"))
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--mib", type=int, default=2000)
-    ap.add_argument(
-        "--agent-arg",
-        action="append",
-        default=[],
-        help="an extra `opensmc agent run` argument, repeatable: --agent-arg=--nice --agent-arg=0",
-    )
+    add_agent_arg(ap)
     args = ap.parse_args()
     work: Path = args.dir
     shutil.rmtree(work, ignore_errors=True)

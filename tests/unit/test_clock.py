@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opensmc.api.actions.jobs import render_disks
 from opensmc.clock import iso
 
 
@@ -28,15 +27,3 @@ def test_iso_is_the_strftime_form_in_utc(moment: datetime, zone: timezone | None
     dt = moment.replace(tzinfo=zone)
     utc = dt.replace(tzinfo=UTC) if zone is None else dt.astimezone(UTC)
     assert iso(dt) == utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def test_render_disks_is_cached_by_text_and_the_same_for_an_empty_selection() -> None:
-    spec = '{"SystemDiskParts": [{"Device": "0_0", "SizeBytes": 1024, "Block": true}]}'
-    first = render_disks(spec)
-    assert first == render_disks(spec)
-    assert first["SystemDiskParts"] == {"SystemDiskPart": [{"Device": "0_0", "SizeBytes": 1024, "Block": True}]}
-    assert (
-        render_disks("")
-        == render_disks("{}")
-        == {"SystemDiskParts": {"SystemDiskPart": []}, "DataDisks": {"DataDisk": []}}
-    )

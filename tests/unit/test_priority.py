@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
 
 import pytest
+
+from opensmc.agent.main import add_arguments
 
 PROBE = """
 import ctypes, ctypes.util, os, sys
@@ -27,7 +30,7 @@ def probe(nice: int, io_class: str) -> list[str]:
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe reads ioprio_get by its x86_64 number")
-def test_defaults_are_nice_10_and_the_lowest_best_effort_io_level() -> None:
+def test_best_effort_is_set_at_level_7_and_idle_still_can_be() -> None:
     delta, io_class, level, done = probe(10, "best-effort")
     assert (delta, io_class, level) == ("10", "2", "7") and "I/O class best-effort 7" in done
     delta, io_class, _level, done = probe(0, "idle")  # still there for those who ask for it
@@ -37,10 +40,6 @@ def test_defaults_are_nice_10_and_the_lowest_best_effort_io_level() -> None:
 
 
 def test_agent_run_defaults_to_nice_10_and_best_effort() -> None:
-    import argparse
-
-    from opensmc.agent.main import add_arguments
-
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--server", "http://127.0.0.1:1"])
