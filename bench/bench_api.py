@@ -357,6 +357,8 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("bench_api: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="osmc-api-bench-", dir=args.dir))
     port = free_port()
     bare_proc = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)], env=ENV)
