@@ -212,6 +212,8 @@ def test_a_lone_request_records_its_nonce_on_the_thread_that_runs_it(
         threads["handler"] = threading.get_ident()
         return "ran"
 
-    caller, result = asyncio.run(authenticate_then(services, _signed(key), NonceBatcher(services), then))
+    caller, result = asyncio.run(
+        authenticate_then(services, _signed(key), NonceBatcher(services), then, read_only=True)
+    )
     assert result == "ran" and caller.access_key_id == key.access_key_id
     assert threads["nonce"] == threads["handler"] != threading.get_ident()

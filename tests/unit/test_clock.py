@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opensmc.clock import iso
+from opensmc.clock import iso, new_request_id
 
 
 def test_iso_of_naive_aware_and_missing_times() -> None:
@@ -27,3 +28,12 @@ def test_iso_is_the_strftime_form_in_utc(moment: datetime, zone: timezone | None
     dt = moment.replace(tzinfo=zone)
     utc = dt.replace(tzinfo=UTC) if zone is None else dt.astimezone(UTC)
     assert iso(dt) == utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_request_ids_are_upper_case_version_4_uuids_and_distinct() -> None:
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        u = uuid.UUID(rid)
+        assert u.version == 4 and u.variant == uuid.RFC_4122
+        assert rid == str(u).upper()

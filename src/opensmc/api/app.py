@@ -170,7 +170,9 @@ class RpcEndpoint:
                 params = Params({k: v for k, v in values.items() if k not in COMMON})
                 return action.handler(services, caller, params)
 
-            _caller, result = await authenticate_then(services, signed, self.nonces, authorized_call)
+            _caller, result = await authenticate_then(
+                services, signed, self.nonces, authorized_call, read_only=action.read_only
+            )
             payload: dict[str, Any] = {"RequestId": request_id, **result}
             data, ctype = render(payload, f"{action_name}Response", fmt)
             return 200, data, ctype

@@ -33,14 +33,17 @@ class _NotCached(Exception):
 
 async def authenticate_async(services: Services, signed: SignedRequest, nonces: NonceBatcher) -> Caller:
     """:func:`authenticate`, without a worker thread of its own when the key is cached."""
-    caller, _ = await authenticate_then(services, signed, nonces, lambda _caller: None)
+    caller, _ = await authenticate_then(services, signed, nonces, lambda _caller: None, read_only=True)
     return caller
 
 
 async def authenticate_then(
-    services: Services, signed: SignedRequest, nonces: NonceBatcher, then: Callable[[Caller], T]
+    services: Services, signed: SignedRequest, nonces: NonceBatcher, then: Callable[[Caller], T], *, read_only: bool
 ) -> tuple[Caller, T]:
     """:func:`authenticate`, then ``then(caller)`` on a worker thread: one thread hop when it can.
+
+    ``read_only``: ``then`` only reads, so it may run on the read pool, in its
+    nonce transaction's batch (:mod:`opensmc.api.threads`, :mod:`opensmc.api.nonces`).
 
     With the key in the verified-key cache, signature and freshness are
     checked on the event loop (memory only; HMAC of a small request is
@@ -79,7 +82,7 @@ async def authenticate_then(
         read_only=key.policy == accounts.READ_ONLY,
     )
     claim = accounts.NonceClaim(cred.access_key_id, cred.nonce, key.version)
-    outcome, result = await nonces.claim_then(claim, lambda: then(caller))
+    outcome, result = await nonces.claim_then(claim, lambda: then(caller), read_only=read_only)
     if outcome == accounts.RECORDED:
         assert result is not None
         return caller, result[0]

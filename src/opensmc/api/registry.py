@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensmc.params import Params
+from opensmc.service.accounts import READ_PREFIXES
 from opensmc.service.context import Caller, Services
 
 Handler = Callable[[Services, Caller, Params], dict[str, Any]]
@@ -25,6 +26,11 @@ class Action:
     params: tuple[str, ...]
     #: what is accepted but not acted on, said plainly
     notes: str = ""
+
+    @property
+    def read_only(self) -> bool:
+        """Only reads (``Describe*``, ``List*``: what a read-only key may call): run on the read pool."""
+        return self.name.startswith(READ_PREFIXES)
 
 
 def registry(*groups: tuple[Action, ...]) -> dict[str, Action]:
