@@ -36,6 +36,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from opensmc.store.db import keep_driver_connection
+
 T = TypeVar("T")
 
 #: worker threads for writes: anyio's default capacity, which the API ran with before (its connection
@@ -51,7 +53,10 @@ class _Lane:
     """One worker thread, and when its current call started (None while it is idle)."""
 
     def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opensmc-api-read")
+        # Its reads on PostgreSQL keep one connection (store/db.py: keep_driver_connection).
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="opensmc-api-read", initializer=keep_driver_connection
+        )
         self.busy_since: float | None = None
 
     def stuck(self) -> bool:
