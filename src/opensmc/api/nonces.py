@@ -14,9 +14,10 @@ Once the transaction has committed, the flush lets the next one start and
 runs the read-only handlers of its recorded claims itself, one after the
 other, on the same thread, for up to :data:`BATCH_HANDLER_SECONDS`. A
 handler that writes runs on a worker of the write pool; one not reached by
-then is queued on the lane again, behind the next flush. A thread hop (waking a worker, handing the GIL over, waking the
-loop) costs more CPU than a small handler (docs/performance.md), so a batch
-of reads makes two hops instead of two per request. A lone request waits
+then is queued on the lane again, behind the next flush. A thread hop
+(waking a worker, handing the GIL over, waking the loop) costs more CPU
+than a small handler (docs/performance.md), so a batch of reads makes two
+hops instead of two per request. A lone request waits
 for nothing but its own transaction, recorded on the worker thread that then
 runs its handler (:meth:`NonceBatcher.claim_then`). No request runs, or is
 answered, before the transaction that recorded its nonce has committed, so
@@ -40,8 +41,8 @@ from opensmc.service.context import Services
 
 T = TypeVar("T")
 
-#: seconds a flush spends running its batch's handlers before it leaves the rest to workers of their own:
-#: what a request may wait for the handlers queued before it in its batch (about 50 small calls)
+#: seconds a flush spends running its batch's read handlers before it queues the rest on the lane again,
+#: behind the next flush: what a request may wait for the handlers before it in its batch (~30 small calls)
 BATCH_HANDLER_SECONDS = 0.005
 
 #: what a flush did with a claim's handler: not run (None), ``(True, result)`` or ``(False, exception)``
