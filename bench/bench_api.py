@@ -19,6 +19,15 @@ Starts real processes on loopback and measures, in the same run:
 - with ``--processes N`` (N > 1), the same signed load on PostgreSQL spread
   over N ``opensmc server --roles api`` processes sharing one database (one
   ``wrk`` per process, the connections split between them), summed.
+- with ``--cpu-share S`` too, how the rate grows with the number of
+  processes when each has the same CPU: 1, 2, ... N processes, each in a
+  cgroup of its own capped at S of one CPU (cgroup v2 ``cpu.max`` or v1
+  ``cpu.cfs_quota_us``; needs root), and each rate against one process's.
+  Unconfined, N processes cannot show N times one on a machine with fewer
+  than N + 1 cores (one process already fills a core, PostgreSQL and wrk
+  share the rest); capped, what they show is whether anything they share
+  (the database, the nonce table) holds them back. Choose S so that N of
+  them, PostgreSQL and wrk fit the machine: about 1.7 S of CPU each.
 
 The load generator is ``wrk`` (Debian package ``wrk``): the signed requests
 are made beforehand (one per nonce, never reused) and a Lua script hands each
@@ -28,13 +37,14 @@ request (user + system, from ``/proc``) and the load average: on a shared
 machine the rate depends on what else runs, the CPU per request much less.
 Every figure is printed; nothing here is a test threshold.
 
-    python bench/bench_api.py [--seconds 10] [--connections 32] [--processes 2]
+    python bench/bench_api.py [--seconds 10] [--connections 32] [--processes 2] [--cpu-share 0.3]
                               [--pg postgresql://postgres@127.0.0.1:5432/test] [--dir /var/tmp]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -47,6 +57,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -166,8 +177,62 @@ def parse_wrk(out: str) -> dict[str, float]:
     }
 
 
+class CpuCap:
+    """A cpu cgroup capped at ``share`` of one CPU, for one server process (removed by :meth:`remove`)."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, name: str, share: float) -> None:
+        v2 = Path("/sys/fs/cgroup")
+        if "cpu" in _read(v2 / "cgroup.controllers").split():
+            if "cpu" not in _read(v2 / "cgroup.subtree_control").split():
+                (v2 / "cgroup.subtree_control").write_text("+cpu")
+            self.path = v2 / name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{int(share * self.PERIOD_US)} {self.PERIOD_US}")
+        else:
+            self.path = Path("/sys/fs/cgroup/cpu") / name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(share * self.PERIOD_US)))
+
+    def enter(self) -> None:
+        """Move the calling process here (a ``preexec_fn``: the server and its threads start inside)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def periods(self) -> tuple[int, int]:
+        """(periods so far, periods in which the group used up its share and waited): cpu.stat."""
+        stat = dict(line.split() for line in _read(self.path / "cpu.stat").splitlines() if line.strip())
+        return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0))
+
+    def remove(self) -> None:
+        for _ in range(50):  # the group's last process may still be exiting
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def cpu_cap_problem() -> str | None:
+    """Why a process cannot be capped here (None when it can)."""
+    probe = f"opensmc-bench-probe-{os.getpid()}"
+    try:
+        CpuCap(probe, 0.5).remove()
+    except OSError as exc:
+        return f"no cpu cgroup can be made here ({exc}); --cpu-share needs root and a cpu controller"
+    return None
+
+
 class Server:
-    def __init__(self, work: Path, database: str | None, data: Path | None = None) -> None:
+    def __init__(self, work: Path, database: str | None, data: Path | None = None, cap: CpuCap | None = None) -> None:
         # Processes that share a database share a data dir too (its master key opens the AccessKeys).
         self.data = data or work / f"data-{uuid.uuid4().hex[:6]}"
         self.port = free_port()
@@ -177,10 +242,14 @@ class Server:
         self.proc = subprocess.Popen(
             [*OPENSMC, "server", "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.port}",
              "--roles", "api", "--log-level", "warning", *db_args],
-            env=ENV, stdout=self.log, stderr=subprocess.STDOUT,
+            env=ENV, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=cap.enter if cap else None,
         )  # fmt: skip
-        wait_http(self.endpoint + "/healthz")
-        creds = json.loads((self.data / "admin-credentials.json").read_text())
+        try:
+            wait_http(self.endpoint + "/healthz")
+            creds = json.loads((self.data / "admin-credentials.json").read_text())
+        except BaseException:  # no process of ours outlives the benchmark
+            self.stop()
+            raise
         self.key_id, self.secret = creds["access_key_id"], creds["access_key_secret"]
         self.db_url = database or f"sqlite:///{self.data / 'opensmc.db'}"
 
@@ -261,8 +330,12 @@ def write_paths(server: Server, paths: Path, count: int) -> None:
             f.write(server.signed_path("DescribeSourceServers", {"RegionId": "local"}) + "\n")
 
 
-def signed_rate(servers: list[Server], work: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Signed requests/s over all ``servers`` (one wrk each, connections split), and server CPU per request."""
+def signed_rate(
+    servers: list[Server], work: Path, args: argparse.Namespace, at_start: Callable[[], object] = lambda: None
+) -> dict[str, float]:
+    """Signed requests/s over all ``servers`` (one wrk each, connections split), and server CPU per request.
+
+    ``at_start`` is called right before the timed load starts (after the warm-up)."""
     # Enough fresh nonces for 4x the target rate for the whole run: never a replay.
     count = max(20_000, 8_000 * args.seconds) // len(servers)
     conns = max(2, args.connections // len(servers))
@@ -273,6 +346,7 @@ def signed_rate(servers: list[Server], work: Path, args: argparse.Namespace) -> 
         wrk(server.endpoint, paths, 2, conns, args.threads)
     for server, paths in zip(servers, files, strict=True):
         write_paths(server, paths, count)
+    at_start()
     cpu0 = [cpu_seconds(s.proc.pid) for s in servers]
     runs = [
         subprocess.Popen(wrk_args(s.endpoint, p, args.seconds, conns, args.threads), stdout=subprocess.PIPE, text=True)
@@ -318,6 +392,41 @@ def run_processes(database: str, work: Path, args: argparse.Namespace, bare: flo
             s.stop()
 
 
+def _mark_periods(caps: list[CpuCap], into: list[tuple[int, int]]) -> None:
+    into.extend(c.periods() for c in caps)
+
+
+def run_capped(database: str, work: Path, args: argparse.Namespace, bare: float) -> None:
+    """The signed rate of 1, 2, ... ``args.processes`` API processes on one database, each capped alike."""
+    one = 0.0
+    data: Path | None = None  # the first server's, kept for every later one (its key opens the AccessKeys)
+    for n in range(1, args.processes + 1):
+        caps = [CpuCap(f"opensmc-bench-{os.getpid()}-{n}-{i}", args.cpu_share) for i in range(n)]
+        servers: list[Server] = []
+        try:
+            for cap in caps:
+                servers.append(Server(work, database, data, cap))
+                data = servers[0].data
+            before: list[tuple[int, int]] = []
+            r = signed_rate(servers, work, args, functools.partial(_mark_periods, caps, before))
+            after = [c.periods() for c in caps]
+            periods = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+            capped = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / max(1, periods)
+            one = one or r["rate"]
+            flag = "" if r["non2xx"] == 0 else f"  FAILED: {int(r['non2xx'])} non-2xx answers"
+            print(
+                f"PG x{n} capped at {args.cpu_share:g} CPU each: {r['rate']:8.0f} req/s  p99 {r['p99_ms']:.1f} ms  "
+                f"server CPU {r['cpu_ms']:.3f} ms/request  ({r['rate'] / one:.2f}x one capped process; "
+                f"share used up in {capped:.0%} of the periods; load {load_average()}){flag}",
+                flush=True,
+            )
+        finally:
+            for s in servers:
+                s.stop()
+            for cap in caps:
+                cap.remove()
+
+
 def run_db(kind: str, database: str | None, work: Path, args: argparse.Namespace, bare: float) -> None:
     server = Server(work, database)
     try:
@@ -352,11 +461,18 @@ def main() -> int:
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL server to create a scratch database on ('skip' for SQLite only)")  # fmt: skip
     ap.add_argument("--processes", type=int, default=1, help="also measure this many API processes on PostgreSQL")
+    ap.add_argument("--cpu-share", type=float, default=None,
+                    help="also measure 1..N API processes on PostgreSQL, each held to this share of a CPU")  # fmt: skip
     ap.add_argument("--dir", type=Path, default=None, help="where the data dirs go (default: a temporary directory)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("bench_api: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.cpu_share is not None:
+        problem = cpu_cap_problem()
+        if problem:
+            print(f"bench_api: {problem}", file=sys.stderr)
+            return 2
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="osmc-api-bench-", dir=args.dir))
@@ -377,7 +493,7 @@ def main() -> int:
     run_db("SQLite", None, work, args, bare["rate"])
     if args.pg != "skip":
         admin = create_engine(_sa_url(args.pg), isolation_level="AUTOCOMMIT")
-        names = [f"opensmc_bench_{os.getpid()}", f"opensmc_bench_{os.getpid()}_n"]
+        names = [f"opensmc_bench_{os.getpid()}", f"opensmc_bench_{os.getpid()}_n", f"opensmc_bench_{os.getpid()}_c"]
         with admin.connect() as conn:
             for name in names:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -386,6 +502,8 @@ def main() -> int:
             run_db("PostgreSQL", urls[0], work, args, bare["rate"])
             if args.processes > 1:
                 run_processes(urls[1], work, args, bare["rate"])
+            if args.cpu_share is not None:
+                run_capped(urls[2], work, args, bare["rate"])
         finally:
             with admin.connect() as conn:
                 for name in names:
