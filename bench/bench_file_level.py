@@ -190,8 +190,14 @@ def main() -> None:
     for kind, tool, secs, ok in rows:
         ref = next(s for k, t, s, _ in rows if k == kind and t.startswith("opensmc"))
         print(f"{kind:<11} {tool:<45} {secs:8.2f} {ref / secs:14.2f}x  {'✓' if ok else '✗'}")
-    print(f"CPU seconds, server + agent (rsync and mke2fs are their children, not counted): full {cpu_full[0]:.2f} + "
-          f"{cpu_full[1]:.2f}, incremental {cpu_inc[0]:.2f} + {cpu_inc[1]:.2f}")  # fmt: skip
+
+    # (user, system) of the server, then of the agent. Until 2026-12-04 this line printed the
+    # server's user and system seconds as "server + agent": the agent's were never shown.
+    def cpu_text(c: list[float]) -> str:
+        return f"{c[0] + c[1]:.2f} ({c[0]:.2f} user) + {c[2] + c[3]:.2f} ({c[2]:.2f} user)"
+
+    print(f"CPU seconds, server + agent (rsync, mke2fs and the tunnel are their children, not counted): "
+          f"full {cpu_text(cpu_full)}, incremental {cpu_text(cpu_inc)}")  # fmt: skip
     print(f"Processing per run: {', '.join(f'{p:.3f} s' for p in processing)}")
     print(f"peak memory: server {server_peak:.0f} MiB, agent {agent_peak:.0f} MiB")
     for line in re.findall(r"partition 0_0: \d+ of \d+ files sent.*", agent_log):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -246,6 +247,85 @@ def test_tunnel_request_names_the_volume_and_the_command() -> None:
     assert raw.startswith(f"POST /base/v1/volumes/{VID}/rsync HTTP/1.1\r\n")
     args = next(line.split(": ", 1)[1] for line in raw.split("\r\n") if line.startswith("X-OpenSMC-Rsync-Args"))
     assert json.loads(base64.b64decode(args)) == ["rsync", "--server", ".", "x"]
+
+
+def test_tunnel_request_asks_for_the_raw_stream_only_when_told() -> None:
+    os.environ[tunnel.ENV_VOLUME] = VID
+    try:
+        chunked = tunnel._request("http://h:1", "tok", ["rsync", "--server", ".", "x"]).decode()
+        raw = tunnel._request("http://h:1", "tok", ["rsync", "--server", ".", "x"], upgrade=True).decode()
+    finally:
+        del os.environ[tunnel.ENV_VOLUME]
+    assert "Transfer-Encoding: chunked\r\n" in chunked and "Upgrade" not in chunked
+    assert "Upgrade: opensmc-rsync\r\n" in raw and "Connection: Upgrade\r\n" in raw
+    assert "Content-Length: 0\r\n" in raw and "chunked" not in raw
+
+
+@needs_root
+def test_over_plain_tcp_the_receiver_hands_its_socket_to_rsync(receiver: Receiver, tmp_path: Path) -> None:
+    """101 Switching Protocols, then rsync's own protocol on the socket: its greeting is the first
+    thing after the head (rsync --server speaks first: its protocol version, 4 bytes)."""
+    os.environ[tunnel.ENV_VOLUME] = VID
+    try:
+        head = tunnel._request(receiver.url, TOKEN, ["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "tree"], True)
+    finally:
+        del os.environ[tunnel.ENV_VOLUME]
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(4096)
+            assert more, answer
+            answer += more
+        status, _, rest = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 101 "), status
+        assert b"upgrade: opensmc-rsync" in status.lower()
+        while len(rest) < 4:
+            more = sock.recv(4096)
+            assert more, rest
+            rest += more
+        assert 27 <= int.from_bytes(rest[:4], "little") < 100  # rsync's protocol version (3.4 speaks 32)
+
+
+def test_a_receiver_that_answers_the_upgrade_with_200_is_asked_again_chunked(tmp_path: Path) -> None:
+    """An older receiver runs its rsync on the empty body and answers 200: the tunnel asks again."""
+    heads: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ]
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(4096)
+                heads.append(head)
+                conn.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(tunnel.__file__).parents[2]),
+        tunnel.ENV_URL: f"http://127.0.0.1:{port}",
+        tunnel.ENV_TOKEN: TOKEN,
+        tunnel.ENV_VOLUME: VID,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "opensmc.agent.tunnel", "opensmc", "rsync", "--server", ".", "tree"],
+        input=b"", capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    server.join(10)
+    listener.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"hello"
+    assert len(heads) == 2
+    assert b"Upgrade: opensmc-rsync" in heads[0] and b"chunked" in heads[1] and b"Upgrade" not in heads[1]
 
 
 @needs_root

@@ -1,8 +1,14 @@
 """The receiving end of a file-level copy: ``rsync --server`` behind the receiver's credential check.
 
 The agent's rsync reaches this through its remote shell, ``agent/tunnel.py``:
-one ``POST /v1/volumes/<partition volume>/rsync`` whose chunked request body
-is what rsync sends and whose chunked response body is what it hears back.
+one ``POST /v1/volumes/<partition volume>/rsync``. Over plain TCP the tunnel
+asks to upgrade the connection (``Upgrade: opensmc-rsync``): the answer is
+``101 Switching Protocols`` and the socket itself becomes the stdin and
+stdout of ``rsync --server``, so no byte of the stream passes through this
+process (relaying it cost the receiver about a core while rsync ran). Over
+TLS, or for a tunnel that does not ask, the chunked request body is what
+rsync sends and the chunked response body is what it hears back, relayed
+here.
 The request passes the same protocol and credential checks as every other
 receiver request (the run's data token, scoped to the job's volumes); the
 handler then starts ``rsync --server`` itself, with the options the agent's
@@ -48,6 +54,8 @@ log = logging.getLogger("opensmc.receiver")
 __all__ = ["RsyncRefused", "server_command", "tree_path"]
 
 ARGS_HEADER = "X-OpenSMC-Rsync-Args"
+#: the ``Upgrade`` token of a raw rsync stream on the request's own connection
+UPGRADE = "opensmc-rsync"
 TREE_SUFFIX = ".tree"
 #: a partition's volume: its disk's volume, ".p", the device id (service/staging.py part_volume_id)
 PART_VID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.p[0-9]+_[0-9]+$")
@@ -162,6 +170,8 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
     dirty.touch()
     _running[vid] = _running.get(vid, 0) + 1
     try:
+        if _upgradable(request):
+            return await _run_raw(request, vid, tree, command, dirty, was_dirty)
         return await _run(request, vid, tree, command, dirty, was_dirty)
     except BaseException:
         dirty.touch()  # (an overlapping rsync that ended well may have cleared it)
@@ -174,6 +184,73 @@ async def post_rsync(request: web.Request, root: Path) -> web.StreamResponse:
 
 #: rsyncs running per volume in this process: one that overlapped another leaves the volume marked dirty
 _running: dict[str, int] = {}
+
+
+def _upgradable(request: web.Request) -> bool:
+    """The tunnel asked for the raw stream, and the connection is plain TCP (a TLS socket's bytes
+    are not rsync's: those are relayed, decrypted, by :func:`_run`)."""
+    asked = request.headers.get("Upgrade", "").strip().lower() == UPGRADE
+    transport = request.transport
+    return asked and transport is not None and transport.get_extra_info("sslcontext") is None
+
+
+def _ended(vid: str, tree: Path, code: int, err: bytes, dirty: Path, was_dirty: bool) -> None:
+    if code != 0:
+        log.warning("volume %s: rsync --server exited %s: %s", vid, code, err.decode("utf-8", "replace")[:500])
+        dirty.touch()
+    else:
+        if not was_dirty and _running.get(vid, 0) == 1:
+            dirty.unlink(missing_ok=True)
+        log.info("volume %s: rsync into %s done", vid, tree)
+
+
+async def _run_raw(
+    request: web.Request, vid: str, tree: Path, command: list[str], dirty: Path, was_dirty: bool
+) -> web.StreamResponse:
+    """``101 Switching Protocols``, then the connection's socket is rsync's stdin and stdout."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    # Nothing more of this connection is read here: the tunnel sends no byte before the 101, and
+    # every byte after it is rsync's (the body is empty, Content-Length: 0).
+    transport.pause_reading()
+    resp = web.StreamResponse(status=101, headers={"Upgrade": UPGRADE, "Connection": "Upgrade"})
+    resp.headers["X-OpenSMC-Protocol"] = "1"
+    resp.force_close()  # once rsync is done, the connection is closed: it carried no HTTP after the 101
+    await resp.prepare(request)  # the status line and headers go out at once (StreamResponse)
+    for _ in range(1000):  # they were written whole unless the socket's buffer was full: wait for that
+        if not transport.get_write_buffer_size():
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise ConnectionError("the 101 answer could not be sent")
+    fd = os.dup(sock.fileno())
+    try:
+        os.set_blocking(fd, True)  # (the flag is the socket's: the paused transport no longer uses it)
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=fd, stdout=fd, stderr=asyncio.subprocess.PIPE, cwd=str(tree)
+        )
+    finally:
+        os.close(fd)
+    assert proc.stderr is not None
+    try:
+        err = await _first_of(proc.stderr, 64 * 1024)
+        code = await proc.wait()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    _ended(vid, tree, code, err, dirty, was_dirty)
+    return resp
+
+
+async def _first_of(stream: asyncio.StreamReader, most: int) -> bytes:
+    """The first ``most`` bytes of a stream, read to its end (a full pipe would stop its writer)."""
+    kept = bytearray()
+    while data := await stream.read(64 * 1024):
+        kept += data[: max(most - len(kept), 0)]
+    return bytes(kept).strip()
 
 
 async def _run(
@@ -224,12 +301,6 @@ async def _run(
     finally:
         feeding.cancel()
         await asyncio.gather(feeding, return_exceptions=True)
-    if code != 0:
-        log.warning("volume %s: rsync --server exited %s: %s", vid, code, err.decode("utf-8", "replace")[:500])
-        dirty.touch()
-    else:
-        if not was_dirty and _running.get(vid, 0) == 1:
-            dirty.unlink(missing_ok=True)
-        log.info("volume %s: rsync into %s done", vid, tree)
+    _ended(vid, tree, code, err, dirty, was_dirty)
     await resp.write_eof()
     return resp
