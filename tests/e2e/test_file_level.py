@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -227,6 +228,39 @@ def test_block_false_partition_not_mounted_is_refused_before_data_moves(tmp_path
         stop(server.proc)
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _rsync_servers_into(staging: Path) -> list[int]:
+    """Processes running ``rsync --server`` into a tree under ``staging``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--server" in args and any(a.startswith(str(staging).encode()) for a in args):
+            found.append(int(proc.name))
+    return found
+
+
 def test_killed_agent_and_server_mid_file_copy_resume_without_resending(tmp_path: Path) -> None:
     """kill -9 of the agent, then of the server, while files move: the run goes on from what the tree holds."""
     if shutil.which("rsync") is None:
@@ -260,7 +294,19 @@ def test_killed_agent_and_server_mid_file_copy_resume_without_resending(tmp_path
         assert held < 30, "the copy finished before the agent was killed"
         agent.start()
         wait_for(lambda: files_in_tree() >= held + 5, 60, "more files to arrive")
-        stop(server.proc, sig_kill=True)
+        # The receiver's rsync holds the connection's socket itself: it must end with the server.
+        # The agent is held still meanwhile, so that an rsync left running would wait on the
+        # socket forever rather than finish the copy on its own.
+        assert agent.proc is not None
+        frozen = [agent.proc.pid, *_descendants(agent.proc.pid)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            stop(server.proc, sig_kill=True)
+            wait_for(lambda: not _rsync_servers_into(received), 30, "the receiver's rsync to end with its server")
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
         held = files_in_tree()
         server = start_migration_server(tmp_path, *listen, port=port)
         job = wait_status(server, job_id, "Finished", timeout=180)

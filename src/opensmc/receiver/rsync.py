@@ -212,7 +212,9 @@ async def _run_raw(
     assert transport is not None
     sock = transport.get_extra_info("socket")
     # Nothing more of this connection is read here: the tunnel sends no byte before the 101, and
-    # every byte after it is rsync's (the body is empty, Content-Length: 0).
+    # every byte after it is rsync's (the body is empty, Content-Length: 0). aiohttp resumes a
+    # transport only after pausing it for a queue of pipelined requests, which a tunnel never sends
+    # (a client that does mixes its own bytes into its own stream, nobody else's).
     transport.pause_reading()
     resp = web.StreamResponse(status=101, headers={"Upgrade": UPGRADE, "Connection": "Upgrade"})
     resp.headers["X-OpenSMC-Protocol"] = "1"
@@ -228,7 +230,7 @@ async def _run_raw(
     try:
         os.set_blocking(fd, True)  # (the flag is the socket's: the paused transport no longer uses it)
         proc = await asyncio.create_subprocess_exec(
-            *command, stdin=fd, stdout=fd, stderr=asyncio.subprocess.PIPE, cwd=str(tree)
+            *_dies_with_us(), *command, stdin=fd, stdout=fd, stderr=asyncio.subprocess.PIPE, cwd=str(tree)
         )
     finally:
         os.close(fd)
@@ -243,6 +245,21 @@ async def _run_raw(
         raise
     _ended(vid, tree, code, err, dirty, was_dirty)
     return resp
+
+
+def _dies_with_us() -> list[str]:
+    """A prefix that has the kernel stop the raw stream's ``rsync --server`` if this process dies.
+
+    Relayed, it saw its pipes close with us; holding the socket itself, it would go on writing
+    into the tree after a kill -9 of the receiver, beside the rsync of the agent's next attempt.
+    ``setpriv`` (util-linux) sets its parent-death signal (kept across exec); without it, it is
+    not set (``preexec_fn`` is not safe in a process with threads)."""
+    return ["setpriv", "--pdeathsig", "TERM", "--"] if _setpriv() else []
+
+
+@functools.cache
+def _setpriv() -> bool:
+    return shutil.which("setpriv") is not None
 
 
 async def _first_of(stream: asyncio.StreamReader, most: int) -> bytes:
