@@ -291,14 +291,7 @@ def pipe(
                             raise TunnelError("the receiver did not answer with a stream")
                         rest = bytes(head[end + 4 :])
                         if status != 200 and "chunked" not in headers.get("transfer-encoding", "").lower():
-                            error_body += rest
-                            length = int(headers.get("content-length", "0") or 0)
-                            while len(error_body) < length:
-                                sock.setblocking(True)
-                                more = sock.recv(_READ)
-                                if not more:
-                                    break
-                                error_body += more
+                            error_body += _whole_body(sock, rest, headers)
                             break
                         data = rest
                     else:
@@ -344,6 +337,19 @@ def _answer_head(sock: "socket.socket") -> "Tuple[int, Dict[str, str], bytes]":
         head += more
 
 
+def _whole_body(sock: "socket.socket", rest: bytes, headers: "Dict[str, str]") -> bytes:
+    """An answer's ``Content-Length`` body (an error's JSON), of which ``rest`` came with the head."""
+    body = bytearray(rest)
+    length = int(headers.get("content-length", "0") or 0)
+    sock.setblocking(True)
+    while len(body) < length:
+        more = sock.recv(_READ)
+        if not more:
+            break
+        body += more
+    return bytes(body)
+
+
 def _refused(status: int, message: bytes) -> TunnelError:
     try:
         doc = json.loads(message.decode("utf-8", "replace"))
@@ -376,14 +382,7 @@ def raw(
     if status == 200:
         raise _OldReceiver()
     if status != 101:
-        body = bytearray(rest)
-        length = int(headers.get("content-length", "0") or 0)
-        while len(body) < length:
-            more = sock.recv(_READ)
-            if not more:
-                break
-            body += more
-        raise _refused(status, bytes(body))
+        raise _refused(status, _whole_body(sock, rest, headers))
     for fd in (fd_in, fd_out):
         os.set_blocking(fd, True)
     if rest:

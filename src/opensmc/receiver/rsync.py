@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Awaitable
 from pathlib import Path
 
 from aiohttp import web
@@ -216,8 +217,11 @@ async def _run_raw(
     # transport only after pausing it for a queue of pipelined requests, which a tunnel never sends
     # (a client that does mixes its own bytes into its own stream, nobody else's).
     transport.pause_reading()
-    resp = web.StreamResponse(status=101, headers={"Upgrade": UPGRADE, "Connection": "Upgrade"})
-    resp.headers["X-OpenSMC-Protocol"] = "1"
+    from opensmc.receiver.http import PROTOCOL_HEADER, PROTOCOL_VERSION  # (http imports this module)
+
+    # the protocol header goes in before prepare: the middleware's, set after, would not be sent
+    headers = {"Upgrade": UPGRADE, "Connection": "Upgrade", PROTOCOL_HEADER: PROTOCOL_VERSION}
+    resp = web.StreamResponse(status=101, headers=headers)
     resp.force_close()  # once rsync is done, the connection is closed: it carried no HTTP after the 101
     await resp.prepare(request)  # the status line and headers go out at once (StreamResponse)
     for _ in range(1000):  # they were written whole unless the socket's buffer was full: wait for that
@@ -234,15 +238,7 @@ async def _run_raw(
         )
     finally:
         os.close(fd)
-    assert proc.stderr is not None
-    try:
-        err = await _first_of(proc.stderr, 64 * 1024)
-        code = await proc.wait()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
+    code, err = await _outcome(proc)
     _ended(vid, tree, code, err, dirty, was_dirty)
     return resp
 
@@ -270,6 +266,21 @@ async def _first_of(stream: asyncio.StreamReader, most: int) -> bytes:
     return bytes(kept).strip()
 
 
+async def _outcome(proc: asyncio.subprocess.Process, *work: Awaitable[object]) -> tuple[int, bytes]:
+    """rsync's exit code and the start of its stderr, once it and ``work`` are done; an interrupted
+    wait (the receiver stopping) kills it."""
+    assert proc.stderr is not None
+    try:
+        err = (await asyncio.gather(_first_of(proc.stderr, 64 * 1024), *work))[0]
+        assert isinstance(err, bytes)
+        return await proc.wait(), err
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+
+
 async def _run(
     request: web.Request, vid: str, tree: Path, command: list[str], dirty: Path, was_dirty: bool
 ) -> web.StreamResponse:
@@ -285,7 +296,7 @@ async def _run(
     resp.enable_chunked_encoding()
     resp.force_close()  # the request body is left unread at the end: the connection cannot be reused
     await resp.prepare(request)
-    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    stdin, stdout = proc.stdin, proc.stdout
 
     async def pump_in() -> None:
         try:
@@ -301,20 +312,11 @@ async def _run(
         while data := await stdout.read(256 * 1024):
             await resp.write(data)
 
-    async def errors() -> bytes:
-        return (await stderr.read(64 * 1024)).strip()
-
     feeding = asyncio.ensure_future(pump_in())
     try:
         # rsync --server ends when the transfer is done; the agent's side keeps its request body
         # open until it has heard the whole answer, so the end of the process ends the exchange.
-        _o, err = await asyncio.gather(pump_out(), errors())
-        code = await proc.wait()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
+        code, err = await _outcome(proc, pump_out())
     finally:
         feeding.cancel()
         await asyncio.gather(feeding, return_exceptions=True)
